@@ -1,0 +1,44 @@
+"""Shared bits of the benchmarks: where things are, how results are written and printed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+SHARED = Path(os.environ.get("GQA_SHARED", ROOT.parent / "shared"))
+
+from gqa_lut.table import write_json_atomic  # noqa: E402
+
+# The six configurations of the published GQA-LUT tables: (file stem, op, range, segments).
+PUBLISHED = [
+    ("gelu_pwl_7", "gelu", (-4.0, 4.0), 8), ("gelu_pwl_15", "gelu", (-4.0, 4.0), 16),
+    ("hswish_pwl_7", "hswish", (-4.0, 4.0), 8), ("hswish_pwl_15", "hswish", (-4.0, 4.0), 16),
+    ("exp_pwl_7", "exp", (-8.0, 0.0), 8), ("exp_pwl_15", "exp", (-8.0, 0.0), 16),
+]
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def write_results(name: str, doc: dict) -> Path:
+    path = RESULTS / name
+    write_json_atomic(path, doc)
+    return path
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

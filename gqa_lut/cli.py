@@ -1,0 +1,287 @@
+"""The `gqa-lut` command line: fit, eval, ops, import-reference.
+
+Every user mistake is a UsageError, printed as one line `gqa-lut: error: ...` with exit code
+2, and no output file is left behind (files are written atomically, and only at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from gqa_lut import __version__
+from gqa_lut.errors import UsageError
+from gqa_lut.table import OutputFormat, Table, load_table, save_table, write_json_atomic
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise UsageError(message)
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--op", help="registry op (see `gqa-lut ops`)")
+    src.add_argument("--expr", help='a formula in x with numpy math, e.g. "x*tanh(log1p(exp(x)))"')
+    p.add_argument("--name", default="expr", help="name of an --expr function (table op custom:NAME)")
+    p.add_argument("--bits", type=int, help="param and input bits together (default 8)")
+    p.add_argument("--param-bits", type=int, help="bits of every slope and intercept")
+    p.add_argument("--input-bits", type=int, help="bits of the integer input")
+    p.add_argument("--segments", type=int, default=8, help="number of segments (2..256, default 8)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="fitted range")
+    p.add_argument("--scales", nargs=2, type=int, metavar=("D0", "D1"),
+                   help="inclusive range of input scale exponents d (x = X * 2^-d)")
+    p.add_argument("--frac-bits", type=int, help="fractional bits of slopes/intercepts (default: automatic)")
+    p.add_argument("--output-bits", type=int, help="quantize the output to this many bits")
+    p.add_argument("--output-frac-bits", type=int, help="fractional bits of the quantized output")
+    p.add_argument("--population", type=int, default=40)
+    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--patience", type=int, default=10, help="stop after this many generations without gain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="mse", help="mse (default) or max (minimax)")
+    p.add_argument("--weights", help="activation histogram .npy: raw samples (1-D) or (value, weight) rows")
+    p.add_argument("--workers", type=int, default=1, help="processes for the fitness (toolbox.map)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gqa-lut", description="Quantization-aware piecewise-linear LUTs for integer hardware.")
+    parser.add_argument("--version", action="version", version=f"gqa-lut {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("fit", help="fit a table with the genetic search")
+    _add_fit_args(p)
+    p.add_argument("--out", help="output file (default <op>_<bits>b_<segments>s.json)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print the table's metrics as JSON")
+
+    p = sub.add_parser("eval", help="metrics of a table file, per scale")
+    p.add_argument("table")
+    p.add_argument("--expr", help="the function of a custom table, if the file does not carry it")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("ops", help="list the registry's ops")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("import-reference", help="convert a published GQA-LUT table to gqa-lut/1")
+    p.add_argument("file")
+    p.add_argument("--op", required=True)
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), required=True)
+    p.add_argument("--input-bits", type=int, default=8)
+    p.add_argument("--param-bits", type=int, default=8)
+    p.add_argument("--out", help="output file (default <file stem>.gqa.json)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _function_for(table: Table, expr: Optional[str]) -> Callable[[np.ndarray], np.ndarray]:
+    from ops.registry import get_op
+
+    if table.op.startswith("custom:"):
+        text = expr or (table.search or {}).get("expr")
+        if not text:
+            raise UsageError(f"table op {table.op!r} is a custom function and the file carries no "
+                             "expression: pass --expr")
+        from gqa_lut.expr import Expression
+        return Expression(text)
+    return get_op(table.op).fn
+
+
+def _load_weights(path: Optional[str]) -> Optional[np.ndarray]:
+    if path is None:
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"weights file {path!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"weights file {path!r} is not a numpy .npy array: {exc}") from None
+    arr = np.asarray(arr, dtype=np.float64) if np.issubdtype(np.asarray(arr).dtype, np.number) else None
+    if arr is None or not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 2)) or arr.size == 0:
+        raise UsageError(f"weights file {path!r}: expected a 1-D array of samples or (value, weight) rows")
+    if not np.all(np.isfinite(arr)) or (arr.ndim == 2 and np.any(arr[:, 1] < 0)):
+        raise UsageError(f"weights file {path!r}: values must be finite and weights >= 0")
+    return arr
+
+
+def _metrics_rows(table: Table, m: dict) -> list[str]:
+    lines = [f"{'scale d':>8} {'codes':>6} {'mse':>11}"]
+    from gqa_lut.quantization import input_codes
+    for d in table.scales:
+        n = input_codes(table.range[0], table.range[1], d, table.input_bits).size
+        v = m["mse_per_scale"].get(str(d), float("nan"))
+        lines.append(f"{d:>8} {n:>6} {v:>11.4e}")
+    lines.append(f"mse {m['mse']:.4e}   max_abs_err {m['max_abs_err']:.4e}   dense_mse {m['dense_mse']:.4e}")
+    return lines
+
+
+def _summary(table: Table, out: Path) -> str:
+    s = table.search or {}
+    head = (f"{table.op}: {table.segments} segments, param {table.param_bits} bits (frac {table.frac_bits}), "
+            f"input {table.input_bits} bits, scales {table.scales[0]}..{table.scales[-1]}, "
+            f"range [{table.range[0]:g}, {table.range[1]:g}]")
+    tail = f"fitted in {s.get('seconds', 0):.2f}s ({s.get('generations', 0)} generations) -> {out}"
+    return "\n".join([head, *_metrics_rows(table, table.metrics or {}), tail])
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from gqa_lut.expr import Expression
+    from gqa_lut.progress import ProgressBar
+    from gqa_lut.quantization import check_bits
+    from gqa_lut.search import FitConfig, fit
+    from ops.registry import custom_op, get_op
+
+    bits = args.bits if args.bits is not None else 8
+    check_bits("bits", bits)
+    pbits = args.param_bits if args.param_bits is not None else bits
+    ibits = args.input_bits if args.input_bits is not None else bits
+    extra = {}
+    if args.expr is not None:
+        if not args.name.replace("_", "").replace("-", "").isalnum():
+            raise UsageError(f"name {args.name!r} is not allowed: use letters, digits, - and _")
+        fn = Expression(args.expr)
+        rng = tuple(args.range) if args.range else (-4.0, 4.0)
+        op = custom_op(args.name, fn, *rng)
+        extra["expr"] = fn.text
+        file_op = f"custom_{args.name}"
+    else:
+        op = get_op(args.op)
+        file_op = op.name
+    output = None
+    if (args.output_bits is None) != (args.output_frac_bits is None):
+        raise UsageError("--output-bits and --output-frac-bits go together: give both or neither")
+    if args.output_bits is not None:
+        check_bits("output bits", args.output_bits, 2, 32)
+        output = OutputFormat(args.output_bits, args.output_frac_bits)
+    if args.workers < 1:
+        raise UsageError(f"workers {args.workers} is not allowed: use 1 or more")
+    cfg = FitConfig(segments=args.segments, param_bits=pbits, input_bits=ibits, frac_bits=args.frac_bits,
+                    range=tuple(args.range) if args.range else None,
+                    scales=tuple(args.scales) if args.scales else None,
+                    population=args.population, generations=args.generations, patience=args.patience,
+                    seed=args.seed, objective=args.objective, weights=_load_weights(args.weights),
+                    output=output, chunks=args.workers, extra=extra)
+    out = Path(args.out) if args.out else Path(f"{file_op}_{bits}b_{args.segments}s.json")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory: give a file name")
+    bar = ProgressBar(f"fit {op.name}", enabled=None if not (args.quiet or args.json) else False)
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            table = fit(op, cfg, map_fn=pool.map, progress=bar)
+    else:
+        table = fit(op, cfg, progress=bar)
+    bar.close()
+    save_table(table, out)
+    if args.json:
+        print(json.dumps({"file": str(out), "op": table.op, "segments": table.segments,
+                          "frac_bits": table.frac_bits, "metrics": table.metrics,
+                          "seconds": table.search["seconds"]}, indent=2))
+    elif not args.quiet:
+        print(_summary(table, out))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gqa_lut.evaluator import max_abs_acc, metrics
+
+    table = load_table(args.table)
+    m = metrics(table, _function_for(table, args.expr))
+    if args.json:
+        print(json.dumps({"file": args.table, "op": table.op, "metrics": m,
+                          "max_abs_acc": max_abs_acc(table)}, indent=2))
+        return 0
+    print(f"{args.table}: {table.op}, {table.segments} segments, frac_bits {table.frac_bits}, "
+          f"range [{table.range[0]:g}, {table.range[1]:g}], largest |ACC| {max_abs_acc(table)}")
+    print("\n".join(_metrics_rows(table, m)))
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from ops.registry import OPS
+
+    rows = []
+    for name, op in OPS.items():
+        if op.name != name:
+            continue
+        aliases = [a for a, o in OPS.items() if o is op and a != name]
+        rows.append({"op": name, "aliases": aliases, "range": list(op.range), "scales": list(op.scales),
+                     "left_tail": op.left_tail, "right_tail": op.right_tail, "description": op.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'op':<13} {'range':<9} {'scales':<7} description")
+    for r in rows:
+        name = r["op"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        rng = f"[{r['range'][0]:g}, {r['range'][1]:g}]"
+        print(f"{name:<13} {rng:<9} {r['scales'][0]}..{r['scales'][1]:<4} {r['description']}")
+    return 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    from gqa_lut.evaluator import metrics, raw_metrics
+    from gqa_lut.quantization import check_bits
+    from gqa_lut.reference import convert_reference, read_reference
+    from ops.registry import get_op
+
+    check_bits("input bits", args.input_bits)
+    check_bits("param bits", args.param_bits)
+    op = get_op(args.op)
+    lo, hi = args.range
+    if not lo < hi:
+        raise UsageError(f"range [{lo:g}, {hi:g}] is empty or reversed: LO must be below HI")
+    ref = read_reference(args.file, op.name if args.op else None)
+    table, changes = convert_reference(ref, lo, hi, args.input_bits, args.param_bits)
+    published = raw_metrics(ref.slopes, ref.intercepts, ref.breakpoints, ref.frac_bits, (lo, hi),
+                            args.input_bits, op.fn)
+    m = metrics(table, op.fn)
+    table = table.with_(op=op.name, metrics=m, search={"imported_from": Path(args.file).name,
+                                                       "changed_codes_per_scale": changes,
+                                                       "published_metrics": published,
+                                                       "tool_version": __version__})
+    out = Path(args.out) if args.out else Path(Path(args.file).stem + ".gqa.json")
+    save_table(table, out)
+    if args.json:
+        print(json.dumps({"file": str(out), "metrics": m, "published_metrics": published,
+                          "changed_codes_per_scale": changes}, indent=2))
+        return 0
+    print(f"published table, its own semantics (repeated breakpoints allowed): mse {published['mse']:.4e}, "
+          f"max_abs_err {published['max_abs_err']:.4e}, dense_mse {published['dense_mse']:.4e}")
+    changed = sum(changes.values())
+    if changed:
+        print(f"gqa-lut/1 needs strictly increasing breakpoints: {changed} input codes changed output "
+              f"({', '.join(f'd={d}: {n}' for d, n in changes.items() if n)})")
+    else:
+        print("converted without loss")
+    print("\n".join(_metrics_rows(table, m)))
+    print(f"-> {out}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"gqa-lut: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gqa-lut: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Local improvement of tables: alternate optimal lines and optimal breakpoints, then polish.
+
+Each half-step is optimal for the other fixed (integer lines for given segments; DP
+breakpoints for given lines), and `fit_lines` keeps the old lines as a candidate, so the
+objective never increases: the same monotone scheme as Lloyd's algorithm. The polish then
+tries every +-1 LSB move of one slope or intercept (and a slope move that pivots about the
+segment's centre), re-placing all breakpoints optimally for each move, and takes the best.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gqa_lut.linefit import fit_lines, total
+from gqa_lut.problem import Problem
+from gqa_lut.segmentation import assign, assign_real, line_outputs, place, position_costs
+
+
+@dataclass
+class Population:
+    """Integer tables of a population: lines (M, N), breakpoint indices (M, D, N-1), objective."""
+
+    K: np.ndarray
+    B: np.ndarray
+    idx: np.ndarray
+    fitness: np.ndarray
+
+    def take(self, i: int | np.ndarray) -> "Population":
+        i = np.atleast_1d(i)
+        return Population(self.K[i], self.B[i], self.idx[i], self.fitness[i])
+
+
+def resegment(problem: Problem, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return place(position_costs(problem, line_outputs(problem, K, B)), problem.start,
+                 problem.objective == "max")
+
+
+def lloyd(problem: Problem, p: np.ndarray, rounds: int = 1) -> Population:
+    """Lines for real breakpoints, valid integer breakpoints for them (DP), then `rounds` more
+    rounds of (re-place breakpoints, refit lines). The result is always a valid table."""
+    K, B, _ = fit_lines(problem, assign_real(problem, p))
+    idx, fit = resegment(problem, K, B)
+    K, B, E = fit_lines(problem, assign(problem, idx), keep=(K, B))
+    pop = Population(K, B, idx, total(problem, E))
+    return improve(problem, pop, rounds - 1) if rounds > 1 else pop
+
+
+def improve(problem: Problem, pop: Population, rounds: int, tol: float = 0.0) -> Population:
+    for _ in range(rounds):
+        idx, _ = resegment(problem, pop.K, pop.B)
+        K, B, E = fit_lines(problem, assign(problem, idx), keep=(pop.K, pop.B))
+        fit = total(problem, E)
+        better = fit < pop.fitness
+        if not better.any():
+            break
+        gain = np.max((pop.fitness - fit) / np.maximum(pop.fitness, 1e-300))
+        pop = Population(np.where(better[:, None], K, pop.K), np.where(better[:, None], B, pop.B),
+                         np.where(better[:, None, None], idx, pop.idx), np.where(better, fit, pop.fitness))
+        if gain <= tol:
+            break
+    return pop
+
+
+def _moves(problem: Problem, K: np.ndarray, B: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every single-segment +-1 LSB move of one table (K, B: (N,)), as a batch of tables."""
+    N = K.shape[0]
+    seg = assign(problem, idx[None])[0]
+    w = problem.w
+    centre = np.zeros(N)
+    for i in range(N):
+        sel = (seg == i) & problem.inside
+        if sel.any():
+            centre[i] = np.average(problem.x[sel], weights=w[sel])
+    pivot = np.rint(centre).astype(np.int64)
+    free = [i for i in range(N) if not ((i == 0 and problem.left_tail is not None)
+                                        or (i == N - 1 and problem.right_tail is not None))]
+    Ks, Bs = [], []
+    for i in free:
+        for dk, db in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, -pivot[i]), (-1, pivot[i])):
+            if dk == 0 and db == 0:
+                continue
+            k2, b2 = K.copy(), B.copy()
+            k2[i] += dk
+            b2[i] += db
+            if problem.pmin <= k2[i] <= problem.pmax and problem.pmin <= b2[i] <= problem.pmax:
+                Ks.append(k2)
+                Bs.append(b2)
+    return np.array(Ks, dtype=np.int64).reshape(-1, N), np.array(Bs, dtype=np.int64).reshape(-1, N)
+
+
+def polish(problem: Problem, best: Population, max_iters: int = 200) -> Population:
+    """Greedy best-improvement descent over +-1 LSB moves, breakpoints re-placed for each move."""
+    for _ in range(max_iters):
+        Ks, Bs = _moves(problem, best.K[0], best.B[0], best.idx[0])
+        if Ks.shape[0] == 0:
+            break
+        idx, fit = resegment(problem, Ks, Bs)
+        j = int(np.argmin(fit))
+        if not fit[j] < best.fitness[0] * (1 - 1e-12):
+            break
+        cand = Population(Ks[j:j + 1], Bs[j:j + 1], idx[j:j + 1], fit[j:j + 1])
+        best = improve(problem, cand, rounds=3)
+    return best

@@ -1,0 +1,171 @@
+"""What the search optimises, precomputed once: the input grids of every scale, targets, weights.
+
+All scales are laid out right-aligned in one (D, T) array so that the population, the scales
+and the segments are handled by whole-array numpy operations. Position t of scale d is a block
+of consecutive input codes (one code unless the grid is subsampled for large input widths);
+a breakpoint placed "after" a position takes the value `pos[d, t]`, the block's last code.
+Each scale's sequence has a band of out-of-range codes at both ends (see build_problem).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from gqa_lut.errors import UsageError
+from gqa_lut.quantization import code_values, input_codes, int_range
+from gqa_lut.table import OutputFormat
+
+MAX_POSITIONS = 1024  # per scale; larger grids are searched in blocks, then refined in full
+# Out-of-range codes only break ties in the DP: weight relative to the smallest in-range
+# weight, error capped at OUTSIDE_CAP, so their total stays far below anything measurable.
+OUTSIDE_WEIGHT = 1e-9
+OUTSIDE_CAP = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    fn: Callable[[np.ndarray], np.ndarray]
+    lo: float
+    hi: float
+    segments: int
+    scales: tuple[int, ...]
+    frac_bits: int
+    param_bits: int
+    input_bits: int
+    output: Optional[OutputFormat]
+    objective: str  # "mse" or "max"
+    left_tail: Optional[tuple[int, int]]  # integer (K, B) pinned for segment 0
+    right_tail: Optional[tuple[int, int]]
+    # (D, T) arrays, right-aligned
+    pos: np.ndarray  # breakpoint value if a breakpoint follows this position
+    code: np.ndarray  # representative input code
+    x: np.ndarray  # its real value
+    f: np.ndarray  # target at x
+    w: np.ndarray  # weight of the squared error inside the range (the spec's mse); 0 outside
+    w_out: np.ndarray  # DP-only weight of out-of-range codes the hardware can see (capped error)
+    wmax: np.ndarray  # factor on |error| for the minimax objective (1 inside the range)
+    inside: np.ndarray  # position lies in the fitted range (what the metrics score)
+    start: np.ndarray  # (D,) index of each scale's first position (forced into segment 0)
+    dscale: np.ndarray  # (D,) scale exponent of each row
+    full: bool  # every position is a single code (no subsampling)
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.pos.shape[1])
+
+    @property
+    def pmin(self) -> int:
+        return int_range(self.param_bits)[0]
+
+    @property
+    def pmax(self) -> int:
+        return int_range(self.param_bits)[1]
+
+
+def _scale_weights(codes: np.ndarray, d: int, hist: Optional[np.ndarray]) -> np.ndarray:
+    """Per-code weight within one scale, summing to 1: uniform, or from an activation histogram.
+
+    `hist` is either raw samples (1-D) or (value, weight) rows (2-D). A small floor keeps
+    every code in play, so a table never goes wild on inputs the sample happened to miss.
+    """
+    n = codes.shape[0]
+    if hist is None:
+        return np.full(n, 1.0 / n)
+    if hist.ndim == 1:
+        q = np.rint(np.ldexp(hist, d)).astype(np.int64)
+        q = q[(q >= codes[0]) & (q <= codes[-1])] - codes[0]
+        raw = np.bincount(q, minlength=n).astype(np.float64)
+    else:
+        xs = code_values(codes, d)
+        order = np.argsort(hist[:, 0])
+        raw = np.interp(xs, hist[order, 0], hist[order, 1], left=0.0, right=0.0)
+    total = raw.sum()
+    if total <= 0:
+        return np.full(n, 1.0 / n)
+    p = raw / total
+    p = p + 1e-3 / n
+    return p / p.sum()
+
+
+def build_problem(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, segments: int,
+                  scales: tuple[int, ...], frac_bits: int, param_bits: int, input_bits: int,
+                  output: Optional[OutputFormat] = None, objective: str = "mse",
+                  left_tail: Optional[tuple[float, float]] = None,
+                  right_tail: Optional[tuple[float, float]] = None,
+                  hist: Optional[np.ndarray] = None,
+                  max_positions: int = MAX_POSITIONS) -> Problem:
+    if objective not in ("mse", "max"):
+        raise UsageError(f"objective {objective!r} is not allowed: use mse or max")
+    rows = []
+    for d in scales:
+        codes = input_codes(lo, hi, d, input_bits)
+        if codes.size == 0:
+            raise UsageError(f"range [{lo:g}, {hi:g}] holds no {input_bits}-bit input code at scale {d}: "
+                             f"choose finer scales with --scales or widen --range")
+        wd = _scale_weights(codes, d, hist) / len(scales)
+        stride = max(1, math.ceil(codes.size / max_positions))
+        if stride > 1:
+            # block k covers codes[k*stride : (k+1)*stride]; represented by its middle code
+            starts = np.arange(0, codes.size, stride)
+            ends = np.minimum(starts + stride, codes.size) - 1
+            rep = codes[(starts + ends) // 2]
+            bw = np.add.reduceat(wd, starts)
+            bpos = codes[ends]
+        else:
+            rep, bw, bpos = codes, wd, codes
+        # A band of codes beyond each end of the range: where segments that a coarse grid has no
+        # room for can go. Their weight is tiny, so the tails keep them whenever that is free,
+        # and the table still behaves like the function just outside the range.
+        band = segments + 1
+        left = np.arange(codes[0] - band, codes[0], dtype=np.int64)
+        right = np.arange(codes[-1] + 1, codes[-1] + 1 + band, dtype=np.int64)
+        pos = np.concatenate([left, bpos, right])
+        code = np.concatenate([left, rep, right])
+        inside = np.concatenate([np.zeros(band, bool), np.ones(rep.shape[0], bool), np.zeros(band, bool)])
+        w = np.concatenate([np.zeros(band), bw, np.zeros(band)])
+        rows.append((d, pos, code, w, stride, inside))
+    T = max(r[1].shape[0] for r in rows)
+    D = len(rows)
+    pos = np.zeros((D, T), np.int64)
+    code = np.zeros((D, T), np.int64)
+    w = np.zeros((D, T))
+    inside = np.zeros((D, T), bool)
+    start = np.zeros(D, np.int64)
+    for r, (d, p, c, wd, _, ins) in enumerate(rows):
+        L = p.shape[0]
+        s = T - L
+        start[r] = s
+        pos[r, s:], code[r, s:], w[r, s:], inside[r, s:] = p, c, wd, ins
+        pos[r, :s] = p[0] - np.arange(s, 0, -1)  # padding: below the first position, weight 0
+        code[r, :s] = pos[r, :s]
+    dscale = np.array([r[0] for r in rows], np.int64)
+    x = np.ldexp(code.astype(np.float64), -dscale[:, None])
+    qmin, qmax = int_range(input_bits)
+    seen = (code >= qmin) & (code <= qmax) & (np.arange(T)[None, :] >= start[:, None])
+    with np.errstate(all="ignore"):
+        f = fn(np.where(seen, x, (lo + hi) / 2))
+    if not np.all(np.isfinite(f[inside])):
+        bad = x[inside & ~np.isfinite(f)][0]
+        raise UsageError(f"the function is not finite at x={bad:g} inside range [{lo:g}, {hi:g}]")
+    # Outside the range the function may be undefined (rsqrt below 0): no penalty there.
+    seen &= np.isfinite(f)
+    f = np.where(seen, f, 0.0)
+    w_out = np.where(seen & ~inside, OUTSIDE_WEIGHT * float(w[inside].min()), 0.0)
+    wmax = np.where(inside, 1.0, np.where(w_out > 0, OUTSIDE_WEIGHT, 0.0))
+
+    def q(line):
+        if line is None:
+            return None
+        k, b = line
+        pmin, pmax = int_range(param_bits)
+        return (int(np.clip(np.rint(math.ldexp(k, frac_bits)), pmin, pmax)),
+                int(np.clip(np.rint(math.ldexp(b, frac_bits)), pmin, pmax)))
+
+    return Problem(fn=fn, lo=lo, hi=hi, segments=segments, scales=tuple(scales), frac_bits=frac_bits,
+                   param_bits=param_bits, input_bits=input_bits, output=output, objective=objective,
+                   left_tail=q(left_tail), right_tail=q(right_tail), pos=pos, code=code, x=x, f=f, w=w,
+                   w_out=w_out, wmax=wmax, inside=inside, start=start, dscale=dscale,
+                   full=all(r[4] == 1 for r in rows))

@@ -1,0 +1,88 @@
+"""Deterministic starting tables: the optimal shared-breakpoint segmentation of the union grid.
+
+With no output rounding a line's error at x does not depend on the scale x came from, and
+every scale's inputs lie on one common grid. A table whose breakpoints are the same real
+numbers at every scale is therefore one segmentation of that union grid, each point weighted
+by the scales that see it, and an interval DP over prefix moments finds the best such
+segmentation with integer lines exactly. Per-scale breakpoints (the local search) then only
+improve on it. This is the deterministic route a careful engineer would try first; seeding
+the GA with it means the GA can only add.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gqa_lut.linefit import WINDOW
+from gqa_lut.problem import Problem
+
+MAX_UNION_POINTS = 640  # the interval DP is O(T^2 N) in time and O(T^2) in memory
+
+
+def union_blocks(problem: Problem, max_points: int = MAX_UNION_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact weighted moments (T, 6) of the union grid in at most `max_points` blocks, and each
+    block's largest x (the real breakpoint that ends a segment at that block)."""
+    sel = problem.inside
+    xs, ws = problem.x[sel], problem.w[sel]
+    ux, inv = np.unique(xs, return_inverse=True)
+    uw = np.bincount(inv, weights=ws)
+    with np.errstate(all="ignore"):
+        uf = problem.fn(ux)
+    g = max(1, -(-ux.shape[0] // max_points))
+    block = np.arange(ux.shape[0]) // g
+    wx, wf = uw * ux, uw * uf
+    cols = (uw, wx, wx * ux, wf, wx * uf, wf * uf)
+    mom = np.stack([np.bincount(block, weights=c) for c in cols], axis=1)
+    right = ux[np.minimum((np.arange(block[-1] + 1) + 1) * g, ux.shape[0]) - 1]
+    return mom, right
+
+
+def _interval_costs(problem: Problem, S: np.ndarray, fixed: tuple[int, int] | None) -> np.ndarray:
+    """Best integer-line cost of every interval from its moments S (6, ...)."""
+    F, pmin, pmax = problem.frac_bits, problem.pmin, problem.pmax
+    S1, Sx, Sxx, Sf, Sxf, Sff = S
+    safe = np.where(S1 > 0, S1, 1.0)
+
+    def cost(K: np.ndarray, B: np.ndarray) -> np.ndarray:
+        k, b = np.ldexp(K, -F), np.ldexp(B, -F)
+        return np.maximum(k * k * Sxx + 2 * k * b * Sx + b * b * S1 - 2 * k * Sxf - 2 * b * Sf + Sff, 0.0)
+
+    if fixed is not None:
+        return cost(np.float64(fixed[0]), np.float64(fixed[1]))
+    det = S1 * Sxx - Sx * Sx
+    ok = det > 1e-12 * safe * safe
+    k = np.where(ok, (Sxf * S1 - Sx * Sf) / np.where(ok, det, 1.0), 0.0)
+    k0 = np.rint(np.ldexp(k, F))
+    best = np.full(S1.shape, np.inf)
+    for delta in range(-WINDOW, WINDOW + 1):
+        K = np.clip(k0 + delta, pmin, pmax)
+        B = np.clip(np.rint(np.ldexp(Sf - np.ldexp(K, -F) * Sx, F) / safe), pmin, pmax)
+        best = np.minimum(best, cost(K, B))
+    return np.where(S1 > 0, best, 0.0)
+
+
+def union_breakpoints(problem: Problem) -> np.ndarray:
+    """Real breakpoints (N-1,) of the optimal shared-breakpoint table (ties: x <= p goes left)."""
+    mom, right = union_blocks(problem)
+    T, N = mom.shape[0], problem.segments
+    P = np.vstack([np.zeros((1, 6)), np.cumsum(mom, axis=0)])  # prefix moments, (T+1, 6)
+    S = (P[None, :, :] - P[:, None, :]).transpose(2, 0, 1)  # S[:, s, t] = points s..t-1
+    valid = np.triu(np.ones((T + 1, T + 1), dtype=bool))
+    free = np.where(valid, _interval_costs(problem, S, None), np.inf)
+    left = _interval_costs(problem, S[:, 0, :], problem.left_tail) if problem.left_tail else free[0]
+    right_c = (_interval_costs(problem, S[:, :, T], problem.right_tail) if problem.right_tail
+               else free[:, T])
+    dp = left.copy()  # dp[t]: best cost of points 0..t-1 in segments 0..i
+    back = np.zeros((N, T + 1), dtype=np.int64)
+    for i in range(1, N - 1):
+        tot = dp[:, None] + free
+        back[i] = np.argmin(tot, axis=0)
+        dp = tot[back[i], np.arange(T + 1)]
+    last = dp + right_c
+    s = int(np.argmin(last))
+    cuts = [s]
+    for i in range(N - 2, 0, -1):
+        s = int(back[i, s])
+        cuts.append(s)
+    cuts = cuts[::-1]  # cuts[j]: first block of segment j+1
+    x_first = right[0] - 1.0  # empty leading segments end below every point
+    return np.array([right[c - 1] if c > 0 else x_first for c in cuts], dtype=np.float64)
