@@ -1,0 +1,265 @@
+"""PyTorch drop-in modules whose non-linearity runs through an integer table, bit-exactly.
+
+Forward is fake-quant: the input is quantized to `input_bits` at a power-of-two scale 2^-d,
+the table is evaluated on the integer code exactly as lut-format.md says, and the integer
+output is turned back into a real number. Backward is straight-through (see LUTFunction).
+
+NaN and inf: NaN inputs are treated as 0 and +-inf saturate to the largest/smallest input
+code, so the output is always the table's finite value there; nothing raises.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from gqa_lut.quantization import int_range
+from gqa_lut.table import Table, table_from_json
+from ops.tables import as_table
+from ops.torch_functions import TORCH_FUNCTIONS
+from ops.torch_lut import LUTFunction, dequantized, derivative_of, expand
+
+SCALE_MODES = ("fixed", "calibrate", "learned")
+GRAD_MODES = ("exact", "slope")
+
+
+def covering_scale(table: Table, amax: float) -> int:
+    """Finest table scale d whose input range still holds amax (no clipping), else the coarsest."""
+    _, qmax = int_range(table.input_bits)
+    ok = [d for d in table.scales if amax * 2.0 ** d <= qmax + 0.5]
+    return max(ok) if ok else min(table.scales)
+
+
+class _TQTQuantize(torch.autograd.Function):
+    """Fake-quantize x at the scale given by a learnable log2 threshold (TQT, Jain et al. 2020)."""
+
+    @staticmethod
+    def forward(ctx, x, log2_t, input_bits: int, dmin: int, dmax: int):
+        qmin, qmax = int_range(input_bits)
+        d = torch.clamp((input_bits - 1) - torch.ceil(log2_t.detach()), dmin, dmax)
+        s = torch.exp2(-d)
+        v = torch.nan_to_num(x.float(), nan=0.0) / s
+        q = torch.round(v).clamp(qmin, qmax)
+        ctx.save_for_backward(v, q, s)
+        ctx.qrange = (qmin, qmax)
+        return (q * s).to(x.dtype), d
+
+    @staticmethod
+    def backward(ctx, grad, _grad_d):
+        v, q, s = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        inside = (v >= qmin) & (v <= qmax)
+        gx = grad * inside
+        # d(q*s)/d(log2 t) = s*ln2*(round(v) - v) inside, s*ln2*q at the clip
+        g_log2t = (grad.float() * s * math.log(2.0) * torch.where(inside, q - v, q)).sum()
+        return gx, g_log2t.reshape(()), None, None, None
+
+
+class LUTActivation(nn.Module):
+    """Any table as an activation.
+
+    scale_mode: "fixed" (scale d given, or the finest that covers the fitted range),
+    "calibrate" (d set from observed inputs by `calibrate`), "learned" (TQT: a learnable log2
+    threshold picks d, trained with the straight-through estimator). grad: "exact" (the exact
+    function's derivative) or "slope" (the active segment's slope).
+    """
+
+    def __init__(self, table: Table, scale: Optional[int] = None, scale_mode: str = "fixed",
+                 grad: str = "exact", fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        super().__init__()
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode {scale_mode!r} is not allowed: use {', '.join(SCALE_MODES)}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad {grad!r} is not allowed: use {', '.join(GRAD_MODES)}")
+        self.scale_mode, self.grad = scale_mode, grad
+        self.fn = fn if fn is not None else TORCH_FUNCTIONS.get(table.op)
+        self._set_table(table)
+        if scale is None:
+            scale = covering_scale(table, max(abs(table.range[0]), abs(table.range[1])))
+        self.set_scale(scale)
+        self.register_buffer("amax", torch.zeros(()), persistent=False)
+        self.calibrating = False
+        if scale_mode == "learned":
+            self.log2_threshold = nn.Parameter(torch.tensor(float(table.input_bits - 1 - scale)))
+
+    def _set_table(self, table: Table) -> None:
+        self.table = table.validate()
+        values, frac = expand(table)
+        self.register_buffer("table_real", dequantized(values, frac))
+        self.register_buffer("scales", torch.tensor(table.scales, dtype=torch.int64))
+        self.register_buffer("slopes_real", torch.tensor(table.slopes.tolist(), dtype=torch.float32)
+                             * 2.0 ** -table.frac_bits)
+        self.register_buffer("breakpoints", torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
+                                                         dtype=torch.int32).reshape(len(table.scales), -1))
+        self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
+        self._derivative = derivative_of(self.fn) if self.fn is not None else None
+
+    @property
+    def scale(self) -> int:
+        return int(self.scales[self.scale_index])
+
+    def set_scale(self, d: int) -> None:
+        if d not in self.table.scales:
+            raise ValueError(f"scale {d} is not in the table: it has scales {self.table.scales}")
+        self.scale_index.fill_(self.table.scales.index(d))
+
+    # state_dict carries the table itself, so a checkpoint is self-describing
+    def get_extra_state(self) -> Any:
+        return {"table": json.dumps(self.table.to_json()), "scale_mode": self.scale_mode, "grad": self.grad}
+
+    def set_extra_state(self, state: Any) -> None:
+        table = table_from_json(json.loads(state["table"]))
+        if table.to_json() != self.table.to_json():
+            self._set_table(table)
+        self.scale_mode, self.grad = state["scale_mode"], state["grad"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
+                                                                  posinf=0.0, neginf=0.0).abs().max())
+        if self.scale_mode == "learned":
+            xq, d = _TQTQuantize.apply(x, self.log2_threshold, self.table.input_bits,
+                                       min(self.table.scales), max(self.table.scales))
+            index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
+            return self._lut(xq, index)
+        return self._lut(x, self.scale_index)
+
+    def _lut(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return LUTFunction.apply(x, self.table_real, self.slopes_real, index, self.scales[index],
+                                 self.table.input_bits, self.breakpoints[index], self.grad, self._derivative)
+
+    def finish_calibration(self) -> int:
+        self.calibrating = False
+        d = covering_scale(self.table, float(self.amax))
+        self.set_scale(d)
+        if self.scale_mode == "learned":
+            with torch.no_grad():
+                self.log2_threshold.fill_(float(self.table.input_bits - 1 - d))
+        return d
+
+    def extra_repr(self) -> str:
+        return (f"op={self.table.op}, segments={self.table.segments}, bits={self.table.param_bits}/"
+                f"{self.table.input_bits}, scale={self.scale}, scale_mode={self.scale_mode}, grad={self.grad}")
+
+
+def _named(op: str, doc: str) -> type:
+    def __init__(self, table: Table | str | None = None, **kw: Any) -> None:
+        LUTActivation.__init__(self, as_table(table, op), **kw)
+
+    return type(f"LUT{doc}", (LUTActivation,), {"__init__": __init__, "__doc__": f"Drop-in for nn.{doc}: "
+                                                 f"the {op} table (shipped default unless given)."})
+
+
+LUTGELU = _named("gelu", "GELU")
+LUTSiLU = _named("swish", "SiLU")
+LUTHardswish = _named("hswish", "Hardswish")
+LUTSigmoid = _named("sigmoid", "Sigmoid")
+LUTTanh = _named("tanh", "Tanh")
+
+
+class RangeReducedLUT(nn.Module):
+    """rsqrt or reciprocal of any positive value through a table fitted on one octave range.
+
+    rsqrt: v = m * 4^k with m in [1, 4), rsqrt(v) = rsqrt(m) * 2^-k.
+    reciprocal: v = m * 2^k with m in [1, 2), 1/v = (1/m) * 2^-k.
+    k comes from the float exponent (a leading-zero count in integer hardware); the 2^-k is
+    exact. Values <= 0 or NaN are clamped to the smallest positive normal float first.
+    """
+
+    def __init__(self, op: str, table: Table | str | None = None, grad: str = "exact"):
+        super().__init__()
+        if op not in ("rsqrt", "reciprocal"):
+            raise ValueError(f"op {op!r} has no range reduction: use rsqrt or reciprocal")
+        self.op = op
+        t = as_table(table, op)
+        hi = 4.0 if op == "rsqrt" else 2.0
+        self.lut = LUTActivation(t, scale=covering_scale(t, hi - 2.0 ** -max(t.scales)), grad=grad)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        vf = torch.nan_to_num(v.float(), nan=1.0, posinf=torch.finfo(torch.float32).max)
+        vf = vf.clamp_min(torch.finfo(torch.float32).tiny)
+        _, e = torch.frexp(vf.detach())
+        E = e - 1  # vf = (1.x) * 2^E
+        k = torch.div(E, 2, rounding_mode="floor") if self.op == "rsqrt" else E
+        m = torch.ldexp(vf, -(2 * k if self.op == "rsqrt" else k))
+        return torch.ldexp(self.lut(m), -k).to(v.dtype)
+
+
+class LUTLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
+
+    def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.rsqrt = RangeReducedLUT("rsqrt", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        xf = x.float()
+        mean = xf.mean(dims, keepdim=True)
+        var = (xf - mean).pow(2).mean(dims, keepdim=True)
+        y = (xf - mean) * self.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+class LUTRMSNorm(nn.RMSNorm):
+    def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.rsqrt = RangeReducedLUT("rsqrt", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        xf = x.float()
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        y = xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+class LUTGroupNorm(nn.GroupNorm):
+    def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.rsqrt = RangeReducedLUT("rsqrt", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        xf = x.float().reshape(n, self.num_groups, -1)
+        mean = xf.mean(-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(-1, keepdim=True)
+        y = ((xf - mean) * self.rsqrt(var + self.eps)).reshape(x.shape)
+        if self.affine:
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            y = y * self.weight.float().reshape(shape) + self.bias.float().reshape(shape)
+        return y.to(x.dtype)
+
+
+class LUTSoftmax(nn.Module):
+    """Softmax with exp through the exp table (inputs minus their max, so <= 0) and the
+    normalising 1/sum through the reciprocal table with range reduction."""
+
+    def __init__(self, dim: int = -1, exp_table: Table | str | None = None,
+                 reciprocal_table: Table | str | None = None):
+        super().__init__()
+        self.dim = dim
+        t = as_table(exp_table, "exp")
+        self.exp = LUTActivation(t, scale=covering_scale(t, abs(t.range[0])))
+        self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        z = xf - xf.amax(self.dim, keepdim=True).detach()
+        e = self.exp(z)
+        return (e * self.reciprocal(e.sum(self.dim, keepdim=True))).to(x.dtype)
+
+
+def lut_exp(x: torch.Tensor, table: Table | str | None = None) -> torch.Tensor:
+    """exp(x) for x <= 0 through the exp table (a functional convenience)."""
+    t = as_table(table, "exp")
+    return LUTActivation(t, scale=covering_scale(t, abs(t.range[0]))).to(x.device)(x)

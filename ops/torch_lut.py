@@ -1,0 +1,148 @@
+"""The integer table in PyTorch: section 3 of lut-format.md on integer tensors, plus autograd.
+
+Two evaluations, always equal (tested over every input code against the numpy reference):
+- `lut_int`: the spec's formula, bucketize + integer multiply-add, in int32 when the
+  table's largest accumulator fits (checked), else int64. This is what hardware computes.
+- `expand`: the same integers precomputed for every Q-bit input code of every scale, stored
+  as exact float32 reals, so the forward pass is quantize -> one gather. Exactly the same
+  outputs, far fewer passes over memory; used by the modules (CPU and GPU) for Q <= 16.
+
+Floating point only ever appears in quantizing the input (x * 2^d, round half to even,
+clamp) and in the real value of the integer output (exact: |ACC| < 2^24 is checked), cast
+last to the input's dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from gqa_lut.evaluator import max_abs_acc
+from gqa_lut.quantization import int_range
+from gqa_lut.table import Table
+
+
+def acc_dtype(table: Table) -> torch.dtype:
+    """int32 when the largest |ACC| of the table fits it (the spec asks runtimes to check)."""
+    return torch.int32 if max_abs_acc(table) < 2 ** 31 - 1 else torch.int64
+
+
+def lut_int(codes: torch.Tensor, table: Table, d: int) -> torch.Tensor:
+    """Spec section 3 on integer input codes (clamped to the Q-bit range first)."""
+    dt = acc_dtype(table)
+    dev = codes.device
+    qmin, qmax = int_range(table.input_bits)
+    X = codes.to(dt).clamp(qmin, qmax)
+    bp = torch.as_tensor(table.breakpoints[d], dtype=dt, device=dev)
+    i = torch.bucketize(X, bp, right=False)  # number of breakpoints < X: ties go left
+    K = torch.as_tensor(table.slopes, dtype=dt, device=dev)[i]
+    B = torch.as_tensor(table.intercepts, dtype=dt, device=dev)[i]
+    if d >= 0:
+        acc = K * X + B * (1 << d)
+    else:
+        acc = K * X * (1 << (-d)) + B
+    if table.output is None:
+        return acc
+    t = table.frac_bits + max(d, 0) - table.output.frac_bits
+    y = (acc + (1 << (t - 1))) >> t if t > 0 else acc * (1 << (-t))
+    lo, hi = int_range(table.output.bits)
+    return y.clamp(lo, hi)
+
+
+def out_frac_bits(table: Table, d: int) -> int:
+    return table.output.frac_bits if table.output is not None else table.frac_bits + max(d, 0)
+
+
+def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, 2^Q) integer outputs for every code of every scale, and (S,) their fractional bits."""
+    if table.input_bits > 16:
+        raise ValueError(f"input_bits {table.input_bits}: expansion is for at most 16 bits")
+    qmin, qmax = int_range(table.input_bits)
+    codes = torch.arange(qmin, qmax + 1, device=device)
+    rows = [lut_int(codes, table, d) for d in table.scales]
+    dt = torch.int32 if all(int(r.abs().max()) < 2 ** 31 - 1 for r in rows) else torch.int64
+    frac = torch.tensor([out_frac_bits(table, d) for d in table.scales], dtype=torch.int64, device=device)
+    return torch.stack(rows).to(dt), frac
+
+
+def quantize_codes(x: torch.Tensor, d: torch.Tensor, input_bits: int) -> torch.Tensor:
+    """X = clamp(round(x * 2^d)) as int32 (round half to even, exact). NaN -> 0, +-inf saturate."""
+    qmin, qmax = int_range(input_bits)
+    t = torch.round(torch.nan_to_num(x.float(), nan=0.0) * torch.exp2(d.float()))
+    return t.clamp(qmin, qmax).to(torch.int32)
+
+
+def dequantized(values: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """The expanded table as float32 reals: exact, because every |value| < 2^24 (checked)."""
+    if int(values.abs().max()) >= 2 ** 24:
+        raise ValueError("table outputs exceed 2^24: not exactly representable in float32")
+    return values.float() * torch.exp2(-frac.float())[:, None]
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reused float32/int32 scratch on the CPU, where fresh large tensors cost page faults that
+    dominate this op's time (CUDA's caching allocator already reuses memory)."""
+    ws = _WORKSPACE.get(device)
+    if ws is None or ws[0].numel() < n:
+        ws = (torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.int32, device=device))
+        _WORKSPACE[device] = ws
+    return ws[0][:n], ws[1][:n]
+
+
+def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
+           input_bits: int) -> torch.Tensor:
+    """Forward value of the table at real inputs x, in x's dtype: quantize, gather (exact)."""
+    qmin, qmax = int_range(input_bits)
+    row = table_real[scale_index].to(x.dtype)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        v, idx = _workspace(x.numel(), x.device)
+        torch.mul(x.reshape(-1), torch.exp2(d.float()), out=v)
+        v.round_().sub_(qmin).nan_to_num_(nan=float(-qmin)).clamp_(0, qmax - qmin)
+        idx.copy_(v)
+        return torch.index_select(row, 0, idx).reshape(x.shape)
+    codes = quantize_codes(x, d, input_bits)
+    return row[(codes - qmin).long()]
+
+
+class LUTFunction(torch.autograd.Function):
+    """The table's forward value with a straight-through backward.
+
+    Backward passes `grad * g(x)` inside the representable input range and 0 outside it
+    (the input quantizer clamps there, so the output no longer moves), where g is either the
+    exact function's derivative ("exact") or the slope of the active segment ("slope").
+    """
+
+    @staticmethod
+    def forward(ctx, x, table_real, slopes_real, scale_index, d, input_bits: int, breakpoints_row,
+                grad_mode: str, derivative: Optional[Callable]):
+        ctx.save_for_backward(x, d, slopes_real, breakpoints_row)
+        ctx.grad_mode, ctx.derivative, ctx.qrange = grad_mode, derivative, int_range(input_bits)
+        return lookup(x, table_real, scale_index, d, input_bits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, d, slopes_real, bp = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        scale = torch.exp2(d.float())
+        xs = x.float() * scale
+        inside = (xs >= qmin - 0.5) & (xs <= qmax + 0.5)
+        if ctx.grad_mode == "exact" and ctx.derivative is not None:
+            g = ctx.derivative(x.float())
+        else:
+            codes = torch.round(xs).clamp(qmin, qmax).to(bp.dtype)
+            g = slopes_real[torch.bucketize(codes, bp, right=False)]
+        gx = (grad.float() * g * inside).to(x.dtype)
+        return gx, None, None, None, None, None, None, None, None
+
+
+def derivative_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """d fn / dx elementwise, by autograd on a detached copy (any torch-expressible op)."""
+    def g(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            (out,) = torch.autograd.grad(fn(xd).sum(), xd)
+        return out
+    return g
