@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expr", help="the function of a custom table, if the file does not carry it")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("export", help="export a table as a C header")
+    p.add_argument("table")
+    p.add_argument("--c", required=True, metavar="OUT.h", help="header file to write")
+    p.add_argument("--name", help="C identifier prefix (default lut_<op>)")
+
     p = sub.add_parser("ops", help="list the registry's ops")
     p.add_argument("--json", action="store_true")
 
@@ -267,7 +272,20 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference}
+def cmd_export(args: argparse.Namespace) -> int:
+    from gqa_lut.export_c import export_c
+    from gqa_lut.table import write_text_atomic
+
+    table = load_table(args.table)
+    if not args.c.endswith(".h"):
+        raise UsageError(f"--c {args.c!r} is not a .h file name")
+    write_text_atomic(args.c, export_c(table, args.name))
+    print(f"{args.table} -> {args.c}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference,
+            "export": cmd_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

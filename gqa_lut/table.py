@@ -197,13 +197,20 @@ def load_table(path: str | os.PathLike) -> Table:
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
     """Write to a temporary file beside the target, then rename: never a half-written file."""
+    _write_atomic(path, lambda fh: (json.dump(doc, fh, indent=2), fh.write("\n")))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    _write_atomic(path, lambda fh: fh.write(text))
+
+
+def _write_atomic(path: str | os.PathLike, write: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
+            write(fh)
         os.replace(tmp, p)
     except BaseException:
         try:

@@ -20,7 +20,7 @@ from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops.tables import as_table
 from ops.torch_functions import TORCH_FUNCTIONS
-from ops.torch_lut import LUTFunction, dequantized, derivative_of, expand
+from ops.torch_lut import LUTFunction, dequantized, derivative_of, expand, lookup
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
 GRAD_MODES = ("exact", "slope")
@@ -108,13 +108,15 @@ class LUTActivation(nn.Module):
 
     # state_dict carries the table itself, so a checkpoint is self-describing
     def get_extra_state(self) -> Any:
-        return {"table": json.dumps(self.table.to_json()), "scale_mode": self.scale_mode, "grad": self.grad}
+        return {"table": json.dumps(self.table.to_json()), "scale_mode": self.scale_mode, "grad": self.grad,
+                "scale": self.scale}
 
     def set_extra_state(self, state: Any) -> None:
         table = table_from_json(json.loads(state["table"]))
         if table.to_json() != self.table.to_json():
             self._set_table(table)
         self.scale_mode, self.grad = state["scale_mode"], state["grad"]
+        self.set_scale(int(state["scale"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
@@ -128,6 +130,8 @@ class LUTActivation(nn.Module):
         return self._lut(x, self.scale_index)
 
     def _lut(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # a traced graph is for inference: record the forward only
+            return lookup(x, self.table_real, index, self.scales[index], self.table.input_bits)
         return LUTFunction.apply(x, self.table_real, self.slopes_real, index, self.scales[index],
                                  self.table.input_bits, self.breakpoints[index], self.grad, self._derivative)
 

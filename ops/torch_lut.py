@@ -97,7 +97,7 @@ def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor,
     """Forward value of the table at real inputs x, in x's dtype: quantize, gather (exact)."""
     qmin, qmax = int_range(input_bits)
     row = table_real[scale_index].to(x.dtype)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         v, idx = _workspace(x.numel(), x.device)
         torch.mul(x.reshape(-1), torch.exp2(d.float()), out=v)
         v.round_().sub_(qmin).nan_to_num_(nan=float(-qmin)).clamp_(0, qmax - qmin)

@@ -8,6 +8,7 @@ from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import evaluate, evaluate_codes, max_abs_acc, metrics
 from gqa_lut.quantization import int_range, round_shift
 from gqa_lut.table import OutputFormat, Table
+from tests.strategies import random_tables
 
 
 def small_table(**kw):
@@ -70,24 +71,6 @@ def test_metrics_of_an_exact_table_are_zero():
     m = metrics(t, lambda x: x)
     assert m["mse"] == 0 and m["max_abs_err"] == 0 and m["dense_mse"] == 0
     assert set(m["mse_per_scale"]) == {"0", "3"}
-
-
-@st.composite
-def random_tables(draw):
-    pbits = draw(st.integers(2, 16))
-    qbits = draw(st.integers(2, 16))
-    n = draw(st.integers(2, 12))
-    lo, hi = int_range(pbits)
-    slopes = draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
-    intercepts = draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
-    scales = draw(st.lists(st.integers(-4, 8), min_size=1, max_size=3, unique=True))
-    qlo, qhi = int_range(qbits)
-    bps = {d: sorted(draw(st.lists(st.integers(qlo - 4, qhi + 4), min_size=n - 1, max_size=n - 1, unique=True)))
-           for d in scales}
-    frac = draw(st.integers(0, 12))
-    out = draw(st.one_of(st.none(), st.builds(OutputFormat, st.integers(2, 16), st.integers(-2, 12))))
-    return Table(op="gelu", range=(-1.0, 1.0), slopes=slopes, intercepts=intercepts, breakpoints=bps,
-                 frac_bits=frac, param_bits=pbits, input_bits=qbits, output=out).validate()
 
 
 @settings(max_examples=200, deadline=None)
