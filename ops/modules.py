@@ -95,6 +95,7 @@ class LUTActivation(nn.Module):
         self.register_buffer("breakpoints", torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
                                                          dtype=torch.int32).reshape(len(table.scales), -1))
         self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("d_current", torch.zeros((), dtype=torch.int64), persistent=False)
         self._derivative = derivative_of(self.fn) if self.fn is not None else None
 
     @property
@@ -105,6 +106,7 @@ class LUTActivation(nn.Module):
         if d not in self.table.scales:
             raise ValueError(f"scale {d} is not in the table: it has scales {self.table.scales}")
         self.scale_index.fill_(self.table.scales.index(d))
+        self.d_current.fill_(d)  # kept beside the index so a fixed-scale call launches no lookup of it
 
     # state_dict carries the table itself, so a checkpoint is self-describing
     def get_extra_state(self) -> Any:
@@ -126,14 +128,14 @@ class LUTActivation(nn.Module):
             xq, d = _TQTQuantize.apply(x, self.log2_threshold, self.table.input_bits,
                                        min(self.table.scales), max(self.table.scales))
             index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
-            return self._lut(xq, index)
-        return self._lut(x, self.scale_index)
+            return self._lut(xq, index, self.scales[index])
+        return self._lut(x, self.scale_index, self.d_current)
 
-    def _lut(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing():  # a traced graph is for inference: record the forward only
-            return lookup(x, self.table_real, index, self.scales[index], self.table.input_bits)
-        return LUTFunction.apply(x, self.table_real, self.slopes_real, index, self.scales[index],
-                                 self.table.input_bits, self.breakpoints[index], self.grad, self._derivative)
+            return lookup(x, self.table_real, index, d, self.table.input_bits)
+        return LUTFunction.apply(x, self.table_real, self.slopes_real, self.breakpoints, index, d,
+                                 self.table.input_bits, self.grad, self._derivative)
 
     def finish_calibration(self) -> int:
         self.calibrating = False

@@ -94,8 +94,13 @@ def _workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 
 def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
            input_bits: int) -> torch.Tensor:
-    """Forward value of the table at real inputs x, in x's dtype: quantize, gather (exact)."""
+    """Forward value of the table at real inputs x, in x's dtype: quantize, gather (exact).
+    On CUDA with Triton this is one kernel (ops/triton_lut.py)."""
     qmin, qmax = int_range(input_bits)
+    if x.is_cuda and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        from ops import triton_lut
+        if triton_lut.usable(x):
+            return triton_lut.lookup_triton(x, table_real, scale_index, d, qmin, qmax)
     row = table_real[scale_index].to(x.dtype)
     if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         v, idx = _workspace(x.numel(), x.device)
@@ -116,15 +121,15 @@ class LUTFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, table_real, slopes_real, scale_index, d, input_bits: int, breakpoints_row,
+    def forward(ctx, x, table_real, slopes_real, breakpoints, scale_index, d, input_bits: int,
                 grad_mode: str, derivative: Optional[Callable]):
-        ctx.save_for_backward(x, d, slopes_real, breakpoints_row)
+        ctx.save_for_backward(x, d, slopes_real, breakpoints, scale_index)
         ctx.grad_mode, ctx.derivative, ctx.qrange = grad_mode, derivative, int_range(input_bits)
         return lookup(x, table_real, scale_index, d, input_bits)
 
     @staticmethod
     def backward(ctx, grad):
-        x, d, slopes_real, bp = ctx.saved_tensors
+        x, d, slopes_real, breakpoints, scale_index = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         scale = torch.exp2(d.float())
         xs = x.float() * scale
@@ -132,6 +137,7 @@ class LUTFunction(torch.autograd.Function):
         if ctx.grad_mode == "exact" and ctx.derivative is not None:
             g = ctx.derivative(x.float())
         else:
+            bp = breakpoints[scale_index]
             codes = torch.round(xs).clamp(qmin, qmax).to(bp.dtype)
             g = slopes_real[torch.bucketize(codes, bp, right=False)]
         gx = (grad.float() * g * inside).to(x.dtype)
