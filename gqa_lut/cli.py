@@ -71,6 +71,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c", required=True, metavar="OUT.h", help="header file to write")
     p.add_argument("--name", help="C identifier prefix (default lut_<op>)")
 
+    p = sub.add_parser("plot", help="plot tables against the exact function, or the search's convergence")
+    p.add_argument("tables", nargs="+")
+    p.add_argument("--out", required=True, help="figure file")
+    p.add_argument("--scale", type=int, help="input scale d to plot (default: the finest the tables share)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="x range to show")
+    p.add_argument("--format", help="png, svg or pdf (default: from --out)")
+    p.add_argument("--convergence", action="store_true", help="plot best/mean fitness per generation")
+    p.add_argument("--label", action="append", help="legend label per table (default: file name)")
+
+    p = sub.add_parser("sweep", help="fit a grid of segments x bits and plot error against segments")
+    p.add_argument("--op", required=True)
+    p.add_argument("--segments", nargs="+", type=int, required=True)
+    p.add_argument("--bits", nargs="+", type=int, required=True)
+    p.add_argument("--out-dir", default="sweep")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report")
+    rsub = p.add_subparsers(dest="retnet_command", required=True, parser_class=_Parser)
+    r = rsub.add_parser("train", help="train a float RetNet on the fortunes corpus")
+    r.add_argument("--preset", default="cpu", help="tiny, cpu (default) or gpu")
+    r.add_argument("--out", default="runs/retnet_cpu.pt")
+    r.add_argument("--steps", type=int, help="override the preset's training steps")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r = rsub.add_parser("eval", help="test bits per character of every quantization step")
+    r.add_argument("--checkpoint", default="runs/retnet_cpu.pt")
+    r.add_argument("--out", default="bench/results/retnet_cpu.json")
+    r.add_argument("--device", default="auto")
+    r = rsub.add_parser("report", help="combine results into bench/results/retnet.json and a table")
+    r.add_argument("results", nargs="*", default=["bench/results/retnet_cpu.json"])
+    r.add_argument("--out", default="bench/results/retnet.json")
+    r.add_argument("--markdown", default="bench/results/retnet.md")
+    r.add_argument("--plot", nargs="?", const="bench/results/retnet.png", help="also draw a chart (PNG path)")
+
     p = sub.add_parser("ops", help="list the registry's ops")
     p.add_argument("--json", action="store_true")
 
@@ -284,7 +319,64 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference,
+def cmd_plot(args: argparse.Namespace) -> int:
+    from plots._mpl import FORMATS, save
+    from plots.table_plot import plot_convergence, plot_tables
+
+    if args.format is not None and args.format not in FORMATS:
+        raise UsageError(f"format {args.format!r} is not allowed: use {', '.join(FORMATS)}")
+    tables = [load_table(p) for p in args.tables]
+    labels = args.label or [Path(p).stem for p in args.tables]
+    if len(labels) != len(tables):
+        raise UsageError(f"{len(labels)} --label for {len(tables)} tables: give one per table or none")
+    if args.convergence:
+        fig = plot_convergence(tables, labels)
+    else:
+        ops = {t.op for t in tables}
+        if len(ops) > 1:
+            raise UsageError(f"tables approximate different functions ({', '.join(sorted(ops))}): plot them separately")
+        fig = plot_tables(tables, _function_for(tables[0], None), labels, args.scale,
+                          tuple(args.range) if args.range else None)
+    print(save(fig, args.out, args.format))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from plots.sweep import sweep
+    from gqa_lut.quantization import check_bits
+    from ops.registry import get_op
+
+    get_op(args.op)
+    for b in args.bits:
+        check_bits("bits", b)
+    for s in args.segments:
+        if not 2 <= s <= 256:
+            raise UsageError(f"segments {s} is not allowed: use an integer from 2 to 256")
+    if args.workers < 1:
+        raise UsageError(f"workers {args.workers} is not allowed: use 1 or more")
+    sweep(args.op, args.segments, args.bits, Path(args.out_dir), args.workers,
+          {"generations": args.generations, "seed": args.seed})
+    print(f"-> {args.out_dir}/sweep.csv, {args.out_dir}/sweep.png")
+    return 0
+
+
+def cmd_retnet(args: argparse.Namespace) -> int:
+    from retnet_integration import pipeline
+
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.retnet_command == "train":
+        pipeline.get_preset(args.preset)
+        pipeline.run_train(args.preset, Path(args.out), args.device, args.steps, log)
+    elif args.retnet_command == "eval":
+        pipeline.run_eval(Path(args.checkpoint), Path(args.out), args.device, log,
+                          command="gqa-lut retnet eval " + " ".join(sys.argv[3:]))
+    else:
+        pipeline.run_report([Path(p) for p in args.results], Path(args.out), Path(args.markdown),
+                            Path(args.plot) if args.plot else None, log)
+    return 0
+
+
+COMMANDS = {"plot": cmd_plot, "sweep": cmd_sweep, "retnet": cmd_retnet, "fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference,
             "export": cmd_export}
 
 

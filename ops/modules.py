@@ -58,6 +58,13 @@ class _TQTQuantize(torch.autograd.Function):
         return gx, g_log2t.reshape(()), None, None, None
 
 
+def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin: int, dmax: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
+    [dmin, dmax]; returns (x_q, d). Gradients: straight-through for x, TQT for the threshold."""
+    return _TQTQuantize.apply(x, log2_threshold, bits, dmin, dmax)
+
+
 class LUTActivation(nn.Module):
     """Any table as an activation.
 

@@ -94,6 +94,10 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     loaded = {name: as_table(given.get(name), name) for name in needed}
     loaded["_kwargs"] = module_kwargs
     report: list[Swap] = []
+    anchor = next(model.parameters(), None)
+    if anchor is None:
+        anchor = next(model.buffers(), None)
+    device = anchor.device if anchor is not None else torch.device("cpu")
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent.named_children()):
@@ -103,7 +107,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
             for key in chosen:
                 typ, build, used = SWAPS[key]
                 if isinstance(child, typ):
-                    new = build(child, loaded)
+                    new = build(child, loaded).to(device)  # the drop-in lives where the model does
                     setattr(parent, child_name, new)
                     report.append(Swap(full, type(child).__name__, type(new).__name__,
                                        ", ".join(loaded[u].op for u in used)))
@@ -113,7 +117,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
         if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and "gelu" in chosen:
             act = getattr(parent, "activation", None)
             if act is F.gelu:
-                parent.activation = LUTGELU(loaded["gelu"], **module_kwargs)
+                parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)
                 report.append(Swap(f"{prefix}.activation" if prefix else "activation", "F.gelu", "LUTGELU",
                                    loaded["gelu"].op))
             if isinstance(parent.activation, LUTActivation):

@@ -82,3 +82,11 @@ def test_kernel_random_tables_every_code():
             x = torch.tensor(codes * 2.0 ** -d, dtype=torch.float32, device="cuda")
             want = evaluate(t, np.clip(codes, qmin, qmax), d).astype(np.float32)
             assert np.array_equal(m(x).cpu().numpy(), want), (t.to_json(), d)
+
+
+def test_replace_ops_puts_drop_ins_on_the_models_device():
+    from ops import replace_ops
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.LayerNorm(8), torch.nn.SiLU()).cuda()
+    replace_ops(model)
+    assert all(b.is_cuda for b in model.buffers())
+    assert model(torch.randn(4, 8, device="cuda")).is_cuda
