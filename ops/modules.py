@@ -201,6 +201,14 @@ class RangeReducedLUT(nn.Module):
         return torch.ldexp(self.lut(m), -k).to(v.dtype)
 
 
+def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
 class LUTLayerNorm(nn.LayerNorm):
     """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
 
@@ -213,12 +221,7 @@ class LUTLayerNorm(nn.LayerNorm):
         xf = x.float()
         mean = xf.mean(dims, keepdim=True)
         var = (xf - mean).pow(2).mean(dims, keepdim=True)
-        y = (xf - mean) * self.rsqrt(var + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+        return _affine((xf - mean) * self.rsqrt(var + self.eps), self.weight, self.bias).to(x.dtype)
 
 
 class LUTRMSNorm(nn.RMSNorm):
@@ -230,10 +233,7 @@ class LUTRMSNorm(nn.RMSNorm):
         dims = tuple(range(-len(self.normalized_shape), 0))
         xf = x.float()
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        y = xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
+        return _affine(xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), self.weight, None).to(x.dtype)
 
 
 class LUTGroupNorm(nn.GroupNorm):
