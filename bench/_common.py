@@ -1,7 +1,6 @@
 """Shared bits of the benchmarks: where things are, how results are written and printed."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform

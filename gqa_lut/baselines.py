@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import numpy as np
 
 from gqa_lut.quantization import code_values, input_codes, int_range
-from gqa_lut.table import Table
 
 
 def grids(lo: float, hi: float, scales: tuple[int, ...], input_bits: int) -> dict[int, np.ndarray]:

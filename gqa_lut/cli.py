@@ -16,7 +16,7 @@ import numpy as np
 
 from gqa_lut import __version__
 from gqa_lut.errors import UsageError
-from gqa_lut.table import OutputFormat, Table, load_table, save_table, write_json_atomic
+from gqa_lut.table import OutputFormat, Table, load_table, save_table
 
 EXIT_USAGE = 2
 

@@ -14,7 +14,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -118,7 +118,6 @@ def train_steps(model: RetNet, data: torch.Tensor, cfg: TrainConfig, steps: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     losses = []
-    t0 = time.perf_counter()
     step = 0
     while step < steps:
         if budget is not None and step == 10:

@@ -1,17 +1,16 @@
 """PyTorch drop-ins: bit-exact with the numpy evaluator, STE gradients, replace_ops, norms."""
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gqa_lut.evaluator import evaluate, evaluate_codes
 from gqa_lut.quantization import int_range
-from ops import (LUTActivation, LUTGELU, LUTGroupNorm, LUTHardswish, LUTLayerNorm, LUTRMSNorm, LUTSiLU,
+from ops import (LUTActivation, LUTGELU, LUTGroupNorm, LUTLayerNorm, LUTRMSNorm, LUTSiLU,
                  LUTSoftmax, RangeReducedLUT, calibrate, replace_ops)
 from ops.tables import TABLE_DIR, default_table
 from ops.torch_lut import lut_int

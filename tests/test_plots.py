@@ -9,10 +9,8 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.image
-import numpy as np
 import pytest
 
-from gqa_lut.errors import UsageError
 from gqa_lut.search import FitConfig, fit
 from gqa_lut.table import save_table
 from ops.registry import get_op
