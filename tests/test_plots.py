@@ -94,6 +94,16 @@ def test_sweep_grid_csv_and_plot(tmp_path):
     assert serial[0]["mse"] == rows[0]["mse"]  # the pool changes nothing
 
 
+def test_sweep_cli_bad_input(tmp_path):
+    for args, msg in [(["--op", "nope", "--segments", "4", "--bits", "8"], "unknown op 'nope'"),
+                      (["--op", "gelu", "--segments", "1", "--bits", "8"], "segments 1"),
+                      (["--op", "gelu", "--segments", "4", "--bits", "20"], "bits 20"),
+                      (["--op", "gelu", "--segments", "4", "--bits", "8", "--workers", "0"], "workers 0")]:
+        r = cli("sweep", *args, "--out-dir", "sw", cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "sw").exists()
+
+
 def test_retnet_chart_bars():
     doc = {"preset": "x", "device_name": "cpu",
            "rows": [{"step": s, "test_bpc": 2.0 + i * 0.01, "rel_to_float": i * 0.005} for i, s in
