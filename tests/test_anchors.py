@@ -54,7 +54,7 @@ def test_anchors_benchmark_quick_end_to_end():
     assert r.returncode == 0, r.stderr
     doc = json.loads((ROOT / "bench" / "results" / "anchors_quick.json").read_text())
     row = doc["rows"][0]
-    for key in ("op", "segments", "frac_bits", "ours_median_mse", "ours_best_mse", "ours_seconds_median",
+    for key in ("op", "segments", "frac_bits", "ours_median_mse", "ours_best_mse", "ours_seconds_median", "baseline_dp_mse",
                 "baseline_mse", "baseline_seconds", "float_bound_mse", "direct_table_mse", "ibert_mse",
                 "ratio_to_baseline", "targets_met"):
         assert key in row, key
