@@ -209,12 +209,16 @@ def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     return y
 
 
-class LUTLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
+class _RsqrtTable:
+    """Mixin for the norms: the torch norm's own arguments, plus `table=` for rsqrt."""
 
     def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
         super().__init__(*args, **kw)
         self.rsqrt = RangeReducedLUT("rsqrt", table)
+
+
+class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
+    """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(-len(self.normalized_shape), 0))
@@ -224,10 +228,7 @@ class LUTLayerNorm(nn.LayerNorm):
         return _affine((xf - mean) * self.rsqrt(var + self.eps), self.weight, self.bias).to(x.dtype)
 
 
-class LUTRMSNorm(nn.RMSNorm):
-    def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
-        super().__init__(*args, **kw)
-        self.rsqrt = RangeReducedLUT("rsqrt", table)
+class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(-len(self.normalized_shape), 0))
@@ -236,10 +237,7 @@ class LUTRMSNorm(nn.RMSNorm):
         return _affine(xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), self.weight, None).to(x.dtype)
 
 
-class LUTGroupNorm(nn.GroupNorm):
-    def __init__(self, *args: Any, table: Table | str | None = None, **kw: Any):
-        super().__init__(*args, **kw)
-        self.rsqrt = RangeReducedLUT("rsqrt", table)
+class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
