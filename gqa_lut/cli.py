@@ -365,7 +365,6 @@ def cmd_retnet(args: argparse.Namespace) -> int:
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.retnet_command == "train":
-        pipeline.get_preset(args.preset)
         pipeline.run_train(args.preset, Path(args.out), args.device, args.steps, log)
     elif args.retnet_command == "eval":
         pipeline.run_eval(Path(args.checkpoint), Path(args.out), args.device, log,
@@ -376,8 +375,8 @@ def cmd_retnet(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plot": cmd_plot, "sweep": cmd_sweep, "retnet": cmd_retnet, "fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference,
-            "export": cmd_export}
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "ops": cmd_ops, "import-reference": cmd_import_reference,
+            "export": cmd_export, "plot": cmd_plot, "sweep": cmd_sweep, "retnet": cmd_retnet}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

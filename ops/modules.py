@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import torch
@@ -259,8 +260,7 @@ class LUTSoftmax(nn.Module):
                  reciprocal_table: Table | str | None = None):
         super().__init__()
         self.dim = dim
-        t = as_table(exp_table, "exp")
-        self.exp = LUTActivation(t, scale=covering_scale(t, abs(t.range[0])))
+        self.exp = exp_module(as_table(exp_table, "exp"))
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,17 @@ class LUTSoftmax(nn.Module):
         return (e * self.reciprocal(e.sum(self.dim, keepdim=True))).to(x.dtype)
 
 
+def exp_module(table: Table) -> LUTActivation:
+    """The exp table at the scale that covers its whole fitted range (x <= 0 down to lo)."""
+    return LUTActivation(table, scale=covering_scale(table, abs(table.range[0])))
+
+
+@lru_cache(maxsize=16)
+def _cached_exp(table: Table | str | None, device: str) -> LUTActivation:
+    return exp_module(as_table(table, "exp")).to(device)
+
+
 def lut_exp(x: torch.Tensor, table: Table | str | None = None) -> torch.Tensor:
-    """exp(x) for x <= 0 through the exp table (a functional convenience)."""
-    t = as_table(table, "exp")
-    return LUTActivation(t, scale=covering_scale(t, abs(t.range[0]))).to(x.device)(x)
+    """exp(x) for x <= 0 through the exp table (a functional convenience). The module, with its
+    expanded table, is built once per table and device, not on every call."""
+    return _cached_exp(table, str(x.device))(x)

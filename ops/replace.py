@@ -51,9 +51,8 @@ def _softmax(m: nn.Softmax, t: dict) -> nn.Module:
 
 
 def _copy_params(old: nn.Module, new: nn.Module) -> nn.Module:
-    new.load_state_dict(old.state_dict(), strict=False)
-    p = next(old.parameters(), None)
-    return new.to(p.device) if p is not None else new
+    new.load_state_dict(old.state_dict(), strict=False)  # replace_ops moves it to the model's device
+    return new
 
 
 # op key -> (torch type, builder, tables the drop-in uses)

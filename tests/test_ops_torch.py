@@ -195,6 +195,17 @@ def test_range_reduction_any_magnitude(op, exact):
     assert torch.isfinite(m(torch.tensor([0.0, -1.0, float("nan"), float("inf")]))).all()
 
 
+def test_lut_exp_functional_is_built_once_and_matches_the_table():
+    from ops.modules import _cached_exp, lut_exp
+    x = torch.linspace(-8, 0, 129)
+    y = lut_exp(x)
+    t = default_table("exp")
+    d = _cached_exp(None, "cpu").scale
+    # the table's own error plus the input's rounding to the 2^-d grid (|exp'| <= 1 for x <= 0)
+    assert (y - torch.exp(x)).abs().max() <= t.metrics["max_abs_err"] + 2.0 ** -(d + 1) + 1e-6
+    assert torch.equal(lut_exp(x), y) and _cached_exp.cache_info().hits >= 1
+
+
 def test_norms_and_softmax_close_to_float():
     torch.manual_seed(0)
     x = torch.randn(8, 16, 32) * 5 + 2
