@@ -9,7 +9,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from gqa_lut import bounds
 from gqa_lut.quantization import code_values, input_codes, int_range, round_shift
+from gqa_lut.errors import UsageError
 from gqa_lut.table import OutputFormat, Table
 
 DENSE_POINTS = 10_001
@@ -47,7 +49,6 @@ def evaluate_codes(table: Table, codes: np.ndarray, d: int) -> np.ndarray:
     Inputs outside the Q-bit range are clamped first, as the hardware's input quantizer would.
     """
     if d not in table.breakpoints:
-        from gqa_lut.errors import UsageError
         raise UsageError(f"scale {d} is not in the table: it has scales {table.scales}")
     qmin, qmax = int_range(table.input_bits)
     codes = np.clip(np.asarray(codes, dtype=np.int64), qmin, qmax)
@@ -69,13 +70,14 @@ def evaluate(table: Table, codes: np.ndarray, d: int) -> np.ndarray:
 
 def max_abs_acc(table: Table) -> int:
     """Largest |ACC| any input can produce: what an integer runtime's accumulator must hold."""
-    qmin, qmax = int_range(table.input_bits)
-    worst = 0
-    for d in table.scales:
-        k = int(np.max(np.abs(table.slopes)))
-        b = int(np.max(np.abs(table.intercepts)))
-        worst = max(worst, k * max(-qmin, qmax) * (1 << max(-d, 0)) + b * (1 << max(d, 0)))
-    return worst
+    return max(bounds.acc_bound(table.slopes, table.intercepts, table.input_bits, d) for d in table.scales)
+
+
+def runtime_bits(table: Table) -> int:
+    """32 or 64: the integer width that holds every intermediate of this table (section 6)."""
+    out = None if table.output is None else (table.output.bits, table.output.frac_bits)
+    return bounds.runtime_bits(table.slopes, table.intercepts, table.input_bits, table.frac_bits,
+                               table.scales, out)
 
 
 def metrics(table: Table, fn: Callable[[np.ndarray], np.ndarray]) -> dict:

@@ -26,6 +26,8 @@ FUNCTIONS: dict[str, Any] = {
     )
 }
 FUNCTIONS["erf"] = erf
+# How many arguments each function takes; every other function takes one.
+ARITY = {"maximum": 2, "minimum": 2, "power": 2, "hypot": 2, "arctan2": 2, "where": 3, "clip": 3}
 CONSTANTS = {"pi": np.float64(math.pi), "e": np.float64(math.e)}
 BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
           ast.Div: operator.truediv, ast.Pow: operator.pow, ast.Mod: operator.mod}
@@ -70,6 +72,10 @@ def _check(node: ast.AST) -> None:
         if name not in FUNCTIONS:
             raise UsageError(f"expression: {name!r} is not an allowed function; allowed: "
                              f"{', '.join(sorted(FUNCTIONS))}")
+        want = ARITY.get(name, 1)
+        if len(node.args) != want:
+            raise UsageError(f"expression: {name} takes {want} argument{'s' if want > 1 else ''}, "
+                             f"{len(node.args)} given in {ast.unparse(node)!r}")
         for a in node.args:
             _check(a)
         return None
@@ -100,6 +106,12 @@ def _eval(node: ast.AST, x: np.ndarray) -> Any:
     raise AssertionError("unchecked node")  # _check rejects everything else
 
 
+def _short(text: str) -> str:
+    """The expression as an error message quotes it: long ones cut, so the message stays one line."""
+    text = " ".join(text.split())
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
 class Expression:
     """A parsed, checked expression in x; callable on numpy arrays and picklable (for pools)."""
 
@@ -110,9 +122,11 @@ class Expression:
             raise UsageError(f"expression is {len(text)} characters long: at most 1000 are allowed")
         try:
             tree = ast.parse(text.strip(), mode="eval")
+            _check(tree)
         except SyntaxError as exc:
-            raise UsageError(f"expression {text!r} is not valid math: {exc.msg}") from None
-        _check(tree)
+            raise UsageError(f"expression {_short(text)} is not valid math: {exc.msg}") from None
+        except (RecursionError, MemoryError):
+            raise UsageError(f"expression {_short(text)} nests too deeply: simplify it") from None
         if not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(tree)):
             raise UsageError(f"expression {text!r} does not use x")
         self.text = text.strip()
@@ -123,9 +137,12 @@ class Expression:
         with np.errstate(all="ignore"):
             try:
                 out = _eval(self._tree, x)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise UsageError(f"expression {self.text!r} cannot be evaluated: {exc}") from None
-        return np.broadcast_to(np.asarray(out, dtype=np.float64), x.shape).copy()
+                return np.broadcast_to(np.asarray(out, dtype=np.float64), x.shape).copy()
+            except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+                raise UsageError(f"expression {_short(self.text)} cannot be evaluated: "
+                                 f"{str(exc).splitlines()[0]}") from None
+            except (RecursionError, MemoryError):
+                raise UsageError(f"expression {_short(self.text)} nests too deeply: simplify it") from None
 
     def __getstate__(self) -> dict:
         return {"text": self.text}

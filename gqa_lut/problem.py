@@ -25,6 +25,33 @@ OUTSIDE_WEIGHT = 1e-9
 OUTSIDE_CAP = 1.0
 
 
+CANONICAL_MANTISSA_BITS = 32
+
+
+class Canonical:
+    """The target function as the search sees it: every value's mantissa rounded to 32 bits.
+
+    numpy's vectorised exp, tanh, ... differ in the last ulp between CPUs (AVX-512 or not).
+    Rounding to 32 of the 52 mantissa bits maps both results to the same number unless a
+    rounding boundary falls inside that one ulp (odds about 2^-20 per differing value), and
+    everything the search does after that is IEEE-exact arithmetic (+ - * /, comparisons,
+    sums in a fixed order), so its choices, and the integer table, are the same on every CPU.
+    The relative change, below 2^-32, is far under any error a table can reach; metrics are
+    still computed against the exact function. Picklable, for process pools."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]):
+        self.fn = fn.fn if isinstance(fn, Canonical) else fn
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return canonical_values(self.fn(x))
+
+
+def canonical_values(y: np.ndarray) -> np.ndarray:
+    """Round each mantissa to CANONICAL_MANTISSA_BITS bits (frexp, rint and ldexp are exact)."""
+    m, e = np.frexp(np.asarray(y, dtype=np.float64))
+    return np.ldexp(np.rint(np.ldexp(m, CANONICAL_MANTISSA_BITS)), e - CANONICAL_MANTISSA_BITS)
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     fn: Callable[[np.ndarray], np.ndarray]
@@ -99,6 +126,7 @@ def build_problem(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, 
                   max_positions: int = MAX_POSITIONS) -> Problem:
     if objective not in ("mse", "max"):
         raise UsageError(f"objective {objective!r} is not allowed: use mse or max")
+    fn = Canonical(fn)
     rows = []
     for d in scales:
         codes = input_codes(lo, hi, d, input_bits)

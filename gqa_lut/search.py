@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from deap import base, creator, tools
 
-from gqa_lut import __version__
+from gqa_lut import __version__, bounds
 from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import metrics
 from gqa_lut.linefit import fit_lines
@@ -93,6 +93,12 @@ def validate_config(op: Op, cfg: FitConfig) -> tuple[tuple[float, float], tuple[
         raise UsageError(f"scales {d0} {d1} are not allowed: exponents must lie in -24..24")
     if cfg.frac_bits is not None and not 0 <= cfg.frac_bits <= 24:
         raise UsageError(f"frac bits {cfg.frac_bits} is not allowed: use an integer from 0 to 24")
+    if cfg.patience < 1:
+        raise UsageError(f"patience {cfg.patience} is not allowed: use 1 or more")
+    if cfg.output is not None:
+        check_output(op, lo, hi, cfg.output)
+    if cfg.weights is not None:
+        check_weights(cfg.weights, lo, hi)
     if cfg.population < 4:
         raise UsageError(f"population {cfg.population} is not allowed: use at least 4")
     if cfg.generations < 0:
@@ -100,6 +106,42 @@ def validate_config(op: Op, cfg: FitConfig) -> tuple[tuple[float, float], tuple[
     if cfg.objective not in ("mse", "max"):
         raise UsageError(f"objective {cfg.objective!r} is not allowed: use mse or max")
     return (float(lo), float(hi)), tuple(range(d0, d1 + 1))
+
+
+def check_output(op: Op, lo: float, hi: float, output: OutputFormat) -> None:
+    """Output bits and fractional bits within the spec, and a grid that holds the function:
+    a format whose largest value is under half the function's reach saturates most outputs."""
+    check_bits("output bits", output.bits, *bounds.OUTPUT_BITS)
+    e = output.frac_bits
+    if isinstance(e, bool) or not isinstance(e, int) or not bounds.OUTPUT_FRAC_BITS[0] <= e <= bounds.OUTPUT_FRAC_BITS[1]:
+        raise UsageError(f"output frac bits {e!r} is not allowed: use an integer from "
+                         f"{bounds.OUTPUT_FRAC_BITS[0]} to {bounds.OUTPUT_FRAC_BITS[1]}")
+    with np.errstate(all="ignore"):
+        y = op.fn(np.linspace(lo, hi, 4097))
+    reach = float(np.max(np.abs(y[np.isfinite(y)]), initial=0.0))
+    holds = math.ldexp((1 << (output.bits - 1)) - 1, -e)
+    if reach > 2 * holds:
+        best = math.floor(output.bits - 1 - math.log2(reach))
+        fix = (f"use --output-frac-bits {best} or fewer" if best >= 0 else
+               f"raise --output-bits (at least {math.ceil(math.log2(reach)) + 1})")
+        raise UsageError(f"output frac bits {e} is not allowed: {output.bits}-bit outputs with {e} fractional "
+                         f"bits hold |y| <= {holds:.3g}, but {op.name} reaches {reach:.3g} on [{lo:g}, {hi:g}]: {fix}")
+
+
+def check_weights(weights: np.ndarray, lo: float, hi: float) -> None:
+    """An activation histogram must put some weight inside the fitted range, or the fit would
+    silently be unweighted while its file says it is weighted."""
+    if weights.ndim == 1:
+        inside = (weights >= lo) & (weights <= hi)
+        if not inside.any():
+            raise UsageError(f"weights: none of the {weights.size} samples lies inside range [{lo:g}, {hi:g}] "
+                             f"(they span [{weights.min():g}, {weights.max():g}])")
+        return
+    if not np.any(weights[:, 1] > 0):
+        raise UsageError("weights: every weight is 0: give at least one positive weight")
+    inside = (weights[:, 0] >= lo) & (weights[:, 0] <= hi) & (weights[:, 1] > 0)
+    if not inside.any():
+        raise UsageError(f"weights: no row with a positive weight lies inside range [{lo:g}, {hi:g}]")
 
 
 # --- initial breakpoints -----------------------------------------------------------------
@@ -207,7 +249,7 @@ def auto_frac_bits(op: Op, lo: float, hi: float, scales: tuple[int, ...], cfg: F
     prob = build_problem(op.fn, lo, hi, cfg.segments, scales, 0, 16, cfg.input_bits,
                          hist=cfg.weights, max_positions=256)
     n1 = cfg.segments - 1
-    seg = assign_real(prob, curvature_breakpoints(op.fn, lo, hi, n1)[None])
+    seg = assign_real(prob, curvature_breakpoints(prob.fn, lo, hi, n1)[None])
     from gqa_lut.linefit import moments
     S1, Sx, Sxx, Sf, Sxf, _ = moments(prob, seg)
     det = S1 * Sxx - Sx * Sx

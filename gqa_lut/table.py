@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from gqa_lut import bounds
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import int_range
 
@@ -59,18 +61,16 @@ class Table:
         return replace(self, **changes)
 
     def validate(self) -> "Table":
-        """Raise UsageError naming the first field that breaks the spec; return self."""
-        for name, bits in (("param_bits", self.param_bits), ("input_bits", self.input_bits)):
-            if not isinstance(bits, int) or not 2 <= bits <= 16:
-                raise UsageError(f"key '{name}': {bits!r} is not an integer from 2 to 16")
-        if not isinstance(self.frac_bits, int) or self.frac_bits < 0:
-            raise UsageError(f"key 'frac_bits': {self.frac_bits!r} is not an integer >= 0")
+        """Raise UsageError naming the first field outside the spec (sections 5 and 6); return self."""
+        _check_int("param_bits", self.param_bits, bounds.PARAM_BITS)
+        _check_int("input_bits", self.input_bits, bounds.INPUT_BITS)
+        _check_int("frac_bits", self.frac_bits, bounds.FRAC_BITS)
         lo, hi = self.range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise UsageError(f"key 'range': [{lo}, {hi}] is not a finite range with lo < hi")
         n = self.segments
-        if n < 2:
-            raise UsageError(f"key 'slopes': {n} segments, at least 2 are needed")
+        if not bounds.SEGMENTS[0] <= n <= bounds.SEGMENTS[1]:
+            raise UsageError(f"key 'slopes': {n} segments, allowed {bounds.SEGMENTS[0]} to {bounds.SEGMENTS[1]}")
         if self.intercepts.shape != (n,):
             raise UsageError(f"key 'intercepts': {self.intercepts.shape[0]} values for {n} segments")
         pmin, pmax = int_range(self.param_bits)
@@ -82,18 +82,27 @@ class Table:
         if not self.breakpoints:
             raise UsageError("key 'breakpoints': no scale given")
         for d, p in self.breakpoints.items():
+            if not bounds.SCALE[0] <= d <= bounds.SCALE[1]:
+                raise UsageError(f"key 'breakpoints': scale {d} is outside {bounds.SCALE[0]}..{bounds.SCALE[1]}")
             if p.shape != (n - 1,):
                 raise UsageError(f"key 'breakpoints.{d}': {p.shape[0] if p.ndim else 0} breakpoints, "
                                  f"{n - 1} expected for {n} segments")
+            out = (p < bounds.BREAKPOINT[0]) | (p > bounds.BREAKPOINT[1])
+            if out.any():
+                raise UsageError(f"key 'breakpoints.{d}': {int(p[out][0])} is outside the int32 range "
+                                 f"[{bounds.BREAKPOINT[0]}, {bounds.BREAKPOINT[1]}]")
             if np.any(np.diff(p) <= 0):
                 j = int(np.argmax(np.diff(p) <= 0))
                 raise UsageError(f"key 'breakpoints.{d}': not strictly increasing at index {j + 1} "
                                  f"({int(p[j])} then {int(p[j + 1])})")
         if self.output is not None:
-            if not isinstance(self.output.bits, int) or not 2 <= self.output.bits <= 32:
-                raise UsageError(f"key 'output.bits': {self.output.bits!r} is not an integer from 2 to 32")
-            if not isinstance(self.output.frac_bits, int):
-                raise UsageError(f"key 'output.frac_bits': {self.output.frac_bits!r} is not an integer")
+            _check_int("output.bits", self.output.bits, bounds.OUTPUT_BITS)
+            _check_int("output.frac_bits", self.output.frac_bits, bounds.OUTPUT_FRAC_BITS)
+            for d in self.scales:
+                acc = bounds.acc_bound(self.slopes, self.intercepts, self.input_bits, d)
+                if bounds.shifted_bound(acc, self.frac_bits, d, self.output.frac_bits) >= bounds.SHIFTED_LIMIT:
+                    raise UsageError(f"key 'output.frac_bits': {self.output.frac_bits} shifts the largest "
+                                     f"accumulator of scale {d} ({acc}) to 2^62 or beyond")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -115,16 +124,27 @@ class Table:
         }
 
 
+def _check_int(key: str, v: Any, allowed: tuple[int, int]) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not allowed[0] <= v <= allowed[1]:
+        raise UsageError(f"key '{key}': {v!r} is not an integer from {allowed[0]} to {allowed[1]}")
+
+
 def _int(key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise UsageError(f"key '{key}': {v!r} is not an integer")
     return v
 
 
-def _int_list(key: str, v: Any) -> list[int]:
+def _int_list(key: str, v: Any, allowed: tuple[int, int]) -> list[int]:
+    """Integers within `allowed`, checked before numpy sees them (a 40-digit integer would
+    otherwise overflow int64 with a traceback instead of an error naming the key)."""
     if not isinstance(v, list):
         raise UsageError(f"key '{key}': expected a list of integers, got {type(v).__name__}")
-    return [_int(f"{key}[{i}]", x) for i, x in enumerate(v)]
+    out = [_int(f"{key}[{i}]", x) for i, x in enumerate(v)]
+    for i, x in enumerate(out):
+        if not allowed[0] <= x <= allowed[1]:
+            raise UsageError(f"key '{key}[{i}]': {x} is outside [{allowed[0]}, {allowed[1]}]")
+    return out
 
 
 def table_from_json(doc: Any) -> Table:
@@ -140,6 +160,8 @@ def table_from_json(doc: Any) -> Table:
     if (not isinstance(rng, list) or len(rng) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)):
         raise UsageError(f"key 'range': {rng!r} is not [lo, hi]")
+    if not all(abs(v) < 1e300 for v in rng):
+        raise UsageError(f"key 'range': {rng!r} is not a finite range")
     if not isinstance(doc["op"], str) or not doc["op"]:
         raise UsageError(f"key 'op': {doc['op']!r} is not a name")
     bps = doc["breakpoints"]
@@ -153,24 +175,27 @@ def table_from_json(doc: Any) -> Table:
             raise UsageError(f"key 'breakpoints': scale key {k!r} is not an integer") from None
         if str(d) != k.strip():
             raise UsageError(f"key 'breakpoints': scale key {k!r} is not an integer")
-        parsed[d] = _int_list(f"breakpoints.{k}", v)
+        parsed[d] = _int_list(f"breakpoints.{k}", v, bounds.BREAKPOINT)
     out = doc.get("output")
     output = None
     if out is not None:
         if not isinstance(out, dict) or "bits" not in out or "frac_bits" not in out:
             raise UsageError("key 'output': expected null or {\"bits\": R, \"frac_bits\": e}")
         output = OutputFormat(_int("output.bits", out["bits"]), _int("output.frac_bits", out["frac_bits"]))
-    slopes = _int_list("slopes", doc["slopes"])
+    param_bits = _int("param_bits", doc["param_bits"])
+    _check_int("param_bits", param_bits, bounds.PARAM_BITS)
+    params = int_range(param_bits)
+    slopes = _int_list("slopes", doc["slopes"], params)
     segments = _int("segments", doc["segments"])
     if segments != len(slopes):
         raise UsageError(f"key 'segments': {segments} but {len(slopes)} slopes")
     table = Table(
         op=doc["op"], range=(float(rng[0]), float(rng[1])),
         slopes=np.array(slopes, dtype=np.int64),
-        intercepts=np.array(_int_list("intercepts", doc["intercepts"]), dtype=np.int64),
+        intercepts=np.array(_int_list("intercepts", doc["intercepts"], params), dtype=np.int64),
         breakpoints={d: np.array(p, dtype=np.int64) for d, p in parsed.items()},
         frac_bits=_int("frac_bits", doc["frac_bits"]),
-        param_bits=_int("param_bits", doc["param_bits"]),
+        param_bits=param_bits,
         input_bits=_int("input_bits", doc["input_bits"]),
         output=output, metrics=doc.get("metrics"), search=doc.get("search"),
     )
@@ -189,10 +214,79 @@ def load_table(path: str | os.PathLike) -> Table:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"table file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise UsageError(f"table file {str(p)!r} nests JSON too deeply to be a table") from None
     try:
         return table_from_json(doc)
     except UsageError as exc:
         raise UsageError(f"{p}: {exc}") from None
+
+
+FLOAT_REL_TOL = 1e-9  # floats in a table file (metrics, history) are numpy math: last-ulp noise
+VOLATILE_KEYS = ("seconds",)  # search keys that measure the machine, not the table
+
+
+def differences(a: dict, b: dict, rel_tol: float = FLOAT_REL_TOL, path: str = "") -> list[str]:
+    """Where two table documents (`to_json()`) differ: integers, strings and structure exactly,
+    floats within `rel_tol` (metrics and search history come from vectorised numpy math whose
+    last ulp depends on the CPU), wall-clock keys not at all. Empty when they match."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k in VOLATILE_KEYS:
+                continue
+            where = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(f"{where}: only in {'the second' if k not in a else 'the first'}")
+            else:
+                out += differences(a[k], b[k], rel_tol, where)
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} items against {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rel_tol, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        if (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+                and not isinstance(b, bool) and (math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0)
+                                                 or (math.isnan(a) and math.isnan(b)))):
+            return []
+        return [f"{path}: {a!r} against {b!r}"]
+    return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} against {b!r}"]
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work is done, a target that cannot be written or must not be replaced.
+
+    A target that exists must be a regular file (never a symlink, device or folder: writing
+    through them would replace or clobber something else), and its folder must exist or be
+    creatable and be writable. Returns the path."""
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except OSError:  # absent, or a path through a file: the folder checks below say which
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode)
+                else "not a regular file")
+        raise UsageError(f"{what} {str(p)!r} is {kind}: give the name of a regular file")
+    parent = p.parent
+    while not parent.exists():
+        if parent.is_symlink() or parent == parent.parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{what} {str(p)!r} cannot be written: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
+        raise UsageError(f"{what} {str(p)!r} cannot be written: folder {str(parent)!r} is not writable")
+    return p
+
+
+def _read_only_fs(folder: Path) -> bool:
+    """os.access ignores read-only mounts for root; statvfs reports them."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
@@ -204,20 +298,46 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     _write_atomic(path, lambda fh: fh.write(text))
 
 
-def _write_atomic(path: str | os.PathLike, write: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+def _file_mode(p: Path) -> int:
+    """The mode a plain open() would give: an existing file keeps its own, a new one gets the umask."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
+        return stat.S_IMODE(os.stat(p).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: str = "--out") -> None:
+    """Call write(tmp_path) for a temporary file beside the target, then rename it over the
+    target. Whatever fails, the target is either untouched or complete, and no temporary is
+    left; OS errors become one-line UsageErrors naming the target."""
+    p = check_writable(path, what)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise UsageError(f"{what} {str(p)!r} cannot be written: {exc.strerror or exc}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode(p))
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise UsageError(f"{what} {str(p)!r} cannot be written: {exc.strerror or exc}") from None
         raise
+
+
+def _write_atomic(path: str | os.PathLike, write: Any) -> None:
+    def to_file(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            write(fh)
+    write_atomic(path, to_file)
 
 
 def save_table(table: Table, path: str | os.PathLike) -> None:

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from gqa_lut.search import FitConfig, fit
-from gqa_lut.table import Table, load_table, save_table
+from gqa_lut.table import Table, differences, load_table, save_table
 from ops.registry import OPS
 from ops.tables import TABLE_DIR
 
@@ -24,10 +24,9 @@ def fit_default(op: str) -> Table:
     return fit(op, FitConfig(**CONFIG))
 
 
-def comparable(table: Table) -> dict:
-    doc = table.to_json()
-    doc["search"] = {k: v for k, v in doc["search"].items() if k != "seconds"}
-    return doc
+def mismatch(shipped: Table, refitted: Table) -> list[str]:
+    """Integers exactly, floats within gqa_lut.table.FLOAT_REL_TOL, timings ignored."""
+    return differences(shipped.to_json(), refitted.to_json())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         table = fit_default(op)
         path = TABLE_DIR / f"{op}.json"
         if args.check:
-            same = comparable(load_table(path)) == comparable(table)
-            bad += not same
-            print(f"{op}: {'reproduced' if same else 'DIFFERS'}")
+            diff = mismatch(load_table(path), table)
+            bad += bool(diff)
+            print(f"{op}: reproduced" if not diff else f"{op}: DIFFERS at " + "; ".join(diff[:3]))
         else:
             save_table(table, path)
             print(f"{op}: mse {table.metrics['mse']:.3e} max_abs_err {table.metrics['max_abs_err']:.3e} -> {path}")

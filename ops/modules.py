@@ -5,7 +5,9 @@ the table is evaluated on the integer code exactly as lut-format.md says, and th
 output is turned back into a real number. Backward is straight-through (see LUTFunction).
 
 NaN and inf: NaN inputs are treated as 0 and +-inf saturate to the largest/smallest input
-code, so the output is always the table's finite value there; nothing raises.
+code, so the output is always the table's finite value there, and the gradient there is 0.
+Integer and bool tensors raise TypeError (lut-format.md section 7); float64 inputs are
+quantized in float64, narrower floats in float32.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops.tables import as_table
 from ops.torch_functions import TORCH_FUNCTIONS
-from ops.torch_lut import LUTFunction, dequantized, derivative_of, expand, lookup
+from ops.torch_lut import (LUTFunction, compute_dtype, dequantized, derivative_of, expand, lookup,
+                           require_float)
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
 GRAD_MODES = ("exact", "slope")
@@ -41,8 +44,8 @@ class _TQTQuantize(torch.autograd.Function):
     def forward(ctx, x, log2_t, input_bits: int, dmin: int, dmax: int):
         qmin, qmax = int_range(input_bits)
         d = torch.clamp((input_bits - 1) - torch.ceil(log2_t.detach()), dmin, dmax)
-        s = torch.exp2(-d)
-        v = torch.nan_to_num(x.float(), nan=0.0) / s
+        s = torch.exp2(-d).to(compute_dtype(x))
+        v = torch.nan_to_num(x.to(s.dtype), nan=0.0) / s
         q = torch.round(v).clamp(qmin, qmax)
         ctx.save_for_backward(v, q, s)
         ctx.qrange = (qmin, qmax)
@@ -97,6 +100,7 @@ class LUTActivation(nn.Module):
         self.table = table.validate()
         values, frac = expand(table)
         self.register_buffer("table_real", dequantized(values, frac))
+        self.register_buffer("table_real64", dequantized(values, frac, torch.float64), persistent=False)
         self.register_buffer("scales", torch.tensor(table.scales, dtype=torch.int64))
         self.register_buffer("slopes_real", torch.tensor(table.slopes.tolist(), dtype=torch.float32)
                              * 2.0 ** -table.frac_bits)
@@ -129,6 +133,7 @@ class LUTActivation(nn.Module):
         self.set_scale(int(state["scale"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_float(x, type(self).__name__)
         if self.calibrating:
             self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
                                                                   posinf=0.0, neginf=0.0).abs().max())
@@ -140,9 +145,10 @@ class LUTActivation(nn.Module):
         return self._lut(x, self.scale_index, self.d_current)
 
     def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        table = self.table_real64 if x.dtype == torch.float64 else self.table_real
         if torch.jit.is_tracing():  # a traced graph is for inference: record the forward only
-            return lookup(x, self.table_real, index, d, self.table.input_bits)
-        return LUTFunction.apply(x, self.table_real, self.slopes_real, self.breakpoints, index, d,
+            return lookup(x, table, index, d, self.table.input_bits)
+        return LUTFunction.apply(x, table, self.slopes_real, self.breakpoints, index, d,
                                  self.table.input_bits, self.grad, self._derivative)
 
     def finish_calibration(self) -> int:
@@ -193,8 +199,10 @@ class RangeReducedLUT(nn.Module):
         self.lut = LUTActivation(t, scale=covering_scale(t, hi - 2.0 ** -max(t.scales)), grad=grad)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        vf = torch.nan_to_num(v.float(), nan=1.0, posinf=torch.finfo(torch.float32).max)
-        vf = vf.clamp_min(torch.finfo(torch.float32).tiny)
+        require_float(v, type(self).__name__)
+        dt = compute_dtype(v)
+        vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max)
+        vf = vf.clamp_min(torch.finfo(dt).tiny)
         _, e = torch.frexp(vf.detach())
         E = e - 1  # vf = (1.x) * 2^E
         k = torch.div(E, 2, rounding_mode="floor") if self.op == "rsqrt" else E
@@ -204,9 +212,9 @@ class RangeReducedLUT(nn.Module):
 
 def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(y.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y
 
 
@@ -222,8 +230,9 @@ class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
     """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_float(x, type(self).__name__)
         dims = tuple(range(-len(self.normalized_shape), 0))
-        xf = x.float()
+        xf = x.to(compute_dtype(x))
         mean = xf.mean(dims, keepdim=True)
         var = (xf - mean).pow(2).mean(dims, keepdim=True)
         return _affine((xf - mean) * self.rsqrt(var + self.eps), self.weight, self.bias).to(x.dtype)
@@ -232,8 +241,9 @@ class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
 class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_float(x, type(self).__name__)
         dims = tuple(range(-len(self.normalized_shape), 0))
-        xf = x.float()
+        xf = x.to(compute_dtype(x))
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
         return _affine(xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), self.weight, None).to(x.dtype)
 
@@ -241,14 +251,15 @@ class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
 class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_float(x, type(self).__name__)
         n, c = x.shape[:2]
-        xf = x.float().reshape(n, self.num_groups, -1)
+        xf = x.to(compute_dtype(x)).reshape(n, self.num_groups, -1)
         mean = xf.mean(-1, keepdim=True)
         var = (xf - mean).pow(2).mean(-1, keepdim=True)
         y = ((xf - mean) * self.rsqrt(var + self.eps)).reshape(x.shape)
         if self.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)
-            y = y * self.weight.float().reshape(shape) + self.bias.float().reshape(shape)
+            y = y * self.weight.to(y.dtype).reshape(shape) + self.bias.to(y.dtype).reshape(shape)
         return y.to(x.dtype)
 
 
@@ -264,7 +275,10 @@ class LUTSoftmax(nn.Module):
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        require_float(x, type(self).__name__)
+        xf = x.to(compute_dtype(x))
+        if xf.numel() == 0:  # amax has no identity over an empty dim; softmax of nothing is nothing
+            return xf.to(x.dtype).clone()
         z = xf - xf.amax(self.dim, keepdim=True).detach()
         e = self.exp(z)
         return (e * self.reciprocal(e.sum(self.dim, keepdim=True))).to(x.dtype)
@@ -282,5 +296,10 @@ def _cached_exp(table: Table | str | None, device: str) -> LUTActivation:
 
 def lut_exp(x: torch.Tensor, table: Table | str | None = None) -> torch.Tensor:
     """exp(x) for x <= 0 through the exp table (a functional convenience). The module, with its
-    expanded table, is built once per table and device, not on every call."""
+    expanded table, is built once per table and device, not on every call. x > 0 lies outside
+    the table (its last segment is fitted only up to 0), so it is an error, not a guess."""
+    require_float(x, "lut_exp")
+    if x.numel() and bool((x > 0).any()):
+        raise ValueError(f"lut_exp: input {float(x.max()):g} > 0 is outside the exp table (x <= 0): "
+                         "subtract the maximum first, as softmax does")
     return _cached_exp(table, str(x.device))(x)

@@ -17,14 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
-from gqa_lut.evaluator import max_abs_acc
+from gqa_lut.evaluator import runtime_bits
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table
 
 
 def acc_dtype(table: Table) -> torch.dtype:
-    """int32 when the largest |ACC| of the table fits it (the spec asks runtimes to check)."""
-    return torch.int32 if max_abs_acc(table) < 2 ** 31 - 1 else torch.int64
+    """int32 when every intermediate of the table fits it (gqa_lut.bounds), else int64."""
+    return torch.int32 if runtime_bits(table) == 32 else torch.int64
 
 
 def lut_int(codes: torch.Tensor, table: Table, d: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ def lut_int(codes: torch.Tensor, table: Table, d: int) -> torch.Tensor:
     if table.output is None:
         return acc
     t = table.frac_bits + max(d, 0) - table.output.frac_bits
-    y = (acc + (1 << (t - 1))) >> t if t > 0 else acc * (1 << (-t))
+    y = (acc + (1 << (t - 1))) >> t if t > 0 else acc << (-t)
     lo, hi = int_range(table.output.bits)
     return y.clamp(lo, hi)
 
@@ -65,18 +65,33 @@ def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tens
     return torch.stack(rows).to(dt), frac
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision inputs are quantized in: float64 stays float64 (one rounding, not two at
+    ties), narrower floats go up to float32, where x * 2^d is exact."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def require_float(x: torch.Tensor, who: str) -> None:
+    """lut-format.md section 7: an integer tensor given to a module of real values is an error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects a floating-point tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}: quantized codes "
+                        "go through ops.torch_lut.lut_int, real values must be float")
+
+
 def quantize_codes(x: torch.Tensor, d: torch.Tensor, input_bits: int) -> torch.Tensor:
     """X = clamp(round(x * 2^d)) as int32 (round half to even, exact). NaN -> 0, +-inf saturate."""
     qmin, qmax = int_range(input_bits)
-    t = torch.round(torch.nan_to_num(x.float(), nan=0.0) * torch.exp2(d.float()))
+    dt = compute_dtype(x)
+    t = torch.round(torch.nan_to_num(x.to(dt), nan=0.0) * torch.exp2(d.to(dt)))
     return t.clamp(qmin, qmax).to(torch.int32)
 
 
-def dequantized(values: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-    """The expanded table as float32 reals: exact, because every |value| < 2^24 (checked)."""
-    if int(values.abs().max()) >= 2 ** 24:
-        raise ValueError("table outputs exceed 2^24: not exactly representable in float32")
-    return values.float() * torch.exp2(-frac.float())[:, None]
+def dequantized(values: torch.Tensor, frac: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The expanded table as reals in `dtype`: each one the exact value X * 2^-frac rounded once
+    (exact in float32 while |X| < 2^24, which every 8-bit table satisfies)."""
+    return values.to(dtype) * torch.exp2(-frac.to(dtype))[:, None]
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -102,7 +117,8 @@ def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor,
         if triton_lut.usable(x):
             return triton_lut.lookup_triton(x, table_real, scale_index, d, qmin, qmax)
     row = table_real[scale_index].to(x.dtype)
-    if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if (x.device.type == "cpu" and x.dtype != torch.float64
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
         v, idx = _workspace(x.numel(), x.device)
         torch.mul(x.reshape(-1), torch.exp2(d.float()), out=v)
         v.round_().sub_(qmin).nan_to_num_(nan=float(-qmin)).clamp_(0, qmax - qmin)
@@ -131,16 +147,17 @@ class LUTFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, d, slopes_real, breakpoints, scale_index = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        scale = torch.exp2(d.float())
-        xs = x.float() * scale
+        dt = compute_dtype(x)
+        xs = x.to(dt) * torch.exp2(d.to(dt))
+        # NaN and +-inf compare False here: their output is the table's constant, gradient 0
         inside = (xs >= qmin - 0.5) & (xs <= qmax + 0.5)
         if ctx.grad_mode == "exact" and ctx.derivative is not None:
-            g = ctx.derivative(x.float())
+            g = ctx.derivative(torch.where(inside, x.to(dt), torch.zeros((), dtype=dt, device=x.device)))
         else:
             bp = breakpoints[scale_index]
-            codes = torch.round(xs).clamp(qmin, qmax).to(bp.dtype)
-            g = slopes_real[torch.bucketize(codes, bp, right=False)]
-        gx = (grad.float() * g * inside).to(x.dtype)
+            codes = torch.round(torch.nan_to_num(xs, nan=0.0)).clamp(qmin, qmax).to(bp.dtype)
+            g = slopes_real[torch.bucketize(codes, bp, right=False)].to(dt)
+        gx = torch.where(inside, grad.to(dt) * g, torch.zeros((), dtype=dt, device=x.device)).to(x.dtype)
         return gx, None, None, None, None, None, None, None, None
 
 

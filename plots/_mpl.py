@@ -6,24 +6,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from gqa_lut.errors import UsageError  # noqa: E402
+from gqa_lut.table import write_atomic  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 
 
-def save(fig, out, fmt: str | None = None) -> str:
-    """Save atomically-enough for figures (to a temp name, then rename); return the path."""
-    import os
+def figure_format(out, fmt: str | None = None) -> str:
+    """The format of a figure file: --format, else the file's suffix, else png. A suffix that
+    names another format than --format is refused rather than silently renamed."""
     from pathlib import Path
 
-    p = Path(out)
-    fmt = fmt or (p.suffix[1:].lower() if p.suffix else "png")
-    if fmt not in FORMATS:
-        raise UsageError(f"format {fmt!r} is not allowed: use {', '.join(FORMATS)}")
-    if p.suffix[1:].lower() != fmt:
-        p = p.with_suffix(f".{fmt}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
-    os.replace(tmp, p)
-    plt.close(fig)
-    return str(p)
+    suffix = Path(out).suffix[1:].lower()
+    chosen = fmt or suffix or "png"
+    if chosen not in FORMATS:
+        raise UsageError(f"format {chosen!r} is not allowed: use {', '.join(FORMATS)}")
+    if suffix and fmt and suffix != fmt:
+        raise UsageError(f"--out {str(out)!r} ends in .{suffix} but --format is {fmt}: make them agree")
+    return chosen
+
+
+def save(fig, out, fmt: str | None = None) -> str:
+    """Save atomically to exactly `out` (a temporary file, then rename); return the path."""
+    fmt = figure_format(out, fmt)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+    return str(out)

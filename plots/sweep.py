@@ -4,13 +4,14 @@ through the same map hook the search uses for its fitness (here: one fit per tas
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from gqa_lut.search import FitConfig, fit
-from gqa_lut.table import Table, save_table
+from gqa_lut.table import Table, save_table, write_text_atomic
 from plots._mpl import plt, save
 
 
@@ -38,10 +39,11 @@ def sweep(op: str, segments: Sequence[int], bits: Sequence[int], out_dir: Path, 
                      "max_abs_err": t.metrics["max_abs_err"], "dense_mse": t.metrics["dense_mse"],
                      "seconds": t.search["seconds"], "file": path.name})
         log(f"{t.op} {s:>3} segments {b:>2} bits: mse {t.metrics['mse']:.3e}")
-    with open(out_dir / "sweep.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "sweep.csv", text.getvalue())
     fig = sweep_figure(rows)
     save(fig, out_dir / "sweep.png")
     return rows

@@ -10,7 +10,7 @@ import sys
 
 from gqa_lut.search import FitConfig, fit
 from gqa_lut.table import load_table, save_table
-from ops.make_default_tables import comparable
+from ops.make_default_tables import mismatch
 from retnet_integration.quantize import DECAY_TABLE
 
 CONFIG = FitConfig(segments=16, param_bits=8, input_bits=8, scales=(0, 18), seed=0)
@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     check = "--check" in (argv if argv is not None else sys.argv[1:])
     table = fit("decay", CONFIG)
     if check:
-        same = comparable(load_table(DECAY_TABLE)) == comparable(table)
-        print("decay: reproduced" if same else "decay: DIFFERS")
-        return 0 if same else 1
+        diff = mismatch(load_table(DECAY_TABLE), table)
+        print("decay: reproduced" if not diff else "decay: DIFFERS at " + "; ".join(diff[:3]))
+        return 1 if diff else 0
     save_table(table, DECAY_TABLE)
     print(f"decay: mse {table.metrics['mse']:.3e} max_abs_err {table.metrics['max_abs_err']:.3e} -> {DECAY_TABLE}")
     return 0

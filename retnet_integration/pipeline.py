@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from gqa_lut.errors import UsageError
-from gqa_lut.table import write_json_atomic, write_text_atomic
+from gqa_lut.table import write_atomic, write_json_atomic, write_text_atomic
 from retnet_integration.data import Corpus, eval_windows, load_corpus, random_windows
 from retnet_integration.model import RetNet, RetNetConfig
 from retnet_integration.quantize import LUT_OPS, quantize_
@@ -80,10 +80,8 @@ def pick_device(name: str) -> torch.device:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def save_checkpoint(model: RetNet, path: Path, extra: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "extra": extra}, tmp)
-    tmp.replace(path)
+    doc = {"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "extra": extra}
+    write_atomic(path, lambda tmp: torch.save(doc, tmp))
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:

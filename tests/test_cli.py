@@ -79,11 +79,24 @@ BAD = [
     (["fit", "--op", "gelu", "--weights", "missing.npy"], "does not exist"),
     (["fit"], "one of the arguments --op --expr is required"),
     (["eval", "missing.json"], "does not exist"),
+    (["fit", "--expr", "where(x)"], "where takes 3 arguments, 1 given"),
+    (["fit", "--expr=" + "-" * 990 + "x"], "nests too deeply"),
+    (["fit", "--expr=" + "(" * 300 + "x" + ")" * 300], "is not valid math"),
+    (["fit", "--op", "gelu", "--patience", "-1"], "patience -1 is not allowed"),
+    (["fit", "--op", "swish", "--output-bits", "8", "--output-frac-bits", "60"], "output frac bits 60 is not allowed"),
+    (["fit", "--op", "swish", "--output-bits", "8", "--output-frac-bits", "10"],
+     "hold |y| <= 0.124, but swish reaches 8 on [-8, 8]: use --output-frac-bits 4 or fewer"),
+    (["fit", "--op", "gelu", "--output-bits", "40", "--output-frac-bits", "4"], "output bits 40 is not allowed"),
+    (["fit", "--op", "gelu", "--scales", "-30", "2"], "exponents must lie in -24..24"),
+    (["fit", "--op", "gelu", "--out", "/dev/null"], "is not a regular file"),
+    (["plot", "table.json", "--out", "p.png", "--format", "svg"], "ends in .png but --format is svg"),
+    (["export", "table.json", "--c", "/dev/null/x.h"], "is not a folder"),
 ]
 
 
 @pytest.mark.parametrize("args,msg", BAD)
 def test_bad_input_one_line_exit_2_no_file(tmp_path, args, msg):
+    args = [str(ROOT / "ops" / "tables" / "gelu.json") if a == "table.json" else a for a in args]
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -99,7 +112,110 @@ def test_corrupt_table_names_the_key(tmp_path):
     assert run("eval", "t.json", cwd=tmp_path).returncode == 0
     (tmp_path / "t.json").write_text(json.dumps({**doc, "slopes": [0, 999]}))
     r = run("eval", "t.json", cwd=tmp_path)
-    assert r.returncode == 2 and "key 'slopes'" in r.stderr
+    assert r.returncode == 2 and "key 'slopes[1]': 999 is outside [-128, 127]" in r.stderr
     (tmp_path / "t.json").write_text(json.dumps({**doc, "breakpoints": {"zero": [0]}}))
     r = run("eval", "t.json", cwd=tmp_path)
     assert r.returncode == 2 and "scale key 'zero'" in r.stderr
+
+
+def test_negative_numbers_are_values(tmp_path):
+    r = run("fit", "--op", "gelu", "--range", "-1e-3", "1", "--scales", "-2", "3", "--generations", "1",
+            "--quiet", "--out", "g.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    t = load_table(tmp_path / "g.json")
+    assert t.range == (-1e-3, 1.0) and t.scales == [-2, -1, 0, 1, 2, 3]
+
+
+def test_default_names_tell_fits_apart(tmp_path):
+    from gqa_lut.cli import default_fit_name
+    from gqa_lut.table import OutputFormat
+
+    assert default_fit_name("swish", 8, 8, 8, "mse", None) == "swish_8b_8s.json"
+    names = {default_fit_name("gelu", 2, 8, 8, "mse", None), default_fit_name("gelu", 8, 8, 8, "max", None),
+             default_fit_name("gelu", 8, 2, 8, "mse", None), default_fit_name("gelu", 8, 8, 16, "mse", None),
+             default_fit_name("gelu", 8, 8, 8, "mse", OutputFormat(8, 5)), default_fit_name("gelu", 8, 8, 8, "mse", None)}
+    assert len(names) == 6
+    r = run("fit", "--op", "gelu", "--bits", "8", "--param-bits", "6", "--generations", "1", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "gelu_p6b_i8b_8s.json").exists()
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("zeros", "every weight is 0"),
+    ("far", "none of the 2 samples lies inside range [-4, 4] (they span [100, 200])"),
+])
+def test_weights_that_weigh_nothing_are_refused(tmp_path, content, msg):
+    import numpy as np
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "w.npy", np.zeros((5, 2)) if content == "zeros" else np.array([100.0, 200.0]))
+    r = run("fit", "--op", "gelu", "--weights", str(data / "w.npy"), cwd=tmp_path)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_weighted_fit_prints_its_weighted_error(tmp_path):
+    import numpy as np
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(0, 1, 5000))
+    r = run("fit", "--op", "gelu", "--weights", "acts.npy", "--generations", "2", "--out", "w.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "weighted mse" in r.stdout and load_table(tmp_path / "w.json").search["weighted"] is True
+
+
+def test_out_under_a_file_and_an_existing_file_is_never_replaced(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run("fit", "--op", "gelu", "--out", "afile/t.json", cwd=tmp_path)
+    assert r.returncode == 2 and "'afile' is not a folder" in r.stderr
+    (tmp_path / "keep.json").write_text("precious")
+    r = run("fit", "--op", "gelu", "--objective", "l1", "--out", "keep.json", cwd=tmp_path)
+    assert r.returncode == 2 and (tmp_path / "keep.json").read_text() == "precious"
+
+
+def test_read_only_target_is_refused_before_the_fit_runs(tmp_path, monkeypatch, capsys):
+    import gqa_lut.search
+    import gqa_lut.table
+    from gqa_lut.cli import main
+
+    monkeypatch.setattr(gqa_lut.table, "_read_only_fs", lambda folder: True)
+    monkeypatch.setattr(gqa_lut.search, "fit", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    assert main(["fit", "--op", "gelu", "--out", str(tmp_path / "t.json")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_writes_exactly_the_file_asked_for(tmp_path):
+    r = run("plot", str(ROOT / "ops" / "tables" / "gelu.json"), "--out", "p", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]
+    assert (tmp_path / "p").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command", ["fit", "eval", "export", "plot", "sweep", "ops", "import-reference"])
+def test_help_shows_defaults_and_examples(command, tmp_path):
+    r = run(command, "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert r.stdout.count("\n  gqa-lut ") >= 2, r.stdout  # two examples
+    if command in ("fit", "sweep"):
+        assert "(default: 30)" in r.stdout  # generations
+
+
+def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
+    """The README's acts.npy snippet runs as written on a small model, and `fit` takes the file."""
+    import re
+
+    import torch
+    import torch.nn as nn
+
+    code = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                if "acts.npy" in b)
+    model = nn.Sequential()
+    model.mlp = nn.Sequential(nn.Linear(4, 8))
+    model.mlp.act = nn.GELU()
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(code, {"model": model, "batches": batches})
+    finally:
+        os.chdir(cwd)
+    r = run("fit", "--op", "gelu", "--weights", "acts.npy", "--generations", "1", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

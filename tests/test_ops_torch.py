@@ -221,3 +221,50 @@ def test_norms_and_softmax_close_to_float():
     y = ln(x.requires_grad_(True))
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# --- input types and edge values (lut-format.md section 7) -------------------------------------
+
+@pytest.mark.parametrize("module", [LUTGELU, LUTSiLU, lambda: LUTLayerNorm(4), lambda: LUTSoftmax(),
+                                    lambda: RangeReducedLUT("rsqrt")])
+@pytest.mark.parametrize("x", [torch.tensor([-3, -1, 0, 1, 2, 3]), torch.tensor([True, False]),
+                               torch.tensor([[1, 2, 3, 4]], dtype=torch.int8)])
+def test_integer_and_bool_tensors_are_a_type_error(module, x):
+    with pytest.raises(TypeError, match="expects a floating-point tensor, got dtype torch"):
+        module()(x)
+
+
+@pytest.mark.parametrize("module", [LUTGELU, LUTSiLU])
+@pytest.mark.parametrize("grad", ["exact", "slope"])
+def test_gradient_is_zero_not_nan_at_inf_and_nan(module, grad):
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.5], requires_grad=True)
+    y = module(grad=grad)(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[:3].tolist() == [0.0, 0.0, 0.0] and x.grad[3] > 0
+
+
+def test_float64_is_quantized_in_float64():
+    """x * 2^d just above a tie rounds up in float64; through float32 it would round to even."""
+    m = LUTGELU(scale=4)
+    codes = np.array([3, 5, -7])
+    x = torch.tensor((codes + 0.5 + 2.0 ** -30) * 2.0 ** -4, dtype=torch.float64)
+    assert torch.equal(torch.round(x.float() * 16), torch.tensor([4.0, 6.0, -6.0]))  # the double rounding
+    y = m(x)
+    assert y.dtype == torch.float64
+    assert np.array_equal(y.numpy(), evaluate(m.table, codes + 1, 4))
+
+
+def test_softmax_of_an_empty_dim_is_empty():
+    for shape in [(3, 0), (0, 4), (2, 0, 5)]:
+        y = LUTSoftmax(dim=-1)(torch.zeros(shape))
+        assert y.shape == shape
+
+
+def test_lut_exp_refuses_positive_inputs():
+    from ops import lut_exp
+
+    with pytest.raises(ValueError, match="input 5 > 0 is outside the exp table"):
+        lut_exp(torch.tensor([-1.0, 5.0]))
+    assert lut_exp(torch.tensor([-1.0, 0.0])).shape == (2,)

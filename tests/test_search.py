@@ -31,7 +31,7 @@ def assert_valid(table):
 
 def test_search_objective_is_the_evaluators_mse():
     t = fit("gelu", quick(segments=8))
-    assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-9)
+    assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-6)  # 32-bit target mantissas
 
 
 def test_same_seed_same_table_other_seed_may_differ():
@@ -94,7 +94,7 @@ def test_histogram_weights_focus_the_error():
 
 def test_output_quantization_is_in_the_objective():
     t = fit("sigmoid", quick(segments=6, output=OutputFormat(8, 7)))
-    assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-9)
+    assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-6)  # 32-bit target mantissas
     assert t.output == OutputFormat(8, 7)
 
 
@@ -153,4 +153,6 @@ def test_property_every_fit_is_a_valid_table(op, segments, bits, seed):
         assume("holds no" not in str(exc))
         raise
     assert_valid(t)
-    assert t.search["objective_value"] == pytest.approx(metrics(t, get_op(op).fn)["mse"], rel=1e-9, abs=1e-15)
+    # the search scores against the target with 32-bit mantissas (gqa_lut.problem.Canonical):
+    # |f| * 2^-33 per value moves the mse by well under 1e-6 of itself
+    assert t.search["objective_value"] == pytest.approx(metrics(t, get_op(op).fn)["mse"], rel=1e-6, abs=1e-15)
