@@ -4,15 +4,12 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results"
-SHARED = Path(os.environ.get("GQA_SHARED", ROOT.parent / "shared"))
+from gqa_lut.table import write_json_atomic
 
-from gqa_lut.table import write_json_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 # The six configurations of the published GQA-LUT tables: (file stem, op, range, segments).
 PUBLISHED = [

@@ -17,7 +17,7 @@ pwlf's fits are slow (minutes at 16 segments) and deterministic per seed, so the
 in bench/results/pwlf_cache.json; delete it to refit. --quick writes *_quick.json files
 (git-ignored), so the test suite never touches the committed results.
 
-    python bench/anchors.py [--quick] [--seeds 5]
+    python -m bench.anchors [--quick] [--seeds 5]
 """
 from __future__ import annotations
 
@@ -28,17 +28,18 @@ import time
 
 import numpy as np
 
-from _common import RESULTS, SHARED, geomean, machine, print_table, write_results
+from bench._common import RESULTS, geomean, machine, print_table, write_results
 
-from gqa_lut.baselines import (direct_table_mse, float_pwl_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
+from bench.baselines import (direct_table_mse, float_pwl_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
                                round_float_pwl, union_points)
 from gqa_lut.evaluator import raw_metrics
 from gqa_lut.localsearch import resegment
 from gqa_lut.problem import build_problem
 from gqa_lut.quantization import choose_frac_bits
-from gqa_lut.reference import read_reference
-from gqa_lut.search import FitConfig, fit
-from ops.registry import get_op
+from gqa_lut.reference import read_reference, reference_dir
+from gqa_lut.config import FitConfig, validate_config
+from gqa_lut.search import fit
+from gqa_lut.functions import get_op
 
 CONFIGS = [("gelu", (-4.0, 4.0), (0, 6)), ("swish", (-8.0, 8.0), (0, 6)), ("hswish", (-4.0, 4.0), (0, 6)),
            ("exp", (-8.0, 0.0), (0, 6)), ("rsqrt", (1.0, 4.0), (5, 5)), ("reciprocal", (1.0, 2.0), (6, 6))]
@@ -70,7 +71,8 @@ def baseline(op_name: str, rng, scales, segments: int, frac_bits, pw: dict) -> d
     breaks, k, b = np.array(pw["breaks"][1:-1]), np.array(pw["slopes"]), np.array(pw["intercepts"])
     tails = [t for t in (op.left_tail, op.right_tail) if t is not None]
     F = frac_bits if frac_bits is not None else choose_frac_bits(np.concatenate([k, b, *map(np.array, tails)]), 8)
-    prob = build_problem(op.fn, *rng, segments, sc, F, 8, 8, left_tail=op.left_tail, right_tail=op.right_tail)
+    prob = build_problem(validate_config(op, FitConfig(segments=segments, range=tuple(rng), scale_range=tuple(scales),
+                                                       frac_bits=F)))
     t0 = time.perf_counter()
     K0, B0, P0 = round_float_pwl(breaks, k, b, F, 8, sc, prob.left_tail, prob.right_tail)
     g = grids(*rng, sc, 8)
@@ -105,7 +107,7 @@ def main() -> None:
         ours = []
         for seed in range(seeds):
             t0 = time.perf_counter()
-            t = fit(op, FitConfig(segments=segments, range=rng, scales=scales, frac_bits=F, seed=seed))
+            t = fit(op, FitConfig(segments=segments, range=rng, scale_range=scales, frac_bits=F, seed=seed))
             ours.append((t.metrics["mse"], t.metrics["max_abs_err"], time.perf_counter() - t0, t.frac_bits))
         mses = [o[0] for o in ours]
         base = baseline(op_name, rng, scales, segments, F, pwlf_fit(op_name, rng, scales, segments, 0, args.quick))
@@ -122,8 +124,8 @@ def main() -> None:
                "baseline_dp_seconds": base["dp_seconds"],
                "direct_table_mse": direct_table_mse(g, op.fn, Fo)}
         pub = PUBLISHED.get((op_name, segments))
-        if pub and F == 6 and scales == (0, 6) and (SHARED / "reference-tables").is_dir():
-            ref = read_reference(SHARED / "reference-tables" / f"{pub}.json")
+        if pub and F == 6 and scales == (0, 6) and (reference_dir()).is_dir():
+            ref = read_reference(reference_dir() / f"{pub}.json")
             pm = raw_metrics(ref.slopes, ref.intercepts, ref.breakpoints, ref.frac_bits, rng, 8, op.fn)
             rec.update(published_mse=pm["mse"], published_max_abs_err=pm["max_abs_err"])
         if op_name in IBERT:

@@ -5,19 +5,19 @@ the published tables, and again with frac_bits chosen automatically), evaluate t
 table with its own semantics (repeated breakpoints allowed) by the same evaluator, and report
 mse, dense_mse and max_abs_err for both, their ratios and the fit time.
 
-    python bench/approximation.py [--seed 0] [--quick]
+    python -m bench.approximation [--seed 0] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from _common import PUBLISHED, SHARED, geomean, machine, print_table, write_results
+from bench._common import PUBLISHED, geomean, machine, print_table, write_results
 
 from gqa_lut.evaluator import raw_metrics
-from gqa_lut.reference import read_reference
+from gqa_lut.reference import read_reference, reference_dir
 from gqa_lut.search import FitConfig, fit
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 
 TARGET_RATIO, TARGET_GEOMEAN, TARGET_SECONDS = 0.5, 0.3, 10.0
 
@@ -30,11 +30,11 @@ def main() -> None:
     rows, out = [], []
     for stem, op_name, rng, segments in PUBLISHED[:1] if args.quick else PUBLISHED:
         op = get_op(op_name)
-        ref = read_reference(SHARED / "reference-tables" / f"{stem}.json")
+        ref = read_reference(reference_dir() / f"{stem}.json")
         theirs = raw_metrics(ref.slopes, ref.intercepts, ref.breakpoints, ref.frac_bits, rng, 8, op.fn)
         for frac in (6, None):
             t0 = time.perf_counter()
-            table = fit(op, FitConfig(segments=segments, range=rng, scales=(0, 6), frac_bits=frac,
+            table = fit(op, FitConfig(segments=segments, range=rng, scale_range=(0, 6), frac_bits=frac,
                                       param_bits=8, input_bits=8, seed=args.seed))
             seconds = time.perf_counter() - t0
             ours = table.metrics

@@ -6,7 +6,7 @@ Same process, same tensor, median of repeated runs (on CUDA, of batches of back-
 measured here, and the datasheet's ~3 TB/s. Results are merged into
 bench/results/ops_speed.json under the device's key, so CPU and GPU runs sit side by side.
 
-    python bench/ops_speed.py [--device cpu|cuda] [--quick]
+    python -m bench.ops_speed [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS, machine, print_table, write_results
+from bench._common import RESULTS, machine, print_table, write_results
 
 from ops.modules import LUTGELU, LUTSiLU
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from gqa_lut.errors import UsageError
-from ops.registry import erf
+from gqa_lut.functions import erf, get_op
+from gqa_lut.table import Table
 
 FUNCTIONS: dict[str, Any] = {
     name: getattr(np, name) for name in (
@@ -152,3 +153,15 @@ class Expression:
 
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
+
+
+def target_function(table: "Table", expr: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The exact function a table approximates: its registry op, or for a custom table the
+    expression given or carried in the file (`search.expr`)."""
+    if table.op.startswith("custom:"):
+        text = expr or (table.search or {}).get("expr")
+        if not text:
+            raise UsageError(f"table op {table.op!r} is a custom function and the file carries no "
+                             "expression: pass --expr")
+        return Expression(text)
+    return get_op(table.op).fn

@@ -37,6 +37,32 @@ def moments(problem: Problem, seg: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(idx, weights=c.ravel(), minlength=M * N).reshape(M, N) for c in cols])
 
 
+def least_squares_slope(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Real least-squares slope of each segment from its moments, and where it is defined (at
+    least two distinct x carrying weight); 0 elsewhere."""
+    S1, Sx, Sxx, Sf, Sxf, _ = S
+    safe = np.where(S1 > 0, S1, 1.0)
+    det = S1 * Sxx - Sx * Sx
+    ok = (S1 > 0) & (det > 1e-12 * safe * safe)
+    return np.where(ok, (Sxf * S1 - Sx * Sf) / np.where(ok, det, 1.0), 0.0), ok
+
+
+def best_intercepts(S: np.ndarray, K: np.ndarray, frac_bits: int, pmin: int, pmax: int) -> np.ndarray:
+    """For integer slopes K, each segment's best integer intercept: the error is a 1-D convex
+    quadratic in B, so the rounded real optimum is exact (then saturated to P bits)."""
+    S1, Sx, _, Sf, _, _ = S
+    safe = np.where(S1 > 0, S1, 1.0)
+    return np.clip(np.rint(np.ldexp(Sf - np.ldexp(np.asarray(K, dtype=np.float64), -frac_bits) * Sx, frac_bits)
+                           / safe), pmin, pmax)
+
+
+def slope_window(k: np.ndarray, frac_bits: int, pmin: int, pmax: int):
+    """The integer slopes tried around real slopes k: the rounded value +- WINDOW, saturated."""
+    k0 = np.rint(np.ldexp(k, frac_bits))
+    for delta in range(-WINDOW, WINDOW + 1):
+        yield np.clip(k0 + delta, pmin, pmax)
+
+
 def quadratic_error(S: np.ndarray, K: np.ndarray, B: np.ndarray, frac_bits: int) -> np.ndarray:
     """Weighted squared error of lines (K, B) on segments with moments S, without touching points."""
     S1, Sx, Sxx, Sf, Sxf, Sff = S
@@ -103,12 +129,10 @@ def fit_lines(problem: Problem, seg: np.ndarray, keep: tuple[np.ndarray, np.ndar
     det = (Sxx + lam) * S1 - Sx * Sx
     det = np.where(det > 0, det, 1.0)
     k = np.where(empty, 0.0, ((Sxf + lam * g) * S1 - Sx * Sf) / det)
-    k0 = np.rint(np.ldexp(k, F))
     best_K = best_B = best_E = None
-    for delta in range(-WINDOW, WINDOW + 1):
-        K = np.clip(k0 + delta, pmin, pmax).astype(np.int64)
-        Bf = np.ldexp(Sf - np.ldexp(K.astype(np.float64), -F) * Sx, F) / safe1
-        B = np.clip(np.rint(Bf), pmin, pmax).astype(np.int64)
+    for Kf in slope_window(k, F, pmin, pmax):
+        K = Kf.astype(np.int64)
+        B = best_intercepts(S, K, F, pmin, pmax).astype(np.int64)
         _pin_tails(problem, K, B)
         E = segment_errors(problem, S, seg, K, B)
         if best_E is None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import code_values, input_codes, int_range
 from gqa_lut.table import OutputFormat
+
+if TYPE_CHECKING:  # the spec is only read here; config.py does not import this module either
+    from gqa_lut.config import FitSpec
 
 MAX_POSITIONS = 1024  # per scale; larger grids are searched in blocks, then refined in full
 # Out-of-range codes only break ties in the DP: weight relative to the smallest in-range
@@ -117,15 +120,13 @@ def _scale_weights(codes: np.ndarray, d: int, hist: Optional[np.ndarray]) -> np.
     return p / p.sum()
 
 
-def build_problem(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, segments: int,
-                  scales: tuple[int, ...], frac_bits: int, param_bits: int, input_bits: int,
-                  output: Optional[OutputFormat] = None, objective: str = "mse",
-                  left_tail: Optional[tuple[float, float]] = None,
-                  right_tail: Optional[tuple[float, float]] = None,
-                  hist: Optional[np.ndarray] = None,
-                  max_positions: int = MAX_POSITIONS) -> Problem:
-    if objective not in ("mse", "max"):
-        raise UsageError(f"objective {objective!r} is not allowed: use mse or max")
+def build_problem(spec: "FitSpec", max_positions: int = MAX_POSITIONS) -> Problem:
+    """The arrays the search works on, for a resolved spec (its frac_bits chosen)."""
+    if spec.frac_bits is None:
+        raise ValueError("build_problem needs a spec with frac_bits resolved")
+    fn, lo, hi, segments, scales = spec.op.fn, spec.lo, spec.hi, spec.segments, spec.scales
+    input_bits, param_bits, frac_bits, hist = spec.input_bits, spec.param_bits, spec.frac_bits, spec.weights
+    left_tail, right_tail = spec.op.left_tail, spec.op.right_tail
     fn = Canonical(fn)
     rows = []
     for d in scales:
@@ -193,7 +194,7 @@ def build_problem(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, 
                 int(np.clip(np.rint(math.ldexp(b, frac_bits)), pmin, pmax)))
 
     return Problem(fn=fn, lo=lo, hi=hi, segments=segments, scales=tuple(scales), frac_bits=frac_bits,
-                   param_bits=param_bits, input_bits=input_bits, output=output, objective=objective,
+                   param_bits=param_bits, input_bits=input_bits, output=spec.output, objective=spec.objective,
                    left_tail=q(left_tail), right_tail=q(right_tail), pos=pos, code=code, x=x, f=f, w=w,
                    w_out=w_out, wmax=wmax, inside=inside, start=start, dscale=dscale,
                    full=all(r[4] == 1 for r in rows))

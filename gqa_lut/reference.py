@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,17 @@ from gqa_lut.segmentation import place
 from gqa_lut.table import Table
 
 REFERENCE_FRAC_BITS = 6
+
+
+def shared_dir() -> Path:
+    """The project's shared folder (specs and the published tables): GQA_SHARED, else the
+    `shared` folder beside the repository."""
+    return Path(os.environ.get("GQA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def reference_dir() -> Path:
+    """Where the published GQA-LUT tables are (shared/reference-tables)."""
+    return shared_dir() / "reference-tables"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gqa_lut.linefit import WINDOW
+from gqa_lut.linefit import best_intercepts, least_squares_slope, quadratic_error, slope_window
 from gqa_lut.problem import Problem
 
 MAX_UNION_POINTS = 640  # the interval DP is O(T^2 N) in time and O(T^2) in memory
@@ -39,25 +39,13 @@ def union_blocks(problem: Problem, max_points: int = MAX_UNION_POINTS) -> tuple[
 def _interval_costs(problem: Problem, S: np.ndarray, fixed: tuple[int, int] | None) -> np.ndarray:
     """Best integer-line cost of every interval from its moments S (6, ...)."""
     F, pmin, pmax = problem.frac_bits, problem.pmin, problem.pmax
-    S1, Sx, Sxx, Sf, Sxf, Sff = S
-    safe = np.where(S1 > 0, S1, 1.0)
-
-    def cost(K: np.ndarray, B: np.ndarray) -> np.ndarray:
-        k, b = np.ldexp(K, -F), np.ldexp(B, -F)
-        return np.maximum(k * k * Sxx + 2 * k * b * Sx + b * b * S1 - 2 * k * Sxf - 2 * b * Sf + Sff, 0.0)
-
     if fixed is not None:
-        return cost(np.float64(fixed[0]), np.float64(fixed[1]))
-    det = S1 * Sxx - Sx * Sx
-    ok = det > 1e-12 * safe * safe
-    k = np.where(ok, (Sxf * S1 - Sx * Sf) / np.where(ok, det, 1.0), 0.0)
-    k0 = np.rint(np.ldexp(k, F))
-    best = np.full(S1.shape, np.inf)
-    for delta in range(-WINDOW, WINDOW + 1):
-        K = np.clip(k0 + delta, pmin, pmax)
-        B = np.clip(np.rint(np.ldexp(Sf - np.ldexp(K, -F) * Sx, F) / safe), pmin, pmax)
-        best = np.minimum(best, cost(K, B))
-    return np.where(S1 > 0, best, 0.0)
+        return quadratic_error(S, np.float64(fixed[0]), np.float64(fixed[1]), F)
+    k, _ = least_squares_slope(S)
+    best = np.full(S[0].shape, np.inf)
+    for K in slope_window(k, F, pmin, pmax):
+        best = np.minimum(best, quadratic_error(S, K, best_intercepts(S, K, F, pmin, pmax), F))
+    return np.where(S[0] > 0, best, 0.0)
 
 
 def union_breakpoints(problem: Problem) -> np.ndarray:

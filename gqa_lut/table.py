@@ -223,7 +223,7 @@ def load_table(path: str | os.PathLike) -> Table:
 
 
 FLOAT_REL_TOL = 1e-9  # floats in a table file (metrics, history) are numpy math: last-ulp noise
-VOLATILE_KEYS = ("seconds",)  # search keys that measure the machine, not the table
+VOLATILE_KEYS = ("seconds", "tool_version")  # what describes the run, not the table
 
 
 def differences(a: dict, b: dict, rel_tol: float = FLOAT_REL_TOL, path: str = "") -> list[str]:

@@ -1,20 +1,10 @@
-"""The non-linear ops: exact numpy references (registry), their PyTorch LUT drop-ins, and
-`replace_ops`/`calibrate` to put them into any model. Torch is imported on first use of a
-drop-in, so the fitting CLI starts fast."""
-from ops.registry import OPS, Op, custom_op, get_op, op_names
+"""The non-linear ops in PyTorch: integer-table drop-ins bit-exact with gqa_lut's evaluator, and
+`replace_ops`/`calibrate` to put them into any model. The numpy functions the tables
+approximate live in gqa_lut.functions; ops/registry.py adds each op's torch side."""
+from ops.modules import (LUTActivation, LUTGELU, LUTGroupNorm, LUTHardswish, LUTLayerNorm, LUTRMSNorm,
+                         LUTSigmoid, LUTSiLU, LUTSoftmax, LUTTanh, RangeReducedLUT, lut_exp)
+from ops.replace import calibrate, replace_ops
 
-_TORCH_NAMES = {"LUTActivation", "LUTGELU", "LUTSiLU", "LUTHardswish", "LUTSigmoid", "LUTTanh",
-                "LUTLayerNorm", "LUTRMSNorm", "LUTGroupNorm", "LUTSoftmax", "RangeReducedLUT", "lut_exp"}
-
-
-def __getattr__(name):
-    if name in _TORCH_NAMES:
-        from ops import modules
-        return getattr(modules, name)
-    if name in ("replace_ops", "calibrate"):
-        from ops import replace
-        return getattr(replace, name)
-    raise AttributeError(name)
-
-
-__all__ = ["OPS", "Op", "custom_op", "get_op", "op_names", *sorted(_TORCH_NAMES), "replace_ops", "calibrate"]
+# the drop-ins ops/registry.py names (a test keeps the two in step), and the building blocks
+__all__ = ["LUTGELU", "LUTSiLU", "LUTHardswish", "LUTSigmoid", "LUTTanh", "LUTLayerNorm", "LUTRMSNorm",
+           "LUTGroupNorm", "LUTSoftmax", "LUTActivation", "RangeReducedLUT", "calibrate", "lut_exp", "replace_ops"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops.tables import as_table
-from ops.torch_functions import TORCH_FUNCTIONS
+from ops import registry
 from ops.torch_lut import (LUTFunction, compute_dtype, dequantized, derivative_of, expand, lookup,
                            require_float)
 
@@ -78,6 +78,8 @@ class LUTActivation(nn.Module):
     function's derivative) or "slope" (the active segment's slope).
     """
 
+    op: Optional[str] = None  # the table function of a named drop-in (LUTGELU: "gelu")
+
     def __init__(self, table: Table, scale: Optional[int] = None, scale_mode: str = "fixed",
                  grad: str = "exact", fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         super().__init__()
@@ -86,7 +88,7 @@ class LUTActivation(nn.Module):
         if grad not in GRAD_MODES:
             raise ValueError(f"grad {grad!r} is not allowed: use {', '.join(GRAD_MODES)}")
         self.scale_mode, self.grad = scale_mode, grad
-        self.fn = fn if fn is not None else TORCH_FUNCTIONS.get(table.op)
+        self.fn = fn if fn is not None else registry.reference(table.op)
         self._set_table(table)
         if scale is None:
             scale = covering_scale(table, max(abs(table.range[0]), abs(table.range[1])))
@@ -165,19 +167,29 @@ class LUTActivation(nn.Module):
                 f"{self.table.input_bits}, scale={self.scale}, scale_mode={self.scale_mode}, grad={self.grad}")
 
 
-def _named(op: str, doc: str) -> type:
+    @classmethod
+    def from_float(cls, module: nn.Module, tables: dict[str, Table], **kw: Any) -> "LUTActivation":
+        """The drop-in for a float activation module (replace_ops), with its table from `tables`."""
+        return cls(tables.get(cls.op), **kw)
+
+
+def activation_class(op: str) -> type:
+    """The drop-in class of an activation record of ops/registry.py."""
+    rec = registry.torch_op(op)
+
     def __init__(self, table: Table | str | None = None, **kw: Any) -> None:
-        LUTActivation.__init__(self, as_table(table, op), **kw)
+        LUTActivation.__init__(self, as_table(table, rec.tables[0]), **kw)
 
-    return type(f"LUT{doc}", (LUTActivation,), {"__init__": __init__, "__doc__": f"Drop-in for nn.{doc}: "
-                                                 f"the {op} table (shipped default unless given)."})
+    return type(rec.drop_in, (LUTActivation,), {
+        "__init__": __init__, "op": rec.tables[0], "__module__": __name__,
+        "__doc__": f"Drop-in for nn.{rec.doc}: the {rec.tables[0]} table (shipped default unless given)."})
 
 
-LUTGELU = _named("gelu", "GELU")
-LUTSiLU = _named("swish", "SiLU")
-LUTHardswish = _named("hswish", "Hardswish")
-LUTSigmoid = _named("sigmoid", "Sigmoid")
-LUTTanh = _named("tanh", "Tanh")
+LUTGELU = activation_class("gelu")
+LUTSiLU = activation_class("swish")
+LUTHardswish = activation_class("hswish")
+LUTSigmoid = activation_class("sigmoid")
+LUTTanh = activation_class("tanh")
 
 
 class RangeReducedLUT(nn.Module):
@@ -218,6 +230,12 @@ def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     return y
 
 
+def _with_params(old: nn.Module, new: nn.Module) -> nn.Module:
+    """The float norm's weight and bias in its drop-in (replace_ops moves it to the model's device)."""
+    new.load_state_dict(old.state_dict(), strict=False)
+    return new
+
+
 class _RsqrtTable:
     """Mixin for the norms: the torch norm's own arguments, plus `table=` for rsqrt."""
 
@@ -228,6 +246,11 @@ class _RsqrtTable:
 
 class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
     """nn.LayerNorm whose 1/sqrt(var + eps) goes through the rsqrt table (range-reduced)."""
+
+    @classmethod
+    def from_float(cls, m: nn.LayerNorm, tables: dict[str, Table], **kw: Any) -> "LUTLayerNorm":
+        return _with_params(m, cls(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                                   bias=m.bias is not None, table=tables.get("rsqrt")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
@@ -240,6 +263,11 @@ class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
 
 class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
 
+    @classmethod
+    def from_float(cls, m: nn.RMSNorm, tables: dict[str, Table], **kw: Any) -> "LUTRMSNorm":
+        return _with_params(m, cls(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                                   table=tables.get("rsqrt")))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
         dims = tuple(range(-len(self.normalized_shape), 0))
@@ -249,6 +277,11 @@ class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
 
 
 class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
+
+    @classmethod
+    def from_float(cls, m: nn.GroupNorm, tables: dict[str, Table], **kw: Any) -> "LUTGroupNorm":
+        return _with_params(m, cls(m.num_groups, m.num_channels, eps=m.eps, affine=m.affine,
+                                   table=tables.get("rsqrt")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
@@ -273,6 +306,10 @@ class LUTSoftmax(nn.Module):
         self.dim = dim
         self.exp = exp_module(as_table(exp_table, "exp"))
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
+
+    @classmethod
+    def from_float(cls, m: nn.Softmax, tables: dict[str, Table], **kw: Any) -> "LUTSoftmax":
+        return cls(m.dim if m.dim is not None else -1, tables.get("exp"), tables.get("reciprocal"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)

@@ -1,165 +1,85 @@
-"""The non-linear ops a table can approximate, as exact numpy functions.
+"""The torch side of every op: one record each, the only map between ops, torch and drop-ins.
 
-Each op carries what the search needs beyond the function itself: the range a table is
-fitted on by default, the scales it supports by default, the inputs on which the function
-is defined at all, and what the first and last segment must do. The outer segments extend
-to +-infinity (lut-format.md, section 1), so for ops with a known asymptote we pin them to
-that asymptote instead of letting the search bend them to the fitted range.
+A record names the op (its one spelling, as in gqa_lut.functions; aliases resolve there), its
+float torch function (the reference a drop-in is compared with and the source of the exact
+derivative of its straight-through backward), the tables its LUT form evaluates, the torch
+module classes `replace_ops` swaps for its drop-in, and that drop-in's class in ops.modules.
+Everything else (the drop-ins' defaults, `replace_ops`, the RetNet's quantization modes,
+`ops.__all__`) is derived from these records. Adding an activation = a record in
+gqa_lut/functions.py, a record here, and its one-line class in ops/modules.py.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-Line = tuple[float, float]  # (slope, intercept) in real units
-ArrayFn = Callable[[np.ndarray], np.ndarray]
+from gqa_lut.errors import UsageError
+from gqa_lut.functions import OPS
 
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Exact erf without scipy: numpy has none, and the GELU target must not be the tanh form."""
-    return np.asarray(_erf(np.asarray(x, dtype=np.float64)), dtype=np.float64)
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    # Split by sign so that neither branch overflows exp for large |x|.
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
-
-
-def swish(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x * sigmoid(x)
-
-
-def hswish(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
-
-
-def tanh(x: np.ndarray) -> np.ndarray:
-    return np.tanh(np.asarray(x, dtype=np.float64))
-
-
-def exp(x: np.ndarray) -> np.ndarray:
-    return np.exp(np.asarray(x, dtype=np.float64))
-
-
-def decay(x: np.ndarray) -> np.ndarray:
-    """Retention decay gamma^n = exp(-n*|ln gamma|), as a function of x = n*|ln gamma| >= 0."""
-    return np.exp(-np.asarray(x, dtype=np.float64))
-
-
-def rsqrt(x: np.ndarray) -> np.ndarray:
-    return 1.0 / np.sqrt(np.asarray(x, dtype=np.float64))
-
-
-def reciprocal(x: np.ndarray) -> np.ndarray:
-    return 1.0 / np.asarray(x, dtype=np.float64)
+TorchFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Op:
-    """One approximable function and the defaults a table for it is fitted with."""
-
+class TorchOp:
     name: str
-    fn: ArrayFn
-    range: tuple[float, float]
-    scales: tuple[int, int]  # inclusive range of scale exponents d
-    domain: tuple[float, float] = (-math.inf, math.inf)
-    domain_open: bool = False  # True: the domain excludes its finite end points (x > 0)
-    left_tail: Optional[Line] = None  # line of segment 0, pinned to the asymptote
-    right_tail: Optional[Line] = None  # line of segment N-1
-    description: str = ""
-    aliases: tuple[str, ...] = field(default=())
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.fn(x)
-
-    def check_range(self, lo: float, hi: float) -> None:
-        """Reject a fitted range the function is not defined on, naming the bound."""
-        from gqa_lut.errors import UsageError
-
-        dlo, dhi = self.domain
-        bad_lo = lo <= dlo if self.domain_open else lo < dlo
-        bad_hi = hi >= dhi if self.domain_open else hi > dhi
-        if bad_lo or bad_hi:
-            rel = "x > " if self.domain_open else "x >= "
-            if math.isinf(dlo):
-                allowed = f"x <= {dhi:g}"
-            elif math.isinf(dhi):
-                allowed = f"{rel}{dlo:g}"
-            else:
-                allowed = f"{dlo:g} <= x <= {dhi:g}"
-            raise UsageError(
-                f"range [{lo:g}, {hi:g}] is outside the domain of {self.name}: allowed {allowed}"
-            )
+    reference: Callable  # the torch function it stands for (1-argument for table functions)
+    tables: tuple[str, ...]
+    replaces: tuple[type, ...] = ()  # exact torch classes (and subclasses) swapped by replace_ops
+    drop_in: Optional[str] = None  # class name in ops.modules, with a `from_float` constructor
+    doc: str = ""
 
 
-OPS: dict[str, Op] = {}
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)  # the erf form, like gqa_lut.functions.gelu
 
 
-def register(op: Op) -> Op:
-    OPS[op.name] = op
-    for alias in op.aliases:
-        OPS[alias] = op
-    return op
+def _decay(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-x)
 
 
-register(Op("gelu", gelu, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
-            description="GELU through erf (not the tanh form); tails -> 0 and -> x"))
-register(Op("swish", swish, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
-            description="x*sigmoid(x); tails -> 0 and -> x", aliases=("silu",)))
-register(Op("hswish", hswish, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
-            description="x*relu6(x+3)/6; exactly 0 below -3 and x above 3"))
-register(Op("sigmoid", sigmoid, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(0.0, 1.0),
-            description="1/(1+exp(-x)); tails -> 0 and -> 1"))
-register(Op("tanh", tanh, (-4.0, 4.0), (0, 6), left_tail=(0.0, -1.0), right_tail=(0.0, 1.0),
-            description="tanh(x); tails -> -1 and -> 1"))
-register(Op("exp", exp, (-8.0, 0.0), (0, 6), domain=(-math.inf, 0.0), left_tail=(0.0, 0.0),
-            description="exp(x) for x <= 0, the softmax numerator after subtracting the max"))
-register(Op("decay", decay, (0.0, 8.0), (0, 6), domain=(0.0, math.inf), right_tail=(0.0, 0.0),
-            description="exp(-x) for x >= 0: retention decay gamma^n with x = n*|ln gamma|"))
-register(Op("rsqrt", rsqrt, (1.0, 4.0), (3, 5), domain=(0.0, math.inf), domain_open=True,
-            description="1/sqrt(x) on the mantissa range [1, 4) of var = m*4^k (norms)"))
-register(Op("reciprocal", reciprocal, (1.0, 2.0), (4, 6), domain=(0.0, math.inf), domain_open=True,
-            description="1/x on the mantissa range [1, 2) of x = m*2^k (softmax denominator)"))
+RECORDS = (
+    TorchOp("gelu", _gelu, ("gelu",), (nn.GELU,), "LUTGELU", "GELU"),
+    TorchOp("swish", F.silu, ("swish",), (nn.SiLU,), "LUTSiLU", "SiLU"),
+    TorchOp("hswish", F.hardswish, ("hswish",), (nn.Hardswish,), "LUTHardswish", "Hardswish"),
+    TorchOp("sigmoid", torch.sigmoid, ("sigmoid",), (nn.Sigmoid,), "LUTSigmoid", "Sigmoid"),
+    TorchOp("tanh", torch.tanh, ("tanh",), (nn.Tanh,), "LUTTanh", "Tanh"),
+    TorchOp("exp", torch.exp, ("exp",)),
+    TorchOp("decay", _decay, ("decay",)),
+    TorchOp("rsqrt", torch.rsqrt, ("rsqrt",)),
+    TorchOp("reciprocal", torch.reciprocal, ("reciprocal",)),
+    TorchOp("layernorm", F.layer_norm, ("rsqrt",), (nn.LayerNorm,), "LUTLayerNorm", "LayerNorm"),
+    TorchOp("rmsnorm", F.rms_norm, ("rsqrt",), (nn.RMSNorm,), "LUTRMSNorm", "RMSNorm"),
+    TorchOp("groupnorm", F.group_norm, ("rsqrt",), (nn.GroupNorm,), "LUTGroupNorm", "GroupNorm"),
+    TorchOp("softmax", F.softmax, ("exp", "reciprocal"), (nn.Softmax,), "LUTSoftmax", "Softmax"),
+)
+TORCH_OPS: dict[str, TorchOp] = {r.name: r for r in RECORDS}
 
 
-def op_names() -> list[str]:
-    """Registry names, aliases last, for error messages and `gqa-lut ops`."""
-    primary = [n for n, op in OPS.items() if op.name == n]
-    aliases = [n for n, op in OPS.items() if op.name != n]
-    return primary + aliases
-
-
-def get_op(name: str) -> Op:
-    from gqa_lut.errors import UsageError
-
+def torch_op(name: str) -> TorchOp:
+    """The record of an op by any of its spellings (`silu` is `swish`), or a one-line error."""
+    key = OPS[name].name if name in OPS else name
     try:
-        return OPS[name]
+        return TORCH_OPS[key]
     except KeyError:
-        raise UsageError(
-            f"unknown op {name!r}: valid ops are {', '.join(op_names())}, or use --expr"
-        ) from None
+        raise UsageError(f"op {name!r} has no torch record: known ops are {', '.join(TORCH_OPS)}") from None
 
 
-def custom_op(name: str, fn: ArrayFn, lo: float, hi: float,
-              scales: tuple[int, int] = (0, 6)) -> Op:
-    """A user function: no known asymptotes, so both outer segments are fitted freely."""
-    return Op(f"custom:{name}", fn, (float(lo), float(hi)), scales,
-              description="user-given function")
+def reference(table_op: str) -> Optional[TorchFn]:
+    """The float torch function a table of `table_op` approximates, if the op is known."""
+    key = OPS[table_op].name if table_op in OPS else table_op
+    rec = TORCH_OPS.get(key)
+    return rec.reference if rec is not None and rec.tables == (key,) else None
+
+
+def swappable() -> list[TorchOp]:
+    """The records replace_ops acts on, in registry order."""
+    return [r for r in RECORDS if r.replaces]
+
+
+def table_names() -> set[str]:
+    """Every table a drop-in may be given (`replace_ops(tables=...)` keys)."""
+    return {t for r in swappable() for t in r.tables}

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gqa_lut.functions import OPS, canonical_name
 from gqa_lut.table import Table
-from ops.modules import (LUTActivation, LUTGELU, LUTGroupNorm, LUTHardswish, LUTLayerNorm, LUTRMSNorm,
-                         LUTSigmoid, LUTSiLU, LUTSoftmax, LUTTanh, RangeReducedLUT)
+from ops import modules, registry
+from ops.modules import LUTActivation, LUTGELU, RangeReducedLUT
 from ops.tables import as_table
 
 TableLike = Table | str | Path
@@ -26,72 +27,35 @@ class Swap:
     table: str
 
 
-def _act(cls: type, op: str) -> Callable[[nn.Module, dict], nn.Module]:
-    return lambda m, t: cls(t.get(op), **t.get("_kwargs", {}))
-
-
-def _layernorm(m: nn.LayerNorm, t: dict) -> nn.Module:
-    new = LUTLayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
-                       bias=m.bias is not None, table=t.get("rsqrt"))
-    return _copy_params(m, new)
-
-
-def _rmsnorm(m: nn.RMSNorm, t: dict) -> nn.Module:
-    new = LUTRMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, table=t.get("rsqrt"))
-    return _copy_params(m, new)
-
-
-def _groupnorm(m: nn.GroupNorm, t: dict) -> nn.Module:
-    new = LUTGroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=m.affine, table=t.get("rsqrt"))
-    return _copy_params(m, new)
-
-
-def _softmax(m: nn.Softmax, t: dict) -> nn.Module:
-    return LUTSoftmax(m.dim if m.dim is not None else -1, t.get("exp"), t.get("reciprocal"))
-
-
-def _copy_params(old: nn.Module, new: nn.Module) -> nn.Module:
-    new.load_state_dict(old.state_dict(), strict=False)  # replace_ops moves it to the model's device
-    return new
-
-
-# op key -> (torch type, builder, tables the drop-in uses)
-SWAPS: dict[str, tuple[type, Callable, tuple[str, ...]]] = {
-    "gelu": (nn.GELU, _act(LUTGELU, "gelu"), ("gelu",)),
-    "silu": (nn.SiLU, _act(LUTSiLU, "swish"), ("swish",)),
-    "hswish": (nn.Hardswish, _act(LUTHardswish, "hswish"), ("hswish",)),
-    "sigmoid": (nn.Sigmoid, _act(LUTSigmoid, "sigmoid"), ("sigmoid",)),
-    "tanh": (nn.Tanh, _act(LUTTanh, "tanh"), ("tanh",)),
-    "layernorm": (nn.LayerNorm, _layernorm, ("rsqrt",)),
-    "rmsnorm": (nn.RMSNorm, _rmsnorm, ("rsqrt",)),
-    "groupnorm": (nn.GroupNorm, _groupnorm, ("rsqrt",)),
-    "softmax": (nn.Softmax, _softmax, ("exp", "reciprocal")),
-}
-LUT_TYPES = (LUTActivation, LUTLayerNorm, LUTRMSNorm, LUTGroupNorm, LUTSoftmax, RangeReducedLUT)
+# every drop-in the registry names, and the building blocks inside them: never swapped again
+LUT_TYPES = (LUTActivation, RangeReducedLUT, *(getattr(modules, r.drop_in) for r in registry.swappable()))
 
 
 def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                 ops: Optional[Iterable[str]] = None, **module_kwargs: Any) -> list[dict]:
     """Swap supported modules of `model` in place for their LUT drop-ins; return the swaps.
 
-    tables: op name (gelu, swish, hswish, sigmoid, tanh, exp, rsqrt, reciprocal) -> Table or
-    file; the shipped defaults otherwise. ops: which kinds to swap (keys of SWAPS), all by
-    default. module_kwargs (scale_mode, grad, ...) go to the activation drop-ins. Modules
-    whose class subclasses a torch one are swapped too; LUT modules and everything else are
-    left untouched. nn.TransformerEncoder/DecoderLayer's functional `activation` (F.gelu,
-    "gelu") is swapped as well, and its fused fast path disabled so the table is used.
+    tables: table name (gelu, swish, hswish, sigmoid, tanh, exp, rsqrt, reciprocal) -> Table or
+    file; the shipped defaults otherwise. ops: which ops to swap (ops/registry.py names or
+    their aliases: gelu, swish/silu, hswish, sigmoid, tanh, layernorm, rmsnorm, groupnorm,
+    softmax), all by default. module_kwargs (scale_mode, grad, ...) go to the activation
+    drop-ins. Modules whose class subclasses a torch one are swapped too; LUT modules and
+    everything else are left untouched. nn.TransformerEncoder/DecoderLayer's functional
+    `activation` (F.gelu, "gelu") is swapped as well, and its fused fast path disabled so the
+    table is used.
     """
-    chosen = list(SWAPS) if ops is None else list(ops)
-    for key in chosen:
-        if key not in SWAPS:
-            raise ValueError(f"op {key!r} cannot be swapped: choose from {', '.join(SWAPS)}")
-    needed = {name for key in chosen for name in SWAPS[key][2]}
-    given = dict(tables or {})
-    for name in given:
-        if name not in {n for v in SWAPS.values() for n in v[2]}:
-            raise ValueError(f"tables key {name!r} is not a table the drop-ins use")
-    loaded = {name: as_table(given.get(name), name) for name in needed}
-    loaded["_kwargs"] = module_kwargs
+    swappable = {r.name: r for r in registry.swappable()}
+    chosen: list[registry.TorchOp] = []
+    for key in (swappable if ops is None else ops):
+        rec = registry.TORCH_OPS.get(canonical_name(key) if key in OPS else key)
+        if rec is None or rec.name not in swappable:
+            raise ValueError(f"op {key!r} cannot be swapped: choose from {', '.join(swappable)}")
+        chosen.append(rec)
+    known = registry.table_names()
+    for name in tables or {}:
+        if name not in known:
+            raise ValueError(f"tables key {name!r} is not a table the drop-ins use: use {', '.join(sorted(known))}")
+    loaded = {name: as_table((tables or {}).get(name), name) for rec in chosen for name in rec.tables}
     report: list[Swap] = []
     anchor = next(model.parameters(), None)
     if anchor is None:
@@ -103,17 +67,18 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
             full = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, LUT_TYPES):
                 continue
-            for key in chosen:
-                typ, build, used = SWAPS[key]
-                if isinstance(child, typ):
-                    new = build(child, loaded).to(device)  # the drop-in lives where the model does
+            for rec in chosen:
+                if isinstance(child, rec.replaces):
+                    drop_in = getattr(modules, rec.drop_in)
+                    new = drop_in.from_float(child, loaded, **module_kwargs).to(device)  # where the model is
                     setattr(parent, child_name, new)
                     report.append(Swap(full, type(child).__name__, type(new).__name__,
-                                       ", ".join(loaded[u].op for u in used)))
+                                       ", ".join(loaded[t].op for t in rec.tables)))
                     break
             else:
                 visit(child, full)
-        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and "gelu" in chosen:
+        if (isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                and any(r.name == "gelu" for r in chosen)):
             act = getattr(parent, "activation", None)
             if act is F.gelu:
                 parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gqa_lut.evaluator import runtime_bits
+from gqa_lut.evaluator import output_frac_bits, runtime_bits
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table
 
@@ -49,10 +49,6 @@ def lut_int(codes: torch.Tensor, table: Table, d: int) -> torch.Tensor:
     return y.clamp(lo, hi)
 
 
-def out_frac_bits(table: Table, d: int) -> int:
-    return table.output.frac_bits if table.output is not None else table.frac_bits + max(d, 0)
-
-
 def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(S, 2^Q) integer outputs for every code of every scale, and (S,) their fractional bits."""
     if table.input_bits > 16:
@@ -61,7 +57,7 @@ def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tens
     codes = torch.arange(qmin, qmax + 1, device=device)
     rows = [lut_int(codes, table, d) for d in table.scales]
     dt = torch.int32 if all(int(r.abs().max()) < 2 ** 31 - 1 for r in rows) else torch.int64
-    frac = torch.tensor([out_frac_bits(table, d) for d in table.scales], dtype=torch.int64, device=device)
+    frac = torch.tensor([output_frac_bits(table, d) for d in table.scales], dtype=torch.int64, device=device)
     return torch.stack(rows).to(dt), frac
 
 

@@ -9,13 +9,12 @@ Needs ../shared/reference-tables (or GQA_SHARED) for the published table.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from gqa_lut.reference import convert_reference, read_reference
+from gqa_lut.reference import convert_reference, read_reference, reference_dir
 from gqa_lut.search import FitConfig, fit
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 from ops.tables import default_table
 from plots._mpl import save
 from plots.retnet_chart import retnet_figure
@@ -23,12 +22,11 @@ from plots.table_plot import plot_convergence, plot_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "figures"
-SHARED = Path(os.environ.get("GQA_SHARED", ROOT.parent / "shared"))
 
 
 def main() -> int:
-    gelu = fit("gelu", FitConfig(segments=8, frac_bits=6, range=(-4.0, 4.0), scales=(0, 6)))
-    ref, _ = convert_reference(read_reference(SHARED / "reference-tables" / "gelu_pwl_7.json"), -4.0, 4.0)
+    gelu = fit("gelu", FitConfig(segments=8, frac_bits=6, range=(-4.0, 4.0), scale_range=(0, 6)))
+    ref, _ = convert_reference(read_reference(reference_dir() / "gelu_pwl_7.json"), -4.0, 4.0)
     print(save(plot_tables([gelu, ref], get_op("gelu").fn, ["ours", "GQA-LUT published"], scale=4),
                OUT / "gelu_vs_published.png"))
     swish = default_table("swish")

@@ -1,52 +1,13 @@
-"""`gqa-lut sweep`: fit a grid of (segments, bits) for one op, write the tables, a CSV and a
-plot of error against segments for each bit-width. Fits run in parallel over processes
-through the same map hook the search uses for its fitness (here: one fit per task)."""
+"""The figure of `gqa-lut sweep`: error against segments, one line per bit-width (the fits
+themselves are gqa_lut/sweep.py)."""
 from __future__ import annotations
 
-import csv
-import io
-import itertools
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from gqa_lut.search import FitConfig, fit
-from gqa_lut.table import Table, save_table, write_text_atomic
+from gqa_lut.config import FitConfig
+from gqa_lut.sweep import fit_grid, grid_configs, save_grid
 from plots._mpl import plt, save
-
-
-def _fit_one(args: tuple) -> Table:
-    op, segments, bits, base = args
-    cfg = FitConfig(**{**base, "segments": segments, "param_bits": bits, "input_bits": bits})
-    return fit(op, cfg)
-
-
-def sweep(op: str, segments: Sequence[int], bits: Sequence[int], out_dir: Path, workers: int = 1,
-          base: Optional[dict] = None, log: Callable[[str], None] = print) -> list[dict]:
-    base = dict(base or {})
-    tasks = [(op, s, b, base) for b, s in itertools.product(bits, segments)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            tables = list(pool.map(_fit_one, tasks))
-    else:
-        tables = list(map(_fit_one, tasks))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for (_, s, b, _), t in zip(tasks, tables):
-        path = out_dir / f"{t.op.replace(':', '_')}_{b}b_{s}s.json"
-        save_table(t, path)
-        rows.append({"op": t.op, "segments": s, "bits": b, "frac_bits": t.frac_bits, "mse": t.metrics["mse"],
-                     "max_abs_err": t.metrics["max_abs_err"], "dense_mse": t.metrics["dense_mse"],
-                     "seconds": t.search["seconds"], "file": path.name})
-        log(f"{t.op} {s:>3} segments {b:>2} bits: mse {t.metrics['mse']:.3e}")
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(out_dir / "sweep.csv", text.getvalue())
-    fig = sweep_figure(rows)
-    save(fig, out_dir / "sweep.png")
-    return rows
 
 
 def sweep_figure(rows: list[dict]):
@@ -63,3 +24,12 @@ def sweep_figure(rows: list[dict]):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def sweep(op: str, segments: Sequence[int], bits: Sequence[int], out_dir: Path, workers: int = 1,
+          base: Optional[dict] = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Fit the grid (gqa_lut.sweep), write the tables and sweep.csv, and draw sweep.png."""
+    configs = grid_configs(op, segments, bits, FitConfig(**(base or {})))
+    rows = save_grid(fit_grid(op, configs, workers), out_dir, log)
+    save(sweep_figure(rows), out_dir / "sweep.png")
+    return rows

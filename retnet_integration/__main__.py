@@ -1,3 +1,4 @@
+"""`python -m retnet_integration ...` is `gqa-lut retnet ...` (retnet_integration/cli.py)."""
 import sys
 
 from gqa_lut.cli import main

@@ -317,8 +317,7 @@ def markdown(docs: list[dict]) -> str:
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def run_report(inputs: list[Path], out_json: Path, out_md: Path, plot: Optional[Path] = None,
-               log: Callable[[str], None] = print) -> dict:
+def run_report(inputs: list[Path], out_json: Path, out_md: Path, log: Callable[[str], None] = print) -> dict:
     docs = []
     for p in inputs:
         if not Path(p).is_file():
@@ -334,8 +333,4 @@ def run_report(inputs: list[Path], out_json: Path, out_md: Path, plot: Optional[
     md = markdown(docs)
     write_text_atomic(out_md, md)
     log(md)
-    if plot is not None:
-        from plots.retnet_chart import retnet_chart
-        retnet_chart(docs, plot)
-        log(f"chart -> {plot}")
     return combined

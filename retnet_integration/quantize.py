@@ -29,7 +29,6 @@ from ops.replace import calibrate, replace_ops
 from retnet_integration.layers import ActQuant, Decay, QuantLinear
 
 LUT_OPS = ("gelu", "swish", "groupnorm", "layernorm", "decay")
-REPLACE_KEY = {"gelu": "gelu", "swish": "silu", "groupnorm": "groupnorm", "layernorm": "layernorm"}
 DECAY_TABLE = Path(__file__).resolve().parent / "tables" / "decay.json"
 
 
@@ -73,7 +72,7 @@ def quantize_(model: nn.Module, mode: str | QuantMode, calib_batches: Iterable[t
     batches = list(calib_batches)
     fwd = forward or calibration_forward
     swaps = []
-    ops = [REPLACE_KEY[o] for o in m.lut_ops if o in REPLACE_KEY]
+    ops = [o for o in m.lut_ops if o != "decay"]  # ops/registry.py names; the decay is the model's own
     if ops:
         swaps = replace_ops(model, ops=ops)
     if "decay" in m.lut_ops:

@@ -1,11 +1,12 @@
-import os
 from pathlib import Path
 
 import pytest
 
+from gqa_lut.reference import reference_dir, shared_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GQA_SHARED", ROOT.parent / "shared"))
-REFERENCE_DIR = SHARED / "reference-tables"
+SHARED = shared_dir()
+REFERENCE_DIR = reference_dir()
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gqa_lut.baselines import (batch_mse, direct_table_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
+from bench.baselines import (batch_mse, direct_table_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
                                round_float_pwl, union_points)
 from gqa_lut.evaluator import raw_metrics
 from gqa_lut.search import FitConfig, fit
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 
 ROOT = Path(__file__).resolve().parents[1]
 pwlf = pytest.importorskip("pwlf")
@@ -32,7 +32,7 @@ def test_baseline_and_ours_on_a_small_config():
     assert mse == pytest.approx(raw_metrics(K, B, P, 6, rng, 8, op.fn)["mse"])  # its mse is the spec's
     for d in sc:
         assert np.all(np.diff(P[d]) > 0)
-    ours = fit(op, FitConfig(segments=4, range=rng, scales=(4, 6), frac_bits=6))
+    ours = fit(op, FitConfig(segments=4, range=rng, scale_range=(4, 6), frac_bits=6))
     assert ours.metrics["mse"] <= mse
 
 
@@ -49,7 +49,7 @@ def test_floor_and_ibert():
 
 
 def test_anchors_benchmark_quick_end_to_end():
-    r = subprocess.run([sys.executable, "bench/anchors.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "bench.anchors", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     doc = json.loads((ROOT / "bench" / "results" / "anchors_quick.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 
 from gqa_lut.search import FitConfig, fit
 from gqa_lut.table import save_table
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 from ops.tables import default_table
 from plots.retnet_chart import retnet_figure
 from plots.sweep import sweep

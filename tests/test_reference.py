@@ -7,7 +7,7 @@ import pytest
 from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import metrics, raw_metrics
 from gqa_lut.reference import convert_reference, read_reference
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 
 CASES = [("gelu_pwl_7", "gelu", (-4, 4)), ("gelu_pwl_15", "gelu", (-4, 4)),
          ("hswish_pwl_7", "hswish", (-4, 4)), ("hswish_pwl_15", "hswish", (-4, 4)),

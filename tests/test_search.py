@@ -12,7 +12,7 @@ from gqa_lut.expr import Expression
 from gqa_lut.quantization import code_values, input_codes, int_range
 from gqa_lut.search import FitConfig, fit
 from gqa_lut.table import OutputFormat
-from ops.registry import get_op
+from gqa_lut.functions import get_op
 
 QUICK = dict(population=12, generations=4, patience=3)
 
@@ -115,7 +115,7 @@ def test_process_pool_map_gives_the_same_table():
 
 
 def test_large_input_width_uses_blocks_then_refines_in_full():
-    t = fit("tanh", quick(segments=6, param_bits=12, input_bits=12, scales=(8, 9)))
+    t = fit("tanh", quick(segments=6, param_bits=12, input_bits=12, scale_range=(8, 9)))
     assert_valid(t)
     assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-6)
 
@@ -127,9 +127,9 @@ def test_large_input_width_uses_blocks_then_refines_in_full():
     (dict(input_bits=17), "input bits 17"),
     (dict(range=(2.0, 2.0)), "empty or reversed"),
     (dict(range=(3.0, -3.0)), "empty or reversed"),
-    (dict(scales=(4, 1)), "reversed"),
+    (dict(scale_range=(4, 1)), "reversed"),
     (dict(objective="median"), "objective"),
-    (dict(range=(0.1, 0.2), scales=(0, 0)), "no 8-bit input code"),
+    (dict(range=(0.1, 0.2), scale_range=(0, 0)), "no 8-bit input code"),
 ])
 def test_bad_config_is_a_clear_error(cfg, msg):
     with pytest.raises(UsageError, match=msg):

@@ -1,5 +1,5 @@
-"""The tables shipped in the package are what their scripts fit, on any CPU: integers exactly,
-floats (metrics, history) within gqa_lut.table.FLOAT_REL_TOL."""
+"""Every table shipped in the package refits from its own file (`gqa-lut refit`), on any CPU:
+integers exactly, floats (metrics, history) within gqa_lut.table.FLOAT_REL_TOL."""
 import json
 import os
 import subprocess
@@ -8,51 +8,81 @@ from pathlib import Path
 
 import pytest
 
-from gqa_lut.table import load_table
-from ops.make_default_tables import fit_default, mismatch
-from ops.tables import default_table
+from gqa_lut.refit import refit
+from gqa_lut.table import differences, load_table, table_from_json
+from ops.tables import TABLE_DIR
+from retnet_integration.quantize import DECAY_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
-INTEGER_KEYS = ("slopes", "intercepts", "breakpoints", "frac_bits", "param_bits", "input_bits", "output")
+SHIPPED = sorted(TABLE_DIR.glob("*.json")) + [DECAY_TABLE]
 
 
-@pytest.mark.parametrize("op", ["gelu", "rsqrt"])
-def test_default_table_reproduces(op):
-    assert mismatch(default_table(op), fit_default(op)) == []
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.parent.name}/{p.stem}" for p in SHIPPED])
+def test_shipped_table_refits_from_its_file(path):
+    table = load_table(path)
+    assert table.search["config"]["seed"] == 0  # the request is recorded, not only what ran
+    assert differences(table.to_json(), refit(table).to_json()) == []
 
 
-def test_retnet_decay_table_reproduces():
-    from gqa_lut.search import fit
-    from retnet_integration.make_tables import CONFIG
-    from retnet_integration.quantize import DECAY_TABLE
-    assert mismatch(load_table(DECAY_TABLE), fit("decay", CONFIG)) == []
-
-
-FIT_IN_CHILD = """
+REFIT_IN_CHILD = """
 import json, sys
-from gqa_lut.search import fit
-from ops.make_default_tables import fit_default
-from retnet_integration.make_tables import CONFIG
-print(json.dumps({"exp": fit_default("exp").to_json(), "decay": fit("decay", CONFIG).to_json()}))
+from gqa_lut.refit import refit
+from gqa_lut.table import load_table
+print(json.dumps([refit(load_table(p)).to_json() for p in sys.argv[1:]]))
 """
 
 
 def test_same_integer_tables_with_avx512_disabled():
     """numpy's vectorised exp differs in the last ulp with and without AVX-512; the search must
     not. A child process refits with those CPU features off (a no-op on CPUs without them)."""
-    from retnet_integration.quantize import DECAY_TABLE
-
+    paths = [TABLE_DIR / "exp.json", DECAY_TABLE]
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": "AVX512_ICL AVX512_SPR X86_V4", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", FIT_IN_CHILD], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", REFIT_IN_CHILD, *map(str, paths)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    child = json.loads(r.stdout)
-    for name, shipped in (("exp", default_table("exp")), ("decay", load_table(DECAY_TABLE))):
-        doc = shipped.to_json()
-        assert {k: child[name][k] for k in INTEGER_KEYS} == {k: doc[k] for k in INTEGER_KEYS}, name
-        assert mismatch(shipped, load_table_doc(child[name])) == [], name
+    for path, doc in zip(paths, json.loads(r.stdout)):
+        shipped = load_table(path)
+        for key in ("slopes", "intercepts", "breakpoints", "frac_bits"):
+            assert doc[key] == shipped.to_json()[key], (path, key)
+        assert differences(shipped.to_json(), table_from_json(doc).to_json()) == [], path
 
 
-def load_table_doc(doc):
-    from gqa_lut.table import table_from_json
-    return table_from_json(doc)
+def test_refit_cli_checks_rewrites_and_refuses(tmp_path):
+    from gqa_lut.cli import main
+
+    path = tmp_path / "g.json"
+    assert main(["fit", "--op", "gelu", "--segments", "4", "--generations", "2", "--quiet", "--out", str(path)]) == 0
+    assert main(["refit", str(path), "--check"]) == 0
+    doc = json.loads(path.read_text())
+    doc["slopes"][1] += 1  # a table that is not what its request gives
+    path.write_text(json.dumps(doc))
+    assert main(["refit", str(path), "--check"]) == 1
+    assert main(["refit", str(path)]) == 0 and main(["refit", str(path), "--check"]) == 0
+    doc = json.loads(path.read_text())
+    del doc["search"]["config"]
+    path.write_text(json.dumps(doc))
+    assert main(["refit", str(path)]) == 2  # nothing recorded to refit from: one-line error
+
+
+def test_weighted_table_needs_its_weights(tmp_path):
+    import numpy as np
+
+    from gqa_lut.cli import main
+
+    np.save(tmp_path / "w.npy", np.random.default_rng(1).normal(0, 1, 2000))
+    np.save(tmp_path / "other.npy", np.random.default_rng(2).normal(0, 1, 2000))
+    path = tmp_path / "w.json"
+    assert main(["fit", "--op", "gelu", "--segments", "4", "--generations", "2", "--quiet", "--weights",
+                 str(tmp_path / "w.npy"), "--out", str(path)]) == 0
+    assert main(["refit", str(path), "--check"]) == 2
+    assert main(["refit", str(path), "--check", "--weights", str(tmp_path / "other.npy")]) == 2
+    assert main(["refit", str(path), "--check", "--weights", str(tmp_path / "w.npy")]) == 0
+
+
+def test_custom_expression_table_refits(tmp_path):
+    from gqa_lut.cli import main
+
+    path = tmp_path / "mish.json"
+    assert main(["fit", "--expr", "x*tanh(log1p(exp(x)))", "--name", "mish", "--segments", "4",
+                 "--generations", "2", "--quiet", "--out", str(path)]) == 0
+    assert main(["refit", str(path), "--check"]) == 0

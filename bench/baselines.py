@@ -1,4 +1,4 @@
-"""The deterministic anchors our search is measured against (bench/anchors.py).
+"""The deterministic anchors our search is measured against (python -m bench.anchors).
 
 - `round_float_pwl` + `lsb_descent`: a float PWL fit (e.g. pwlf's) rounded into the same
   integer format, then greedy +-1 LSB coordinate descent on every slope, intercept and
