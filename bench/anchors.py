@@ -1,4 +1,4 @@
-"""Our search against every anchor, on one evaluator (issue: benchmark against the anchors).
+"""Our search against every anchor, on one evaluator. Run: python -m bench.anchors
 
 For gelu [-4,4], swish [-8,8], hswish [-4,4], exp [-8,0] (scales 0..6) and rsqrt [1,4) (scale 5)
 and reciprocal [1,2) (scale 6), the ranges and scales the range-reduced drop-ins use; 8 and 16

@@ -1,4 +1,4 @@
-"""Our tables against the published GQA-LUT tables, on the same evaluator (issue: core fitter).
+"""Our tables against the published GQA-LUT tables, on the same evaluator. Run: python -m bench.approximation
 
 For each of the six published configurations, fit with default settings (frac_bits 6 like
 the published tables, and again with frac_bits chosen automatically), evaluate the published

@@ -1,4 +1,4 @@
-"""Speed of LUTGELU / LUTSiLU against native F.gelu / F.silu (issue: drop-in ops).
+"""Speed of LUTGELU / LUTSiLU against native F.gelu / F.silu. Run: python -m bench.ops_speed
 
 Same process, same tensor, median of repeated runs (on CUDA, of batches of back-to-back calls); forward and forward+backward; 2^24 and
 2^26 elements; float32 and bfloat16. On CUDA, also the achieved memory bandwidth (bytes read

@@ -1,4 +1,4 @@
-"""The bounds of lut-format.md section 6, and the integer widths a runtime needs for a table.
+"""The bounds of docs/lut-format.md section 6, and the integer widths a runtime needs for a table.
 
 The loader enforces the bounds, so every table that loads can be evaluated in 64-bit
 integers; `runtime_bits` says, per table, whether 32 bits suffice. Every runtime (torch, C)

@@ -1,4 +1,4 @@
-"""The bit-exact numpy reference evaluator of lut-format.md section 3, and its metrics.
+"""The bit-exact numpy reference evaluator of docs/lut-format.md section 3, and its metrics.
 
 Every other runtime (PyTorch, C) is tested against `evaluate_codes`. Integer math is done in
 int64, which holds every accumulator a P,Q <= 16 table at |d| <= 24 can produce.

@@ -4,7 +4,7 @@ This is the bottom of the op catalogue: the fitter, the evaluator and the CLI re
 torch side (ops/registry.py) adds one record per op on top. Each op carries what the search needs beyond the function itself: the range a table is
 fitted on by default, the scales it supports by default, the inputs on which the function
 is defined at all, and what the first and last segment must do. The outer segments extend
-to +-infinity (lut-format.md, section 1), so for ops with a known asymptote we pin them to
+to +-infinity (docs/lut-format.md, section 1), so for ops with a known asymptote we pin them to
 that asymptote instead of letting the search bend them to the fitted range.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Integer formats of lut-format.md: bit-width ranges, input grids, rounding shifts."""
+"""Integer formats of docs/lut-format.md: bit-width ranges, input grids, rounding shifts."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The table file of lut-format.md: one dataclass, strict validation, atomic JSON IO."""
+"""The table file of docs/lut-format.md: one dataclass, strict validation, atomic JSON IO."""
 from __future__ import annotations
 
 import json

@@ -1,12 +1,12 @@
 """PyTorch drop-in modules whose non-linearity runs through an integer table, bit-exactly.
 
 Forward is fake-quant: the input is quantized to `input_bits` at a power-of-two scale 2^-d,
-the table is evaluated on the integer code exactly as lut-format.md says, and the integer
+the table is evaluated on the integer code exactly as docs/lut-format.md says, and the integer
 output is turned back into a real number. Backward is straight-through (see LUTFunction).
 
 NaN and inf: NaN inputs are treated as 0 and +-inf saturate to the largest/smallest input
 code, so the output is always the table's finite value there, and the gradient there is 0.
-Integer and bool tensors raise TypeError (lut-format.md section 7); float64 inputs are
+Integer and bool tensors raise TypeError (docs/lut-format.md section 7); float64 inputs are
 quantized in float64, narrower floats in float32.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ class LUTActivation(nn.Module):
             scale = covering_scale(table, max(abs(table.range[0]), abs(table.range[1])))
         self.set_scale(scale)
         self.register_buffer("amax", torch.zeros(()), persistent=False)
-        self.calibrating = False
+        self.observing = False
         if scale_mode == "learned":
             self.log2_threshold = nn.Parameter(torch.tensor(float(table.input_bits - 1 - scale)))
 
@@ -136,7 +136,7 @@ class LUTActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
-        if self.calibrating:
+        if self.observing:
             self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
                                                                   posinf=0.0, neginf=0.0).abs().max())
         if self.scale_mode == "learned":
@@ -153,8 +153,14 @@ class LUTActivation(nn.Module):
         return LUTFunction.apply(x, table, self.slopes_real, self.breakpoints, index, d,
                                  self.table.input_bits, self.grad, self._derivative)
 
-    def finish_calibration(self) -> int:
-        self.calibrating = False
+    def start_observing(self) -> None:
+        """Record the largest finite |input| of the next forward passes (ops.replace.observe)."""
+        self.amax.zero_()
+        self.observing = True
+
+    def finish_observing(self) -> int:
+        """The finest scale that holds what was observed; returns it."""
+        self.observing = False
         d = covering_scale(self.table, float(self.amax))
         self.set_scale(d)
         if self.scale_mode == "learned":

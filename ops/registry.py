@@ -21,6 +21,18 @@ from gqa_lut.errors import UsageError
 from gqa_lut.functions import OPS
 
 TorchFn = Callable[[torch.Tensor], torch.Tensor]
+# nn.RMSNorm and F.rms_norm arrived in torch 2.4; pyproject.toml states the same floor (tested)
+MIN_TORCH = (2, 4)
+
+
+def check_torch_version(version: str) -> None:
+    major, minor = (int(v) for v in version.split("+")[0].split(".")[:2])
+    if (major, minor) < MIN_TORCH:
+        raise ImportError(f"gqa-lut's ops need torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (nn.RMSNorm, F.rms_norm); "
+                          f"this is torch {version}")
+
+
+check_torch_version(torch.__version__)
 
 
 @dataclass(frozen=True)

@@ -91,18 +91,26 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     return [asdict(s) for s in report]
 
 
-@torch.no_grad()
+def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module],
+            forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> None:
+    """Run batches through the model while `observers` (modules with start_observing and
+    finish_observing: the LUT activations, the RetNet's activation quantizers) record the
+    largest |input| they see; each then sets its scale from it. The one calibration loop."""
+    for m in observers:
+        m.start_observing()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch) if forward is not None else model(batch)
+    finally:
+        for m in observers:
+            m.finish_observing()
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callable[[nn.Module, Any], Any]] = None
               ) -> dict[str, int]:
     """Run batches through the model, observe each LUT activation's largest |input|, and set
     its scale to the finest one that does not clip it. Returns {module name: scale d}."""
     acts = {n: m for n, m in model.named_modules() if isinstance(m, LUTActivation)}
-    for m in acts.values():
-        m.amax.zero_()
-        m.calibrating = True
-    try:
-        for batch in batches:
-            forward(model, batch) if forward is not None else model(batch)
-    finally:
-        scales = {n: m.finish_calibration() for n, m in acts.items()}
-    return scales
+    observe(model, batches, list(acts.values()), forward)
+    return {n: m.scale for n, m in acts.items()}

@@ -1,4 +1,4 @@
-"""The integer table in PyTorch: section 3 of lut-format.md on integer tensors, plus autograd.
+"""The integer table in PyTorch: section 3 of docs/lut-format.md on integer tensors, plus autograd.
 
 Two evaluations, always equal (tested over every input code against the numpy reference):
 - `lut_int`: the spec's formula, bucketize + integer multiply-add, in int32 when the
@@ -68,7 +68,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def require_float(x: torch.Tensor, who: str) -> None:
-    """lut-format.md section 7: an integer tensor given to a module of real values is an error."""
+    """docs/lut-format.md section 7: an integer tensor given to a module of real values is an error."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who} expects a floating-point tensor, got {type(x).__name__}")
     if not x.is_floating_point():

@@ -12,16 +12,9 @@ import numpy as np
 
 from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import evaluate
-from gqa_lut.quantization import code_values, int_range
+from gqa_lut.quantization import code_values, input_codes, int_range
 from gqa_lut.table import Table
 from plots._mpl import plt
-
-
-def _codes(table: Table, d: int, lo: float, hi: float) -> np.ndarray:
-    qmin, qmax = int_range(table.input_bits)
-    a = max(int(np.ceil(lo * 2.0 ** d)), qmin)
-    b = min(int(np.floor(hi * 2.0 ** d)), qmax)
-    return np.arange(a, b + 1)
 
 
 def plot_tables(tables: Sequence[Table], fn: Callable[[np.ndarray], np.ndarray], labels: Sequence[str],
@@ -50,7 +43,7 @@ def plot_tables(tables: Sequence[Table], fn: Callable[[np.ndarray], np.ndarray],
     top.plot(xs, fn(xs), color="black", lw=1.2, label="exact")
     worst = (0.0, 0.0, "")
     for t, name in zip(tables, labels):
-        codes = _codes(t, scale, lo, hi)
+        codes = input_codes(lo, hi, scale, t.input_bits)
         if codes.size == 0:
             raise UsageError(f"{name} has no input code in [{lo:g}, {hi:g}] at scale {scale}")
         x = code_values(codes, scale)

@@ -1,1 +1,1 @@
-"""A quantized RetNet with the LUT ops plugged in, evaluated end to end (see the open issue)."""
+"""A quantized RetNet with the LUT ops plugged in, trained and evaluated end to end on fortunes."""

@@ -38,8 +38,14 @@ class ActQuant(nn.Module):
         xq, _ = tqt_quantize(x, self.log2_threshold, self.bits, -40, 40)
         return xq
 
+    def start_observing(self) -> None:
+        self.amax.zero_()
+        self.observing = True
+
     def finish_observing(self) -> None:
+        """The threshold from the largest |input| observed (ops.replace.observe), and quantize."""
         self.observing = False
+        self.enabled = True
         with torch.no_grad():
             self.log2_threshold.fill_(math.log2(max(float(self.amax), 1e-8)))
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from gqa_lut.errors import UsageError
 from gqa_lut.table import load_table
-from ops.replace import calibrate, replace_ops
+from ops.replace import calibrate, observe, replace_ops
 from retnet_integration.layers import ActQuant, Decay, QuantLinear
 
 LUT_OPS = ("gelu", "swish", "groupnorm", "layernorm", "decay")
@@ -86,15 +86,7 @@ def quantize_(model: nn.Module, mode: str | QuantMode, calib_batches: Iterable[t
             mod.quantize_weight = m.weights
     acts = [mod for mod in model.modules() if isinstance(mod, ActQuant)]
     if m.activations:
-        with torch.no_grad():
-            for a in acts:
-                a.amax.zero_()
-                a.observing = True
-            for b in batches:
-                fwd(model, b)
-            for a in acts:
-                a.finish_observing()
-                a.enabled = True
+        observe(model, batches, acts, fwd)
         for mod in model.modules():
             if hasattr(mod, "score_quant") and hasattr(mod, "state_quant"):
                 for acc in (mod.score_quant, mod.state_quant):
