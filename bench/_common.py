@@ -34,6 +34,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (an upper bound on any one fit's in it)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "cpu_model": cpu_model()}

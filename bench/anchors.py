@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from bench._common import RESULTS, geomean, machine, print_table, write_results
+from bench._common import peak_rss_mb, RESULTS, geomean, machine, print_table, write_results
 
 from bench.baselines import (direct_table_mse, float_pwl_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
                                round_float_pwl, union_points)
@@ -108,7 +108,8 @@ def main() -> None:
         for seed in range(seeds):
             t0 = time.perf_counter()
             t = fit(op, FitConfig(segments=segments, range=rng, scale_range=scales, frac_bits=F, seed=seed))
-            ours.append((t.metrics["mse"], t.metrics["max_abs_err"], time.perf_counter() - t0, t.frac_bits))
+            ours.append((t.metrics["mse"], t.metrics["max_abs_err"], time.perf_counter() - t0, t.frac_bits,
+                         t.search["lower_bound"]))
         mses = [o[0] for o in ours]
         base = baseline(op_name, rng, scales, segments, F, pwlf_fit(op_name, rng, scales, segments, 0, args.quick))
         Fo = ours[0][3]
@@ -117,6 +118,7 @@ def main() -> None:
                "ours_median_mse": statistics.median(mses), "ours_best_mse": min(mses),
                "ours_max_abs_err_median": statistics.median(o[1] for o in ours),
                "ours_seconds_median": statistics.median(o[2] for o in ours), "ours_seeds": seeds,
+               "lower_bound": ours[0][4], "peak_rss_mb": peak_rss_mb(),
                "baseline_mse": base["mse"], "baseline_max_abs_err": base["max_abs_err"],
                "baseline_frac_bits": base["frac_bits"], "baseline_seconds": base["seconds"],
                "pwlf_seconds": base["pwlf_seconds"], "float_bound_mse": base["float_bound_mse"],
@@ -132,6 +134,7 @@ def main() -> None:
             per = [np.mean((IBERT[op_name](x) - op.fn(x)) ** 2) for x in
                    (np.ldexp(c.astype(np.float64), -d) for d, c in g.items())]
             rec["ibert_mse"] = float(np.mean(per))
+        rec["ratio_to_bound"] = rec["ours_median_mse"] / rec["lower_bound"]
         rec["ratio_to_baseline"] = rec["ours_median_mse"] / rec["baseline_mse"]
         rec["ratio_to_baseline_dp"] = rec["ours_median_mse"] / rec["baseline_dp_mse"]
         rec["ratio_to_published"] = rec["ours_median_mse"] / rec["published_mse"] if "published_mse" in rec else None
@@ -145,11 +148,13 @@ def main() -> None:
                      fmt(rec.get("published_mse")), fmt(rec["direct_table_mse"]), fmt(rec.get("ibert_mse")),
                      f"{rec['ratio_to_baseline']:.2f}", f"{rec['ratio_to_baseline_dp']:.2f}",
                      "-" if rec["ratio_to_published"] is None else f"{rec['ratio_to_published']:.2f}",
-                     f"{rec['ours_seconds_median']:.1f}", f"{rec['baseline_seconds']:.0f}", "yes" if rec["targets_met"] else "NO"])
+                     f"{rec['ours_seconds_median']:.1f}", f"{rec['baseline_seconds']:.0f}", fmt(rec["lower_bound"]),
+                     f"{rec['ratio_to_bound']:.2f}", f"{rec['peak_rss_mb']:.0f}", "yes" if rec["targets_met"] else "NO"])
         print(" | ".join(rows[-1]), flush=True)
     print()
     print_table(["op", "seg", "F", "ours med", "ours best", "pwlf+LSB", "pwlf+DP+LSB", "float bound", "published",
-                 "direct", "I-BERT", "/pwlf", "/pwlf+DP", "/pub", "ours s", "pwlf s", "met"], rows)
+                 "direct", "I-BERT", "/pwlf", "/pwlf+DP", "/pub", "ours s", "pwlf s", "bound", "/bound", "peak MB",
+                 "met"], rows)
     summary = {"rows": len(out), "targets_met_rows": sum(r["targets_met"] for r in out),
                "geomean_ratio_to_baseline": geomean([r["ratio_to_baseline"] for r in out]),
                "worst_ratio_to_baseline": max(r["ratio_to_baseline"] for r in out),

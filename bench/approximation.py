@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench._common import PUBLISHED, geomean, machine, print_table, write_results
+from bench._common import peak_rss_mb, PUBLISHED, geomean, machine, print_table, write_results
 
 from gqa_lut.evaluator import raw_metrics
 from gqa_lut.reference import read_reference, reference_dir
@@ -38,19 +38,23 @@ def main() -> None:
                                       param_bits=8, input_bits=8, seed=args.seed))
             seconds = time.perf_counter() - t0
             ours = table.metrics
+            lb = table.search["lower_bound"]
             rec = {"config": stem, "op": op_name, "range": list(rng), "segments": segments,
                    "frac_bits": table.frac_bits, "frac_bits_mode": "fixed" if frac is not None else "auto",
                    "ours": ours, "published": theirs, "fit_seconds": seconds,
                    "mse_ratio": ours["mse"] / theirs["mse"],
                    "dense_mse_ratio": ours["dense_mse"] / theirs["dense_mse"],
-                   "max_abs_err_ratio": ours["max_abs_err"] / theirs["max_abs_err"]}
+                   "max_abs_err_ratio": ours["max_abs_err"] / theirs["max_abs_err"],
+                   "lower_bound": lb, "ratio_to_bound": table.search["objective_value"] / lb,
+                   "peak_rss_mb": peak_rss_mb()}
             out.append(rec)
             rows.append([stem, f"{table.frac_bits}{'' if frac is not None else ' (auto)'}",
                          f"{ours['mse']:.3e}", f"{theirs['mse']:.3e}", f"{rec['mse_ratio']:.3f}",
                          f"{ours['dense_mse']:.2e}", f"{theirs['dense_mse']:.2e}", f"{rec['dense_mse_ratio']:.2f}",
-                         f"{ours['max_abs_err']:.3f}", f"{theirs['max_abs_err']:.3f}", f"{seconds:.2f}"])
+                         f"{ours['max_abs_err']:.3f}", f"{theirs['max_abs_err']:.3f}", f"{lb:.2e}",
+                         f"{rec['ratio_to_bound']:.2f}", f"{seconds:.2f}", f"{rec['peak_rss_mb']:.0f}"])
     print_table(["config", "F", "mse ours", "mse pub", "ratio", "dense ours", "dense pub", "ratio",
-                 "maxerr ours", "maxerr pub", "fit s"], rows)
+                 "maxerr ours", "maxerr pub", "bound", "ours/bound", "fit s", "peak MB"], rows)
     fixed = [r for r in out if r["frac_bits_mode"] == "fixed"]
     summary = {
         "geomean_mse_ratio_frac6": geomean([r["mse_ratio"] for r in fixed]),

@@ -178,10 +178,22 @@ def _summary(table: Table, out: Path) -> str:
             f"range [{table.range[0]:g}, {table.range[1]:g}]")
     tail = f"fitted in {s.get('seconds', 0):.2f}s ({s.get('generations_run', 0)} generations) -> {out}"
     rows = _metrics_rows(table, table.metrics or {})
+    rows.append(bound_line(s))
     if s.get("weighted"):
         rows.append(f"weighted {s.get('objective', 'mse')} {s.get('objective_value', float('nan')):.4e} "
                     "(the objective: errors weighted by the activation histogram, all scales)")
     return "\n".join([head, *rows, tail])
+
+
+def bound_line(search: dict) -> str:
+    """How far the fit is from what any table could reach on its grids."""
+    lb, value = search.get("lower_bound"), search.get("objective_value")
+    if search.get("optimal"):
+        return f"optimal: the exact optimum of its scale ({search.get('objective', 'mse')} {value:.4e})"
+    if lb is None or value is None:
+        return "lower bound: none for this objective (exact bounds exist for mse without output quantization)"
+    return (f"lower bound {lb:.4e} (each scale's exact optimum, summed): the objective is "
+            f"{value / lb:.2f}x it" if lb > 0 else f"lower bound 0: objective {value:.4e}")
 
 
 @contextmanager
@@ -237,6 +249,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"file": str(out), "op": table.op, "segments": table.segments,
                           "frac_bits": table.frac_bits, "metrics": table.metrics,
+                          "lower_bound": table.search["lower_bound"], "optimal": table.search["optimal"],
                           "seconds": table.search["seconds"]}, indent=2))
     elif not args.quiet:
         print(_summary(table, out))

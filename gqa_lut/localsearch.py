@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqa_lut.linefit import fit_lines, total
+from gqa_lut.exact import exact_lines
+from gqa_lut.linefit import fit_lines, moments, total
 from gqa_lut.problem import Problem
 from gqa_lut.segmentation import assign, assign_real, line_outputs, place, position_costs
 
@@ -31,9 +32,17 @@ class Population:
         return Population(self.K[i], self.B[i], self.idx[i], self.fitness[i])
 
 
+CHUNK_ELEMENTS = 1 << 22  # (individuals x scales x positions x segments) per DP batch: ~32 MB a float array
+
+
 def resegment(problem: Problem, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return place(position_costs(problem, line_outputs(problem, K, B)), problem.start,
-                 problem.objective == "max")
+    """Optimal breakpoints of every scale for each table's lines (the DP), in batches whose
+    memory is linear in positions x segments, whatever the population."""
+    per_table = problem.dscale.size * problem.num_positions * problem.segments
+    step = max(1, CHUNK_ELEMENTS // per_table)
+    parts = [place(position_costs(problem, line_outputs(problem, K[i:i + step], B[i:i + step])), problem.start,
+                   problem.objective == "max") for i in range(0, K.shape[0], step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def lloyd(problem: Problem, p: np.ndarray, rounds: int = 1) -> Population:
@@ -87,6 +96,47 @@ def _moves(problem: Problem, K: np.ndarray, B: np.ndarray, idx: np.ndarray) -> t
                 Ks.append(k2)
                 Bs.append(b2)
     return np.array(Ks, dtype=np.int64).reshape(-1, N), np.array(Bs, dtype=np.int64).reshape(-1, N)
+
+
+def exact_lines_step(problem: Problem, pop: Population) -> tuple[np.ndarray, np.ndarray]:
+    """Every segment's exact integer line for the current breakpoints (pooled over all scales);
+    pinned tails and segments no scored code reaches keep their lines."""
+    S = moments(problem, assign(problem, pop.idx))
+    K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
+    keep = S[0] <= 0
+    if problem.left_tail is not None:
+        keep[:, 0] = True
+    if problem.right_tail is not None:
+        keep[:, -1] = True
+    return np.where(keep, pop.K, K.astype(np.int64)), np.where(keep, pop.B, B.astype(np.int64))
+
+
+def exact_alternation(problem: Problem, pop: Population, rounds: int = 100) -> Population:
+    """Alternate exact lines and exact breakpoints until nothing improves (mse objective without
+    output quantization; otherwise the windowed `improve`). Never makes a table worse."""
+    if problem.objective != "mse" or problem.output is not None:
+        return improve(problem, pop, rounds)
+    for _ in range(rounds):
+        K, B = exact_lines_step(problem, pop)
+        idx, fit = resegment(problem, K, B)
+        better = fit < pop.fitness * (1 - 1e-12)
+        if not better.any():
+            break
+        pop = Population(np.where(better[:, None], K, pop.K), np.where(better[:, None], B, pop.B),
+                         np.where(better[:, None, None], idx, pop.idx), np.where(better, fit, pop.fitness))
+    return pop
+
+
+def polish_budget(segments: int) -> int:
+    """Polish iterations: 200 up to 16 segments, then falling as 1/N^2 (an iteration re-places
+    the breakpoints of 6N tables of N segments, so it costs N^2), at least 1."""
+    return max(1, min(200, 200 * 16 * 16 // (segments * segments)))
+
+
+def finish(problem: Problem, best: Population) -> Population:
+    """Exact alternation, then the +-1 LSB polish, for one table."""
+    best = exact_alternation(problem, best)
+    return polish(problem, best, polish_budget(problem.segments))
 
 
 def polish(problem: Problem, best: Population, max_iters: int = 200) -> Population:

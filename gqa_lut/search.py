@@ -27,7 +27,8 @@ from gqa_lut.config import FitConfig, FitSpec, resolve_op, validate_config
 from gqa_lut.evaluator import metrics
 from gqa_lut.functions import Op
 from gqa_lut.linefit import fit_lines, least_squares_slope, moments, total
-from gqa_lut.localsearch import Population, improve, lloyd, polish, resegment
+from gqa_lut.exact import lower_bound, scale_optimum
+from gqa_lut.localsearch import Population, exact_alternation, finish, improve, lloyd, resegment
 from gqa_lut.problem import Problem, build_problem
 from gqa_lut.quantization import choose_frac_bits
 from gqa_lut.seeding import union_breakpoints
@@ -165,34 +166,114 @@ class _Progress:
 
 def fit(op: Op | str | Callable, config: Optional[FitConfig] = None, *, map_fn: Callable = map,
         progress: Optional[Callable[[int, int, float], None]] = None) -> Table:
-    """Fit a quantization-aware integer PWL table; the same config and seed give the same table."""
+    """Fit a quantization-aware integer PWL table; the same config and seed give the same table.
+
+    Never worse than the table the same request finds with half the segments (it is one of
+    the starts), and with --objective max never above the mse fit's max_abs_err."""
     cfg = config or FitConfig()
     spec = validate_config(resolve_op(op, cfg), cfg)
     t0 = time.perf_counter()
+    result = _best_of_fits(spec, map_fn, _Progress(progress, spec.generations))
+    if spec.objective == "max":  # start minimax from the mse solution too; keep the smaller max error
+        mse = _best_of_fits(replace(spec, objective="mse"), map_fn, _Progress(None, 0))
+        result = min(result, _restart(mse, replace(spec, frac_bits=mse.problem.frac_bits)),
+                     key=lambda r: (r.metrics["max_abs_err"], r.objective))
+    table = result.table
+    seconds = time.perf_counter() - t0
+    search = {
+        "config": cfg.to_json(), "seed": spec.seed, "generations_run": result.generations,
+        "seconds": round(seconds, 3), "tool_version": __version__, "objective": spec.objective,
+        "objective_value": result.objective, "frac_bits_auto": cfg.frac_bits is None,
+        "weighted": spec.weights is not None, "history": result.history,
+        "lower_bound": result.lower_bound, "optimal": result.optimal, **cfg.extra,
+    }
+    return table.with_(search=search)
+
+
+class _Fit:
+    """One finished search: the problem it ran on, its best table and how it got there."""
+
+    def __init__(self, spec: FitSpec, problem: Problem, best: Population, history: list[dict], generations: int):
+        self.spec, self.problem, self.best, self.history, self.generations = spec, problem, best, history, generations
+        table = _to_table(problem, spec.op, best)
+        self.table = table.with_(metrics=metrics(table, spec.op.fn))
+        self.metrics = self.table.metrics
+        self.objective = float(best.fitness[0])
+        self.lower_bound = lower_bound(problem) if problem.objective == "mse" else None
+        self.optimal = bool(self.lower_bound is not None
+                            and self.objective <= self.lower_bound * (1 + OPTIMAL_REL_TOL) + 1e-300)
+
+
+OPTIMAL_REL_TOL = 1e-9  # out-of-range codes carry a 1e-9 relative tie-breaking weight in the DP
+
+
+def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
+    """The search at this many segments, and the half-as-many fit embedded into it: the better."""
     rstate = random.getstate()
     random.seed(spec.seed)
     try:
-        if spec.frac_bits is None:
-            spec = replace(spec, frac_bits=auto_frac_bits(spec))
-        problem = build_problem(spec)
-        best, history, gens = _genetic_search(problem, spec, map_fn, _Progress(progress, spec.generations))
+        resolved = spec if spec.frac_bits is not None else replace(spec, frac_bits=auto_frac_bits(spec))
+        own = _search(resolved, map_fn, progress)
     finally:
         random.setstate(rstate)
+    if own.optimal or spec.segments // 2 < MIN_EMBED_SEGMENTS:
+        return own
+    # the same request with half the segments (its own automatic frac_bits, if asked for)
+    fewer = _best_of_fits(replace(spec, segments=spec.segments // 2), map_fn, _Progress(None, 0))
+    embedded = _restart(fewer, replace(resolved, frac_bits=fewer.problem.frac_bits))
+    return min((own, embedded), key=lambda r: r.objective)
+
+
+MIN_EMBED_SEGMENTS = 2
+
+
+def _restart(src: _Fit, spec: FitSpec) -> _Fit:
+    """src's table as a start for `spec` (more segments: copies of its first line, which change no
+    output), then exact alternation and polish on spec's problem."""
+    problem = build_problem(spec)
+    extra = spec.segments - src.problem.segments
+    K = np.concatenate([np.repeat(src.best.K[:, :1], extra, axis=1), src.best.K], axis=1)
+    B = np.concatenate([np.repeat(src.best.B[:, :1], extra, axis=1), src.best.B], axis=1)
+    idx, fitness = resegment(problem, K, B)
+    best = finish(problem, Population(K, B, idx, fitness))
+    history = src.history + [{"phase": f"from {src.problem.segments} segments", "best": float(best.fitness[0])}]
+    return _Fit(spec, problem, best, history, src.generations)
+
+
+def _search(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
+    problem = build_problem(spec)
+    if len(spec.scales) == 1:
+        opt = scale_optimum(problem, 0)
+        if opt is not None:  # one scale: the exact DP is the optimum, no search needed
+            idx, fitness = resegment(problem, opt.K[None], opt.B[None])
+            best = Population(opt.K[None], opt.B[None], idx, fitness)
+            progress(0, float(fitness[0]))
+            return _Fit(spec, problem, best, [{"phase": "exact", "best": float(fitness[0])}], 0)
+    best, history, gens = _genetic_search(problem, spec, map_fn, progress)
     best = improve(problem, best, rounds=50, tol=0.0)
-    best = polish(problem, best)
+    history.append({"phase": "alternate", "best": float(best.fitness[0])})
+    best = finish(problem, best)
+    history.append({"phase": "polish", "best": float(best.fitness[0])})
+    if problem.objective == "mse" and problem.output is None:
+        starts = [scale_optimum(problem, r) for r in range(problem.dscale.size)]
+        starts = [s for s in starts if s is not None]
+        if starts:
+            K = np.stack([s.K for s in starts])
+            B = np.stack([s.B for s in starts])
+            idx, fitness = resegment(problem, K, B)
+            cand = exact_alternation(problem, Population(K, B, idx, fitness))
+            j = int(np.argmin(cand.fitness))
+            if cand.fitness[j] < best.fitness[0]:
+                best = finish(problem, cand.take(j))
+            history.append({"phase": "per-scale optima", "best": float(best.fitness[0])})
     if not problem.full:
         problem = build_problem(spec, max_positions=1 << 30)
         idx, _ = resegment(problem, best.K, best.B)  # the best lines' breakpoints on the full grid
         K, B, E = fit_lines(problem, assign(problem, idx), keep=(best.K, best.B))
         best = improve(problem, Population(K, B, idx, total(problem, E)), rounds=3)
-    table = _to_table(problem, spec.op, best)
-    seconds = time.perf_counter() - t0
-    return table.with_(metrics=metrics(table, spec.op.fn), search={
-        "config": cfg.to_json(), "seed": spec.seed, "generations_run": gens,
-        "seconds": round(seconds, 3), "tool_version": __version__, "objective": spec.objective,
-        "objective_value": float(best.fitness[0]), "frac_bits_auto": cfg.frac_bits is None,
-        "weighted": spec.weights is not None, "history": history, **cfg.extra,
-    })
+        history.append({"phase": "full grid", "best": float(best.fitness[0])})
+    progress(gens, float(best.fitness[0]))
+    return _Fit(spec, problem, best, history, gens)
 
 
 def _genetic_search(problem: Problem, cfg: FitSpec, map_fn: Callable, progress: _Progress

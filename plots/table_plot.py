@@ -76,15 +76,24 @@ def plot_tables(tables: Sequence[Table], fn: Callable[[np.ndarray], np.ndarray],
 
 
 def plot_convergence(tables: Sequence[Table], labels: Sequence[str]):
-    """Best and mean fitness per generation from each table's search history (log y)."""
+    """Best and mean fitness per generation from each table's search history (log y), then one
+    marker per phase that followed the GA."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for t, name in zip(tables, labels):
         hist = (t.search or {}).get("history")
         if not hist:
             raise UsageError(f"{name} has no search history: it was not fitted by this tool's search")
-        g = [h["gen"] for h in hist]
-        line, = ax.plot(g, [h["best"] for h in hist], lw=1.5, label=f"{name}: best")
-        ax.plot(g, [h["mean"] for h in hist], lw=1.0, ls="--", color=line.get_color(), label=f"{name}: population mean")
+        gens = [h for h in hist if "gen" in h]
+        g = [h["gen"] for h in gens]
+        line, = ax.plot(g, [h["best"] for h in gens], lw=1.5, label=f"{name}: best")
+        ax.plot(g, [h["mean"] for h in gens], lw=1.0, ls="--", color=line.get_color(), label=f"{name}: population mean")
+        # the phases after the GA (alternation, polish, exact starts, ...) as markers past it
+        phases = [h for h in hist if "phase" in h]
+        x0 = (g[-1] if g else 0) + 1
+        for i, h in enumerate(phases):
+            ax.plot([x0 + i], [h["best"]], marker="o", ms=4, color=line.get_color())
+            ax.annotate(h["phase"], (x0 + i, h["best"]), fontsize=6, rotation=45, xytext=(2, 2),
+                        textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("generation")
     ax.set_ylabel(f"objective ({(tables[0].search or {}).get('objective', 'mse')})")

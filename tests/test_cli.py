@@ -27,7 +27,8 @@ def test_fit_swish_8_bits_writes_a_valid_table(tmp_path):
     assert t.op == "swish" and t.segments == 8 and t.param_bits == 8 and t.input_bits == 8
     assert t.scales == list(range(7)) and t.metrics["mse"] < 2e-4
     assert "mse" in r.stdout and "swish_8b_8s.json" in r.stdout
-    assert [h["gen"] for h in t.search["history"]][:2] == [0, 1]
+    assert [h["gen"] for h in t.search["history"] if "gen" in h][:2] == [0, 1]
+    assert "lower bound" in r.stdout and t.search["lower_bound"] <= t.search["objective_value"]
 
     e = run("eval", "swish_8b_8s.json", "--json", cwd=tmp_path)
     assert e.returncode == 0, e.stderr

@@ -1,0 +1,145 @@
+"""Exact steps: the best integer line for a set of points, and the optimal table of one scale.
+
+A line's weighted squared error on a set of points is a convex quadratic in its real
+(k, b), known from six moments. For a fixed integer slope K the best integer intercept is the
+rounded (then saturated) real optimum, because the error is a 1-D convex parabola in B. Over K,
+the error minimised over a *real* b is a parabola g(K) = g* + alpha (K - K*)^2 that bounds the
+integer error from below, so every K with g(K) above the best integer error found so far can
+be skipped: enumerating the remaining K is exact and usually a handful of candidates.
+
+With exact lines for every run of consecutive codes, one scale's optimal table is a DP over
+runs (at most N, optionally opened and closed by the pinned tail lines): provably optimal for
+the spec's mse on that scale. Summed over scales it bounds any shared multi-scale table from
+below, since sharing lines across scales can only add error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+
+from gqa_lut.linefit import WINDOW, best_intercepts, least_squares_slope, quadratic_error
+from gqa_lut.problem import Problem
+
+MAX_EXACT_CODES = 1024  # one scale's interval table is O(T^2): beyond this no exact optimum
+
+
+def exact_lines(S: np.ndarray, frac_bits: int, pmin: int, pmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integer (K, B) of least quadratic error for every entry of moments S (6, ...):
+    returns K, B (float arrays of integers) and the error. Entries without weight get (0, 0)."""
+    S1, Sx, Sxx, Sf, Sxf, Sff = S
+    shape = S1.shape
+    k, _ = least_squares_slope(S)
+    best_K = np.zeros(shape)
+    best_B = np.zeros(shape)
+    best_E = np.full(shape, np.inf)
+    k0 = np.rint(np.ldexp(k, frac_bits))
+    for delta in range(-WINDOW, WINDOW + 1):  # a good first candidate, then the exact range
+        K = np.clip(k0 + delta, pmin, pmax)
+        B = best_intercepts(S, K, frac_bits, pmin, pmax)
+        E = quadratic_error(S, K, B, frac_bits)
+        better = E < best_E
+        best_K, best_B, best_E = np.where(better, K, best_K), np.where(better, B, best_B), np.where(better, E, best_E)
+    safe = np.where(S1 > 0, S1, 1.0)
+    alpha = (S1 * Sxx - Sx * Sx) / safe  # curvature of g in real k
+    g_star = Sff - 2 * k * Sxf + k * k * Sxx - (Sf - k * Sx) ** 2 / safe
+    # every K with g(K) <= best_E; widened for rounding in the moments (never narrowed)
+    slack = np.maximum(best_E - g_star, 0.0) * (1 + 1e-6) + 1e-12 * np.maximum(np.abs(Sff), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        half = np.where(alpha > 0, np.ldexp(np.sqrt(slack / np.where(alpha > 0, alpha, 1.0)), frac_bits), np.inf)
+    centre = np.ldexp(k, frac_bits)
+    lo = np.where(np.isfinite(half), np.clip(np.floor(centre - half) - 1, pmin, pmax), pmin)
+    hi = np.where(np.isfinite(half), np.clip(np.ceil(centre + half) + 1, pmin, pmax), pmax)
+    width = np.where(S1 > 0, hi - lo + 1, 0).astype(np.int64).ravel()
+    lo, bK, bB, bE = lo.ravel(), best_K.ravel(), best_B.ravel(), best_E.ravel()
+    flat = [s.ravel() for s in S]
+    for off in range(int(width.max(initial=0))):
+        act = np.nonzero(width > off)[0]
+        K = lo[act] + off
+        Sa = np.stack([s[act] for s in flat])
+        B = best_intercepts(Sa, K, frac_bits, pmin, pmax)
+        E = quadratic_error(Sa, K, B, frac_bits)
+        better = E < bE[act]
+        sel = act[better]
+        bK[sel], bB[sel], bE[sel] = K[better], B[better], E[better]
+    bE = np.where(S1.ravel() > 0, bE, 0.0)
+    return bK.reshape(shape), bB.reshape(shape), bE.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ScaleOptimum:
+    """The optimal table of one scale: its objective, and lines (N,) in segment order."""
+
+    cost: float
+    K: np.ndarray
+    B: np.ndarray
+
+
+def _prefix_moments(x: np.ndarray, w: np.ndarray, f: np.ndarray) -> np.ndarray:
+    wx, wf = w * x, w * f
+    cols = np.stack([w, wx, wx * x, wf, wx * f, wf * f], axis=1)
+    return np.vstack([np.zeros((1, 6)), np.cumsum(cols, axis=0)])
+
+
+@lru_cache(maxsize=128)  # a fit asks for each scale's optimum for its bound and for its starts
+def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
+    """The exact optimum of scale `row` alone (mse objective, no output quantization), or None
+    when its grid is too large for the O(T^2) interval table."""
+    sel = problem.inside[row]
+    x, w, f = problem.x[row, sel], problem.w[row, sel], problem.f[row, sel]
+    T = x.size
+    if T > MAX_EXACT_CODES or problem.objective != "mse" or problem.output is not None:
+        return None
+    F, N = problem.frac_bits, problem.segments
+    P = _prefix_moments(x, w, f)
+    S = (P[None, :, :] - P[:, None, :]).transpose(2, 0, 1)  # S[:, s, t]: codes s..t-1
+    K, B, C = exact_lines(S, F, problem.pmin, problem.pmax)
+    C = np.where(np.triu(np.ones((T + 1, T + 1), dtype=bool), 1), C, np.inf)
+    left, right = problem.left_tail, problem.right_tail
+    free = N - (left is not None) - (right is not None)
+    # a pinned tail either opens (closes) the scale's run of segments or is parked outside it
+    first = np.full(T + 1, np.inf)
+    if left is not None:
+        first = quadratic_error(S[:, 0, :], np.float64(left[0]), np.float64(left[1]), F)
+    first[0] = 0.0
+    last = np.full(T + 1, np.inf)
+    if right is not None:
+        last = quadratic_error(S[:, :, T], np.float64(right[0]), np.float64(right[1]), F)
+    last[T] = 0.0
+    layers, back = [first], []
+    for _ in range(free):
+        total = layers[-1][:, None] + C
+        back.append(np.argmin(total, axis=0))
+        layers.append(np.min(total, axis=0))
+    ends = np.array([layer + last for layer in layers])  # (free+1, T+1): j free runs, then the tail
+    j, t = np.unravel_index(int(np.argmin(ends)), ends.shape)
+    cost = float(ends[j, t])
+    runs = []
+    while j > 0:
+        s = int(back[j - 1][t])
+        runs.append((int(K[s, t]), int(B[s, t]), t - s))
+        t, j = s, j - 1
+    lines = runs[::-1]
+    while len(lines) < free:  # unused free segments: copies of the longest run's line
+        i = max(range(len(lines)), key=lambda i: lines[i][2]) if lines else None
+        lines.insert(0, (0, 0, 0)) if i is None else lines.insert(i + 1, lines[i])
+    Ks = ([left[0]] if left else []) + [ln[0] for ln in lines] + ([right[0]] if right else [])
+    Bs = ([left[1]] if left else []) + [ln[1] for ln in lines] + ([right[1]] if right else [])
+    return ScaleOptimum(cost, np.array(Ks, dtype=np.int64), np.array(Bs, dtype=np.int64))
+
+
+def lower_bound(problem: Problem) -> Optional[float]:
+    """A bound no table of this problem goes below: each scale's own optimum, summed (the
+    objective is a sum over scales). None where no exact optimum exists (minimax, output
+    quantization, grids over MAX_EXACT_CODES, a subsampled problem)."""
+    if not problem.full:
+        return None
+    total = 0.0
+    for row in range(problem.dscale.size):
+        opt = scale_optimum(problem, row)
+        if opt is None:
+            return None
+        total += opt.cost
+    return total
