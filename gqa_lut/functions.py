@@ -33,6 +33,12 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation, what nn.GELU(approximate='tanh') and GPT-2's NewGELU compute."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     # Split by sign so that neither branch overflows exp for large |x|.
@@ -123,6 +129,8 @@ def register(op: Op) -> Op:
 
 register(Op("gelu", gelu, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
             description="GELU through erf (not the tanh form); tails -> 0 and -> x"))
+register(Op("gelu_tanh", gelu_tanh, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
+            description="GELU's tanh form (nn.GELU(approximate='tanh')); tails -> 0 and -> x"))
 register(Op("swish", swish, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
             description="x*sigmoid(x); tails -> 0 and -> x", aliases=("silu",)))
 register(Op("hswish", hswish, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),

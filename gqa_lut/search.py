@@ -26,7 +26,7 @@ from gqa_lut import __version__
 from gqa_lut.config import FitConfig, FitSpec, resolve_op, validate_config
 from gqa_lut.evaluator import metrics
 from gqa_lut.functions import Op
-from gqa_lut.linefit import fit_lines, least_squares_slope, moments, total
+from gqa_lut.linefit import fit_lines, least_squares_slope, moments, segment_errors, total
 from gqa_lut.exact import lower_bound, scale_optimum
 from gqa_lut.localsearch import Population, exact_alternation, finish, improve, lloyd, resegment
 from gqa_lut.problem import Problem, build_problem
@@ -198,13 +198,20 @@ class _Fit:
         table = _to_table(problem, spec.op, best)
         self.table = table.with_(metrics=metrics(table, spec.op.fn))
         self.metrics = self.table.metrics
-        self.objective = float(best.fitness[0])
+        self.objective = scored_objective(problem, best)
         self.lower_bound = lower_bound(problem) if problem.objective == "mse" else None
         self.optimal = bool(self.lower_bound is not None
                             and self.objective <= self.lower_bound * (1 + OPTIMAL_REL_TOL) + 1e-300)
 
 
-OPTIMAL_REL_TOL = 1e-9  # out-of-range codes carry a 1e-9 relative tie-breaking weight in the DP
+OPTIMAL_REL_TOL = 1e-9
+
+
+def scored_objective(problem: Problem, best: Population) -> float:
+    """The objective of the table on the codes the spec scores: the breakpoint DP's own value
+    also holds a tiny tie-breaking weight for codes outside the fitted range."""
+    seg = assign(problem, best.idx[:1])
+    return float(total(problem, segment_errors(problem, moments(problem, seg), seg, best.K[:1], best.B[:1]))[0])
 
 
 def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:

@@ -79,6 +79,7 @@ class LUTActivation(nn.Module):
     """
 
     op: Optional[str] = None  # the table function of a named drop-in (LUTGELU: "gelu")
+    range_reduced = False  # True inside norms and softmax: the input's range is fixed by the drop-in
 
     def __init__(self, table: Table, scale: Optional[int] = None, scale_mode: str = "fixed",
                  grad: str = "exact", fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
@@ -192,6 +193,7 @@ def activation_class(op: str) -> type:
 
 
 LUTGELU = activation_class("gelu")
+LUTGELUTanh = activation_class("gelu_tanh")
 LUTSiLU = activation_class("swish")
 LUTHardswish = activation_class("hswish")
 LUTSigmoid = activation_class("sigmoid")
@@ -215,6 +217,7 @@ class RangeReducedLUT(nn.Module):
         t = as_table(table, op)
         hi = 4.0 if op == "rsqrt" else 2.0
         self.lut = LUTActivation(t, scale=covering_scale(t, hi - 2.0 ** -max(t.scales)), grad=grad)
+        self.lut.range_reduced = True  # its input is a mantissa of known range: never re-scaled
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
@@ -328,8 +331,11 @@ class LUTSoftmax(nn.Module):
 
 
 def exp_module(table: Table) -> LUTActivation:
-    """The exp table at the scale that covers its whole fitted range (x <= 0 down to lo)."""
-    return LUTActivation(table, scale=covering_scale(table, abs(table.range[0])))
+    """The exp table at the scale that covers its whole fitted range (x <= 0 down to lo); its
+    input is a difference to the maximum, so calibration never re-scales it."""
+    m = LUTActivation(table, scale=covering_scale(table, abs(table.range[0])))
+    m.range_reduced = True
+    return m
 
 
 @lru_cache(maxsize=16)

@@ -43,10 +43,23 @@ class TorchOp:
     replaces: tuple[type, ...] = ()  # exact torch classes (and subclasses) swapped by replace_ops
     drop_in: Optional[str] = None  # class name in ops.modules, with a `from_float` constructor
     doc: str = ""
+    when: Optional[Callable[[nn.Module], bool]] = None  # which modules of those classes it stands for
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)  # the erf form, like gqa_lut.functions.gelu
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _erf_gelu(m: nn.Module) -> bool:
+    return getattr(m, "approximate", "none") == "none"
+
+
+def _tanh_gelu(m: nn.Module) -> bool:
+    return getattr(m, "approximate", "none") == "tanh"
 
 
 def _decay(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +67,9 @@ def _decay(x: torch.Tensor) -> torch.Tensor:
 
 
 RECORDS = (
-    TorchOp("gelu", _gelu, ("gelu",), (nn.GELU,), "LUTGELU", "GELU"),
+    TorchOp("gelu", _gelu, ("gelu",), (nn.GELU,), "LUTGELU", "GELU", when=_erf_gelu),
+    TorchOp("gelu_tanh", _gelu_tanh, ("gelu_tanh",), (nn.GELU,), "LUTGELUTanh", "GELU(approximate='tanh')",
+            when=_tanh_gelu),
     TorchOp("swish", F.silu, ("swish",), (nn.SiLU,), "LUTSiLU", "SiLU"),
     TorchOp("hswish", F.hardswish, ("hswish",), (nn.Hardswish,), "LUTHardswish", "Hardswish"),
     TorchOp("sigmoid", torch.sigmoid, ("sigmoid",), (nn.Sigmoid,), "LUTSigmoid", "Sigmoid"),

@@ -21,10 +21,25 @@ TableLike = Table | str | Path
 
 @dataclass(frozen=True)
 class Swap:
+    """One module: swapped (new, table) or kept in float (new None, and why)."""
+
     name: str
     old: str
-    new: str
-    table: str
+    new: Optional[str]
+    table: Optional[str]
+    reason: str = ""
+
+
+def overrides_forward(cls: type, bases: tuple[type, ...]) -> Optional[type]:
+    """The torch base whose forward a subclass replaces (None if it keeps the base's): such a
+    module computes something else (LayerNorm2d permutes channels first), so swapping it for
+    the base's drop-in would silently change the model."""
+    for base in bases:
+        if issubclass(cls, base) and cls is not base:
+            for k in cls.__mro__[:cls.__mro__.index(base)]:
+                if "forward" in vars(k):
+                    return base
+    return None
 
 
 # every drop-in the registry names, and the building blocks inside them: never swapped again
@@ -63,12 +78,18 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     device = anchor.device if anchor is not None else torch.device("cpu")
 
     def visit(parent: nn.Module, prefix: str) -> None:
+        before = len(report)
         for child_name, child in list(parent.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, LUT_TYPES):
                 continue
             for rec in chosen:
-                if isinstance(child, rec.replaces):
+                if isinstance(child, rec.replaces) and (rec.when is None or rec.when(child)):
+                    base = overrides_forward(type(child), rec.replaces)
+                    if base is not None:  # its own forward means something the drop-in does not know
+                        report.append(Swap(full, type(child).__name__, None, None,
+                                           f"kept float: {type(child).__name__} overrides {base.__name__}.forward"))
+                        break
                     drop_in = getattr(modules, rec.drop_in)
                     new = drop_in.from_float(child, loaded, **module_kwargs).to(device)  # where the model is
                     setattr(parent, child_name, new)
@@ -84,8 +105,10 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                 parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)
                 report.append(Swap(f"{prefix}.activation" if prefix else "activation", "F.gelu", "LUTGELU",
                                    loaded["gelu"].op))
-            if isinstance(parent.activation, LUTActivation):
-                parent.activation_relu_or_gelu = 0  # the fused kernel would bypass the table
+        if isinstance(parent, nn.TransformerEncoderLayer) and any(r.new for r in report[before:]):
+            # the fused inference kernel reads the norms' weights and the activation itself and
+            # would bypass every drop-in inside the layer
+            parent.activation_relu_or_gelu = 0
 
     visit(model, "")
     return [asdict(s) for s in report]
@@ -96,6 +119,9 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
     """Run batches through the model while `observers` (modules with start_observing and
     finish_observing: the LUT activations, the RetNet's activation quantizers) record the
     largest |input| they see; each then sets its scale from it. The one calibration loop."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration got no batches: give at least one batch of real inputs")
     for m in observers:
         m.start_observing()
     try:
@@ -110,7 +136,9 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
 def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callable[[nn.Module, Any], Any]] = None
               ) -> dict[str, int]:
     """Run batches through the model, observe each LUT activation's largest |input|, and set
-    its scale to the finest one that does not clip it. Returns {module name: scale d}."""
-    acts = {n: m for n, m in model.named_modules() if isinstance(m, LUTActivation)}
+    its scale to the finest one that does not clip it. Returns {module name: scale d}. Tables
+    whose input a drop-in range-reduces (the rsqrt inside norms, exp and 1/x inside softmax)
+    keep the scale that fits that fixed range."""
+    acts = {n: m for n, m in model.named_modules() if isinstance(m, LUTActivation) and not m.range_reduced}
     observe(model, batches, list(acts.values()), forward)
     return {n: m.scale for n, m in acts.items()}

@@ -157,11 +157,15 @@ class LUTFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None, None, None
 
 
-def derivative_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """d fn / dx elementwise, by autograd on a detached copy (any torch-expressible op)."""
-    def g(x: torch.Tensor) -> torch.Tensor:
+class derivative_of:
+    """d fn / dx elementwise, by autograd on a detached copy (any torch-expressible op). A class,
+    not a closure, so a model holding drop-ins can be pickled (torch.save(model))."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             xd = x.detach().requires_grad_(True)
-            (out,) = torch.autograd.grad(fn(xd).sum(), xd)
+            (out,) = torch.autograd.grad(self.fn(xd).sum(), xd)
         return out
-    return g

@@ -268,3 +268,75 @@ def test_lut_exp_refuses_positive_inputs():
     with pytest.raises(ValueError, match="input 5 > 0 is outside the exp table"):
         lut_exp(torch.tensor([-1.0, 5.0]))
     assert lut_exp(torch.tensor([-1.0, 0.0])).shape == (2,)
+
+
+# --- replace_ops on modules it must not break ---------------------------------------------------
+
+class _ChannelsFirstLayerNorm(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm subclass whose own forward permutes channels first."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _PlainSubclass(nn.LayerNorm):
+    pass
+
+
+def test_subclasses_that_override_forward_stay_float_and_say_why():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), _ChannelsFirstLayerNorm(8), nn.Flatten(), _PlainSubclass(8 * 16))
+    x = torch.randn(2, 3, 4, 4)
+    ref = m(x)
+    report = replace_ops(m)
+    assert isinstance(m[1], _ChannelsFirstLayerNorm) and isinstance(m[3], LUTLayerNorm)
+    kept = [r for r in report if r["new"] is None]
+    assert [r["name"] for r in kept] == ["1"] and "overrides LayerNorm.forward" in kept[0]["reason"]
+    assert ((m(x) - ref).norm() / ref.norm()) < 0.05  # no silently changed model
+
+
+def test_tanh_gelu_gets_its_own_table():
+    from ops import LUTGELUTanh
+
+    m = nn.Sequential(nn.GELU(approximate="tanh"), nn.GELU())
+    report = replace_ops(m)
+    assert isinstance(m[0], LUTGELUTanh) and isinstance(m[1], LUTGELU)
+    assert [r["table"] for r in report] == ["gelu_tanh", "gelu"]
+    x = torch.linspace(-3, 3, 97)
+    assert (m[0](x) - F.gelu(x, approximate="tanh")).abs().max() < 0.03
+
+
+def test_fused_encoder_path_never_bypasses_swapped_norms():
+    enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    replace_ops(enc, ops=["layernorm"])  # the activation stays relu: only the norms are tables
+    calls = []
+    for mod in enc.modules():
+        if isinstance(mod, LUTLayerNorm):
+            mod.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        enc(torch.randn(2, 5, 16))
+    assert len(calls) == 2
+
+
+def test_calibration_leaves_range_reduced_tables_alone_and_needs_data():
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU(), nn.Softmax(-1))
+    replace_ops(m)
+    fixed = {n: mod.scale for n, mod in m.named_modules() if isinstance(mod, LUTActivation) and mod.range_reduced}
+    assert len(fixed) == 3  # the norm's rsqrt, softmax's exp and 1/x
+    scales = calibrate(m, [torch.randn(4, 8) * 40])
+    assert set(scales) == {"2"}  # only the free activation was calibrated
+    assert {n: mod.scale for n, mod in m.named_modules() if n in fixed} == fixed
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(m, [])
+
+
+def test_a_model_with_drop_ins_pickles_whole():
+    import io
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.LayerNorm(4), nn.Softmax(-1))
+    replace_ops(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    x = torch.randn(3, 4)
+    assert torch.equal(back(x), m(x))
