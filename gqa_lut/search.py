@@ -35,6 +35,9 @@ from gqa_lut.seeding import union_breakpoints
 from gqa_lut.segmentation import assign, assign_real, encode
 from gqa_lut.table import Table
 
+OPTIMAL_REL_TOL = 1e-9  # a fit within this of its lower bound is the optimum
+MIN_EMBED_SEGMENTS = 2  # a fit with N segments also starts from the N/2 fit down to this many
+
 if not hasattr(creator, "GQAFitness"):
     creator.create("GQAFitness", base.Fitness, weights=(-1.0,))
     creator.create("GQAIndividual", list, fitness=creator.GQAFitness)
@@ -204,9 +207,6 @@ class _Fit:
                             and self.objective <= self.lower_bound * (1 + OPTIMAL_REL_TOL) + 1e-300)
 
 
-OPTIMAL_REL_TOL = 1e-9
-
-
 def scored_objective(problem: Problem, best: Population) -> float:
     """The objective of the table on the codes the spec scores: the breakpoint DP's own value
     also holds a tiny tie-breaking weight for codes outside the fitted range."""
@@ -229,9 +229,6 @@ def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
     fewer = _best_of_fits(replace(spec, segments=spec.segments // 2), map_fn, _Progress(None, 0))
     embedded = _restart(fewer, replace(resolved, frac_bits=fewer.problem.frac_bits))
     return min((own, embedded), key=lambda r: r.objective)
-
-
-MIN_EMBED_SEGMENTS = 2
 
 
 def _restart(src: _Fit, spec: FitSpec) -> _Fit:
