@@ -22,6 +22,7 @@ from gqa_lut import __version__
 from gqa_lut.cli_support import EXIT_USAGE, Parser, examples
 from gqa_lut.config import FitConfig, validate_config
 from gqa_lut.errors import UsageError
+from gqa_lut.quantization import check_int
 from gqa_lut.table import OutputFormat, Table, check_writable, load_table, save_table
 
 
@@ -199,8 +200,7 @@ def bound_line(search: dict) -> str:
 @contextmanager
 def fitness_map(workers: int) -> Iterator[Callable]:
     """The map the GA's fitness runs through: builtin map, or a process pool's."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"workers {workers!r} is not allowed: use 1 or more")
+    check_int("workers", workers, 1)
     if workers == 1:
         yield map
         return

@@ -16,7 +16,7 @@ import numpy as np
 from gqa_lut import bounds
 from gqa_lut.errors import UsageError
 from gqa_lut.functions import Op, custom_op, get_op
-from gqa_lut.quantization import check_bits
+from gqa_lut.quantization import check_bits, check_int
 from gqa_lut.table import OutputFormat
 
 
@@ -119,17 +119,11 @@ def resolve_op(op: Op | str | Callable[[np.ndarray], np.ndarray], cfg: FitConfig
     raise UsageError(f"op {op!r} is neither an op name nor a callable")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
-        allowed = f"an integer from {lo} to {hi}" if hi is not None else f"{lo} or more"
-        raise UsageError(f"{name} {value!r} is not allowed: use {allowed}")
-
-
 def validate_config(op: Op, cfg: FitConfig) -> FitSpec:
     """Every check of a request, in one place, and the spec the rest of the fit reads."""
     check_bits("param bits", cfg.param_bits, *bounds.PARAM_BITS)
     check_bits("input bits", cfg.input_bits, *bounds.INPUT_BITS)
-    _check_int("segments", cfg.segments, *bounds.SEGMENTS)
+    check_int("segments", cfg.segments, *bounds.SEGMENTS)
     lo, hi = cfg.range if cfg.range is not None else op.range
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise UsageError(f"range [{lo}, {hi}] is not finite")
@@ -143,15 +137,15 @@ def validate_config(op: Op, cfg: FitConfig) -> FitSpec:
         raise UsageError(f"scales {d0} {d1} are not allowed: exponents must lie in "
                          f"{bounds.SCALE[0]}..{bounds.SCALE[1]}")
     if cfg.frac_bits is not None:
-        _check_int("frac bits", cfg.frac_bits, *bounds.FRAC_BITS)
-    _check_int("patience", cfg.patience, 1)
+        check_int("frac bits", cfg.frac_bits, *bounds.FRAC_BITS)
+    check_int("patience", cfg.patience, 1)
     if cfg.output is not None:
         check_output(op, lo, hi, cfg.output)
     if cfg.weights is not None:
         check_weights(cfg.weights, lo, hi)
-    _check_int("population", cfg.population, 4)
-    _check_int("generations", cfg.generations, 0)
-    _check_int("chunks", cfg.chunks, 1)
+    check_int("population", cfg.population, 4)
+    check_int("generations", cfg.generations, 0)
+    check_int("chunks", cfg.chunks, 1)
     if cfg.objective not in ("mse", "max"):
         raise UsageError(f"objective {cfg.objective!r} is not allowed: use mse or max")
     return FitSpec(op=op, lo=float(lo), hi=float(hi), scales=tuple(range(d0, d1 + 1)), segments=cfg.segments,
@@ -166,9 +160,7 @@ def check_output(op: Op, lo: float, hi: float, output: OutputFormat) -> None:
     a format whose largest value is under half the function's reach saturates most outputs."""
     check_bits("output bits", output.bits, *bounds.OUTPUT_BITS)
     e = output.frac_bits
-    if isinstance(e, bool) or not isinstance(e, int) or not bounds.OUTPUT_FRAC_BITS[0] <= e <= bounds.OUTPUT_FRAC_BITS[1]:
-        raise UsageError(f"output frac bits {e!r} is not allowed: use an integer from "
-                         f"{bounds.OUTPUT_FRAC_BITS[0]} to {bounds.OUTPUT_FRAC_BITS[1]}")
+    check_int("output frac bits", e, *bounds.OUTPUT_FRAC_BITS)
     with np.errstate(all="ignore"):
         y = op.fn(np.linspace(lo, hi, 4097))
     reach = float(np.max(np.abs(y[np.isfinite(y)]), initial=0.0))

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from gqa_lut.linefit import WINDOW, best_intercepts, least_squares_slope, quadratic_error
+from gqa_lut.linefit import WINDOW, best_intercepts, least_squares_slope, moment_terms, quadratic_error
 from gqa_lut.problem import Problem
 
 MAX_EXACT_CODES = 1024  # one scale's interval table is O(T^2): beyond this no exact optimum
@@ -78,9 +78,7 @@ class ScaleOptimum:
 
 
 def _prefix_moments(x: np.ndarray, w: np.ndarray, f: np.ndarray) -> np.ndarray:
-    wx, wf = w * x, w * f
-    cols = np.stack([w, wx, wx * x, wf, wx * f, wf * f], axis=1)
-    return np.vstack([np.zeros((1, 6)), np.cumsum(cols, axis=0)])
+    return np.vstack([np.zeros((1, 6)), np.cumsum(np.stack(moment_terms(w, x, f), axis=1), axis=0)])
 
 
 @lru_cache(maxsize=128)  # a fit asks for each scale's optimum for its bound and for its starts

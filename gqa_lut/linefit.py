@@ -25,6 +25,12 @@ def _derivative(problem: Problem, x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(g), g, 0.0)
 
 
+def moment_terms(w: np.ndarray, x: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The six weighted terms [1, x, x^2, f, x*f, f^2] whose sums determine any line's error."""
+    wx, wf = w * x, w * f
+    return w, wx, wx * x, wf, wx * f, wf * f
+
+
 def moments(problem: Problem, seg: np.ndarray) -> np.ndarray:
     """(6, M, N) weighted sums [1, x, x^2, f, x*f, f^2] over each individual's segments."""
     M, N = seg.shape[0], problem.segments
@@ -32,9 +38,7 @@ def moments(problem: Problem, seg: np.ndarray) -> np.ndarray:
     w = np.broadcast_to(problem.w, seg.shape)
     x = np.broadcast_to(problem.x, seg.shape)
     f = np.broadcast_to(problem.f, seg.shape)
-    wx, wf = w * x, w * f
-    cols = (w, wx, wx * x, wf, wx * f, wf * f)
-    return np.stack([np.bincount(idx, weights=c.ravel(), minlength=M * N).reshape(M, N) for c in cols])
+    return np.stack([np.bincount(idx, weights=c.ravel(), minlength=M * N).reshape(M, N) for c in moment_terms(w, x, f)])
 
 
 def least_squares_slope(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +137,7 @@ def fit_lines(problem: Problem, seg: np.ndarray, keep: tuple[np.ndarray, np.ndar
     for Kf in slope_window(k, F, pmin, pmax):
         K = Kf.astype(np.int64)
         B = best_intercepts(S, K, F, pmin, pmax).astype(np.int64)
-        _pin_tails(problem, K, B)
+        pin_tails(problem, K, B)
         E = segment_errors(problem, S, seg, K, B)
         if best_E is None:
             best_K, best_B, best_E = K, B, E
@@ -143,7 +147,7 @@ def fit_lines(problem: Problem, seg: np.ndarray, keep: tuple[np.ndarray, np.ndar
             best_B = np.where(better, B, best_B)
             best_E = np.where(better, E, best_E)
     _fill_empty(best_K, best_B, empty.copy())
-    _pin_tails(problem, best_K, best_B)
+    pin_tails(problem, best_K, best_B)
     best_E = segment_errors(problem, S, seg, best_K, best_B)
     if keep is not None:
         Kk, Bk = keep
@@ -158,7 +162,7 @@ def fit_lines(problem: Problem, seg: np.ndarray, keep: tuple[np.ndarray, np.ndar
     return best_K, best_B, best_E
 
 
-def _pin_tails(problem: Problem, K: np.ndarray, B: np.ndarray) -> None:
+def pin_tails(problem: Problem, K: np.ndarray, B: np.ndarray) -> None:
     if problem.left_tail is not None:
         K[:, 0], B[:, 0] = problem.left_tail
     if problem.right_tail is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gqa_lut.exact import exact_lines
-from gqa_lut.linefit import fit_lines, moments, total
+from gqa_lut.linefit import fit_lines, moments, pin_tails, total
 from gqa_lut.problem import Problem
 from gqa_lut.segmentation import assign, assign_real, line_outputs, place, position_costs
 
@@ -26,6 +26,12 @@ class Population:
     B: np.ndarray
     idx: np.ndarray
     fitness: np.ndarray
+
+    def keep_better(self, K: np.ndarray, B: np.ndarray, idx: np.ndarray, fitness: np.ndarray,
+                    better: np.ndarray) -> "Population":
+        """Each individual replaced by the candidate where `better`, kept elsewhere."""
+        return Population(np.where(better[:, None], K, self.K), np.where(better[:, None], B, self.B),
+                          np.where(better[:, None, None], idx, self.idx), np.where(better, fitness, self.fitness))
 
     def take(self, i: int | np.ndarray) -> "Population":
         i = np.atleast_1d(i)
@@ -64,8 +70,7 @@ def improve(problem: Problem, pop: Population, rounds: int, tol: float = 0.0) ->
         if not better.any():
             break
         gain = np.max((pop.fitness - fit) / np.maximum(pop.fitness, 1e-300))
-        pop = Population(np.where(better[:, None], K, pop.K), np.where(better[:, None], B, pop.B),
-                         np.where(better[:, None, None], idx, pop.idx), np.where(better, fit, pop.fitness))
+        pop = pop.keep_better(K, B, idx, fit, better)
         if gain <= tol:
             break
     return pop
@@ -103,12 +108,10 @@ def exact_lines_step(problem: Problem, pop: Population) -> tuple[np.ndarray, np.
     pinned tails and segments no scored code reaches keep their lines."""
     S = moments(problem, assign(problem, pop.idx))
     K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
-    keep = S[0] <= 0
-    if problem.left_tail is not None:
-        keep[:, 0] = True
-    if problem.right_tail is not None:
-        keep[:, -1] = True
-    return np.where(keep, pop.K, K.astype(np.int64)), np.where(keep, pop.B, B.astype(np.int64))
+    empty = S[0] <= 0
+    K, B = np.where(empty, pop.K, K.astype(np.int64)), np.where(empty, pop.B, B.astype(np.int64))
+    pin_tails(problem, K, B)
+    return K, B
 
 
 def exact_alternation(problem: Problem, pop: Population, rounds: int = 100) -> Population:
@@ -122,8 +125,7 @@ def exact_alternation(problem: Problem, pop: Population, rounds: int = 100) -> P
         better = fit < pop.fitness * (1 - 1e-12)
         if not better.any():
             break
-        pop = Population(np.where(better[:, None], K, pop.K), np.where(better[:, None], B, pop.B),
-                         np.where(better[:, None, None], idx, pop.idx), np.where(better, fit, pop.fitness))
+        pop = pop.keep_better(K, B, idx, fit, better)
     return pop
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -15,9 +16,16 @@ def int_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def check_int(name: str, value: object, lo: int, hi: Optional[int] = None) -> None:
+    """A user's integer within [lo, hi] (hi None: no upper end), else one clear UsageError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo
+            or (hi is not None and value > hi)):
+        allowed = f"an integer from {lo} to {hi}" if hi is not None else f"{lo} or more"
+        raise UsageError(f"{name} {value!r} is not allowed: use {allowed}")
+
+
 def check_bits(name: str, bits: int, lo: int = 2, hi: int = 16) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
-        raise UsageError(f"{name} {bits!r} is not allowed: use an integer from {lo} to {hi}")
+    check_int(name, bits, lo, hi)
 
 
 def input_codes(lo: float, hi: float, d: int, input_bits: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gqa_lut.linefit import best_intercepts, least_squares_slope, quadratic_error, slope_window
+from gqa_lut.linefit import best_intercepts, least_squares_slope, moment_terms, quadratic_error, slope_window
 from gqa_lut.problem import Problem
 
 MAX_UNION_POINTS = 640  # the interval DP is O(T^2 N) in time and O(T^2) in memory
@@ -29,9 +29,7 @@ def union_blocks(problem: Problem, max_points: int = MAX_UNION_POINTS) -> tuple[
         uf = problem.fn(ux)
     g = max(1, -(-ux.shape[0] // max_points))
     block = np.arange(ux.shape[0]) // g
-    wx, wf = uw * ux, uw * uf
-    cols = (uw, wx, wx * ux, wf, wx * uf, wf * uf)
-    mom = np.stack([np.bincount(block, weights=c) for c in cols], axis=1)
+    mom = np.stack([np.bincount(block, weights=c) for c in moment_terms(uw, ux, uf)], axis=1)
     right = ux[np.minimum((np.arange(block[-1] + 1) + 1) * g, ux.shape[0]) - 1]
     return mom, right
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from gqa_lut.cli_support import examples
 from gqa_lut.config import FitConfig
 from gqa_lut.errors import UsageError
+from gqa_lut.quantization import check_int
 from gqa_lut.table import check_writable, load_table
 
 
@@ -66,8 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     base = {"generations": args.generations, "seed": args.seed}
     grid_configs(args.op, args.segments, args.bits, FitConfig(**base))  # every mistake before any fit
-    if isinstance(args.workers, bool) or args.workers < 1:
-        raise UsageError(f"workers {args.workers} is not allowed: use 1 or more")
+    check_int("workers", args.workers, 1)
     check_writable(Path(args.out_dir) / "sweep.csv", "--out-dir")
     sweep(args.op, args.segments, args.bits, Path(args.out_dir), args.workers, base)
     print(f"-> {args.out_dir}/sweep.csv, {args.out_dir}/sweep.png")
