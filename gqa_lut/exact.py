@@ -81,22 +81,31 @@ def _prefix_moments(x: np.ndarray, w: np.ndarray, f: np.ndarray) -> np.ndarray:
     return np.vstack([np.zeros((1, 6)), np.cumsum(np.stack(moment_terms(w, x, f), axis=1), axis=0)])
 
 
-@lru_cache(maxsize=128)  # a fit asks for each scale's optimum for its bound and for its starts
-def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
-    """The exact optimum of scale `row` alone (mse objective, no output quantization), or None
-    when its grid is too large for the O(T^2) interval table."""
+@dataclass(frozen=True, eq=False)
+class _Runs:
+    """One scale's exact DP over runs of codes: the exact line of every run, and per number
+    of free runs j the best cost of covering codes 0..t-1 (layers[j][t]) with its back-pointers."""
+
+    K: np.ndarray
+    B: np.ndarray
+    layers: list
+    back: list
+    last: np.ndarray
+
+
+@lru_cache(maxsize=128)  # a fit asks for each scale's runs for its bound and for its starts
+def _runs(problem: Problem, row: int) -> Optional[_Runs]:
     sel = problem.inside[row]
     x, w, f = problem.x[row, sel], problem.w[row, sel], problem.f[row, sel]
     T = x.size
     if T > MAX_EXACT_CODES or problem.objective != "mse" or problem.output is not None:
         return None
-    F, N = problem.frac_bits, problem.segments
+    F = problem.frac_bits
     P = _prefix_moments(x, w, f)
     S = (P[None, :, :] - P[:, None, :]).transpose(2, 0, 1)  # S[:, s, t]: codes s..t-1
     K, B, C = exact_lines(S, F, problem.pmin, problem.pmax)
     C = np.where(np.triu(np.ones((T + 1, T + 1), dtype=bool), 1), C, np.inf)
     left, right = problem.left_tail, problem.right_tail
-    free = N - (left is not None) - (right is not None)
     # a pinned tail either opens (closes) the scale's run of segments or is parked outside it
     first = np.full(T + 1, np.inf)
     if left is not None:
@@ -107,24 +116,50 @@ def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
         last = quadratic_error(S[:, :, T], np.float64(right[0]), np.float64(right[1]), F)
     last[T] = 0.0
     layers, back = [first], []
-    for _ in range(free):
+    for _ in range(free_segments(problem)):
         total = layers[-1][:, None] + C
         back.append(np.argmin(total, axis=0))
         layers.append(np.min(total, axis=0))
-    ends = np.array([layer + last for layer in layers])  # (free+1, T+1): j free runs, then the tail
+    return _Runs(K, B, layers, back, last)
+
+
+def free_segments(problem: Problem) -> int:
+    """Segments whose line the search chooses: all but the pinned tails."""
+    return problem.segments - (problem.left_tail is not None) - (problem.right_tail is not None)
+
+
+def scale_lines(problem: Problem, row: int, n: int) -> Optional[tuple[float, np.ndarray, np.ndarray]]:
+    """Scale `row`'s optimum with at most n free lines (besides the pinned tails): its cost and
+    the n free lines (K, B) in order, unused ones as copies of a used one (they change nothing)."""
+    runs = _runs(problem, row)
+    if runs is None:
+        return None
+    n = min(n, len(runs.back))
+    ends = np.array([layer + runs.last for layer in runs.layers[:n + 1]])  # j free runs, then the tail
     j, t = np.unravel_index(int(np.argmin(ends)), ends.shape)
     cost = float(ends[j, t])
-    runs = []
+    lines = []
     while j > 0:
-        s = int(back[j - 1][t])
-        runs.append((int(K[s, t]), int(B[s, t]), t - s))
+        s = int(runs.back[j - 1][t])
+        lines.append((int(runs.K[s, t]), int(runs.B[s, t]), t - s))
         t, j = s, j - 1
-    lines = runs[::-1]
-    while len(lines) < free:  # unused free segments: copies of the longest run's line
+    lines = lines[::-1]
+    while len(lines) < n:  # unused free segments: copies of the longest run's line
         i = max(range(len(lines)), key=lambda i: lines[i][2]) if lines else None
         lines.insert(0, (0, 0, 0)) if i is None else lines.insert(i + 1, lines[i])
-    Ks = ([left[0]] if left else []) + [ln[0] for ln in lines] + ([right[0]] if right else [])
-    Bs = ([left[1]] if left else []) + [ln[1] for ln in lines] + ([right[1]] if right else [])
+    return cost, np.array([ln[0] for ln in lines], dtype=np.int64), np.array([ln[1] for ln in lines], dtype=np.int64)
+
+
+def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
+    """The exact optimum of scale `row` alone (mse objective, no output quantization), or None
+    when its grid is too large for the O(T^2) interval table."""
+    found = scale_lines(problem, row, free_segments(problem))
+    if found is None:
+        return None
+    cost, K, B = found
+    left, right = problem.left_tail, problem.right_tail
+    Ks = ([left[0]] if left else []) + K.tolist() + ([right[0]] if right else [])
+    Bs = ([left[1]] if left else []) + B.tolist() + ([right[1]] if right else [])
     return ScaleOptimum(cost, np.array(Ks, dtype=np.int64), np.array(Bs, dtype=np.int64))
 
 

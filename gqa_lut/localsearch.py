@@ -9,6 +9,7 @@ segment's centre), re-placing all breakpoints optimally for each move, and takes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -41,13 +42,19 @@ class Population:
 CHUNK_ELEMENTS = 1 << 22  # (individuals x scales x positions x segments) per DP batch: ~32 MB a float array
 
 
-def resegment(problem: Problem, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def resegment(problem: Problem, K: np.ndarray, B: np.ndarray,
+              allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Optimal breakpoints of every scale for each table's lines (the DP), in batches whose
-    memory is linear in positions x segments, whatever the population."""
+    memory is linear in positions x segments, whatever the population. `allowed` (M, D, N)
+    confines each scale's scored codes to some lines (the others may only be parked)."""
     per_table = problem.dscale.size * problem.num_positions * problem.segments
     step = max(1, CHUNK_ELEMENTS // per_table)
-    parts = [place(position_costs(problem, line_outputs(problem, K[i:i + step], B[i:i + step])), problem.start,
-                   problem.objective == "max") for i in range(0, K.shape[0], step)]
+    parts = []
+    for i in range(0, K.shape[0], step):
+        cost = position_costs(problem, line_outputs(problem, K[i:i + step], B[i:i + step]))
+        if allowed is not None:
+            cost = np.where(problem.inside.T[:, None, :, None] & ~allowed[None, i:i + step], np.inf, cost)
+        parts.append(place(cost, problem.start, problem.objective == "max"))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -114,14 +121,16 @@ def exact_lines_step(problem: Problem, pop: Population) -> tuple[np.ndarray, np.
     return K, B
 
 
-def exact_alternation(problem: Problem, pop: Population, rounds: int = 100) -> Population:
+def exact_alternation(problem: Problem, pop: Population, rounds: int = 100,
+                      allowed: Optional[np.ndarray] = None) -> Population:
     """Alternate exact lines and exact breakpoints until nothing improves (mse objective without
-    output quantization; otherwise the windowed `improve`). Never makes a table worse."""
+    output quantization; otherwise the windowed `improve`). Never makes a table worse.
+    With `allowed`, the breakpoints keep each scale on its lines (see `resegment`)."""
     if problem.objective != "mse" or problem.output is not None:
         return improve(problem, pop, rounds)
     for _ in range(rounds):
         K, B = exact_lines_step(problem, pop)
-        idx, fit = resegment(problem, K, B)
+        idx, fit = resegment(problem, K, B, allowed)
         better = fit < pop.fitness * (1 - 1e-12)
         if not better.any():
             break

@@ -22,10 +22,12 @@ if TYPE_CHECKING:  # the spec is only read here; config.py does not import this 
     from gqa_lut.config import FitSpec
 
 MAX_POSITIONS = 1024  # per scale; larger grids are searched in blocks, then refined in full
-# Out-of-range codes only break ties in the DP: weight relative to the smallest in-range
-# weight, error capped at OUTSIDE_CAP, so their total stays far below anything measurable.
-OUTSIDE_WEIGHT = 1e-9
-OUTSIDE_CAP = 1.0
+# Seen out-of-range codes only break ties in the DP: weight relative to the smallest in-range
+# weight, squared error capped at OUTSIDE_CAP (a function may explode outside its range), so
+# their total stays below 1e-6 of any in-range mse, yet far above float rounding: among
+# equally good tables the DP takes the one that follows the function outside the range.
+OUTSIDE_WEIGHT = 1e-12
+OUTSIDE_CAP = 100.0
 
 
 CANONICAL_MANTISSA_BITS = 32
@@ -120,6 +122,21 @@ def _scale_weights(codes: np.ndarray, d: int, hist: Optional[np.ndarray]) -> np.
     return p / p.sum()
 
 
+def _seen_outside(codes: np.ndarray, band: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (breakpoint value, scored code) for seen codes outside the range: the `band`
+    nearest the range one by one, the rest in `band` runs, each scored at its code farthest
+    from the range (where a line's extrapolation is worst)."""
+    if codes.size <= 2 * band:
+        return codes, codes
+    near, far = (codes[-band:], codes[:-band]) if left else (codes[:band], codes[band:])
+    runs = np.array_split(far, band)
+    pos = np.array([r[-1] for r in runs], dtype=np.int64)
+    code = np.array([r[0] if left else r[-1] for r in runs], dtype=np.int64)
+    if left:
+        return np.concatenate([pos, near]), np.concatenate([code, near])
+    return np.concatenate([near, pos]), np.concatenate([near, code])
+
+
 def build_problem(spec: "FitSpec", max_positions: int = MAX_POSITIONS) -> Problem:
     """The arrays the search works on, for a resolved spec (its frac_bits chosen)."""
     if spec.frac_bits is None:
@@ -145,16 +162,23 @@ def build_problem(spec: "FitSpec", max_positions: int = MAX_POSITIONS) -> Proble
             bpos = codes[ends]
         else:
             rep, bw, bpos = codes, wd, codes
-        # A band of codes beyond each end of the range: where segments that a coarse grid has no
-        # room for can go. Their weight is tiny, so the tails keep them whenever that is free,
-        # and the table still behaves like the function just outside the range.
+        # Beyond each end of the range: first the codes the hardware can still see (up to the
+        # Q-bit limit), then `band` codes it never sees, where breakpoints may park segments
+        # that this scale has no use for (the spec allows breakpoints outside the Q-bit range).
+        # The seen codes carry a tiny weight, so the DP keeps them on lines that still follow
+        # the function (the tails, or a block's copies of them) whenever that is free: a
+        # table behaves like the function outside its range, not only at +-infinity.
         band = segments + 1
-        left = np.arange(codes[0] - band, codes[0], dtype=np.int64)
-        right = np.arange(codes[-1] + 1, codes[-1] + 1 + band, dtype=np.int64)
-        pos = np.concatenate([left, bpos, right])
-        code = np.concatenate([left, rep, right])
-        inside = np.concatenate([np.zeros(band, bool), np.ones(rep.shape[0], bool), np.zeros(band, bool)])
-        w = np.concatenate([np.zeros(band), bw, np.zeros(band)])
+        qmin, qmax = int_range(input_bits)
+        lpos, lcode = _seen_outside(np.arange(qmin, codes[0], dtype=np.int64), band, left=True)
+        rpos, rcode = _seen_outside(np.arange(codes[-1] + 1, qmax + 1, dtype=np.int64), band, left=False)
+        lpark = np.arange(min(qmin, codes[0]) - band, min(qmin, codes[0]), dtype=np.int64)
+        rpark = np.arange(max(qmax, codes[-1]) + 1, max(qmax, codes[-1]) + 1 + band, dtype=np.int64)
+        pos = np.concatenate([lpark, lpos, bpos, rpos, rpark])
+        code = np.concatenate([lpark, lcode, rep, rcode, rpark])
+        nl, nr = lpark.size + lpos.size, rpos.size + rpark.size
+        inside = np.concatenate([np.zeros(nl, bool), np.ones(rep.shape[0], bool), np.zeros(nr, bool)])
+        w = np.concatenate([np.zeros(nl), bw, np.zeros(nr)])
         rows.append((d, pos, code, w, stride, inside))
     T = max(r[1].shape[0] for r in rows)
     D = len(rows)

@@ -26,9 +26,11 @@ from gqa_lut import __version__
 from gqa_lut.config import FitConfig, FitSpec, resolve_op, validate_config
 from gqa_lut.evaluator import metrics
 from gqa_lut.functions import Op
-from gqa_lut.linefit import fit_lines, least_squares_slope, moments, segment_errors, total
+from gqa_lut.blocks import best_layouts
 from gqa_lut.exact import lower_bound, scale_optimum
+from gqa_lut.linefit import fit_lines, least_squares_slope, moments, segment_errors, total
 from gqa_lut.localsearch import Population, exact_alternation, finish, improve, lloyd, resegment
+from gqa_lut.multistart import RANDOM_STARTS_MAX_SEGMENTS, finish_best, random_starts, start_count
 from gqa_lut.problem import Problem, build_problem
 from gqa_lut.quantization import choose_frac_bits
 from gqa_lut.seeding import union_breakpoints
@@ -215,7 +217,9 @@ def scored_objective(problem: Problem, best: Population) -> float:
 
 
 def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
-    """The search at this many segments, and the half-as-many fit embedded into it: the better."""
+    """The search at this many segments, and the half-as-many fit embedded into it: the better.
+    The half-as-many fit is exactly what that request gives on its own, so the N-segment fit is
+    never worse than it."""
     rstate = random.getstate()
     random.seed(spec.seed)
     try:
@@ -270,6 +274,13 @@ def _search(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
             if cand.fitness[j] < best.fitness[0]:
                 best = finish(problem, cand.take(j))
             history.append({"phase": "per-scale optima", "best": float(best.fitness[0])})
+        layouts = best_layouts(problem)
+        if layouts.fitness.size:
+            best = finish_best(problem, best, layouts)
+            history.append({"phase": "block layouts", "best": float(best.fitness[0])})
+        if problem.segments <= RANDOM_STARTS_MAX_SEGMENTS:  # beyond, the N/2 fit brings them up
+            best = finish_best(problem, best, random_starts(problem, spec.seed, start_count(spec.population)))
+            history.append({"phase": "random starts", "best": float(best.fitness[0])})
     if not problem.full:
         problem = build_problem(spec, max_positions=1 << 30)
         idx, _ = resegment(problem, best.K, best.B)  # the best lines' breakpoints on the full grid

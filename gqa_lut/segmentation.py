@@ -18,11 +18,12 @@ def _shifts(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 
 def line_outputs(problem: Problem, K: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """(M, D, T, N) real output of every line at every position, with the spec's integer rounding."""
+    """(T, M, D, N) real output of every line at every position, with the spec's integer
+    rounding, laid out in the order the DP sweeps (positions first), so nothing is transposed."""
     left, right = _shifts(problem)
-    codes = (problem.code << left[:, None])[None, :, :, None]
-    acc = K[:, None, None, :] * codes + (B[:, None, None, :] << right[None, :, None, None])
-    return _to_real(problem, acc, right[None, :, None, None])
+    codes = (problem.code << left[:, None]).T[:, None, :, None]
+    acc = K[None, :, None, :] * codes + (B[None, :, None, :] << right[None, None, :, None])
+    return _to_real(problem, acc, right[None, None, :, None])
 
 
 def assigned_outputs(problem: Problem, seg: np.ndarray, K: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -35,8 +36,8 @@ def assigned_outputs(problem: Problem, seg: np.ndarray, K: np.ndarray, B: np.nda
 
 def _to_real(problem: Problem, acc: np.ndarray, right: np.ndarray) -> np.ndarray:
     s = problem.frac_bits + right
-    if problem.output is None:
-        return np.ldexp(acc.astype(np.float64), -s)
+    if problem.output is None:  # times an exact power of two: the same float as ldexp, faster
+        return acc.astype(np.float64) * np.ldexp(1.0, -s)
     t = s - problem.output.frac_bits
     up = np.maximum(t, 0)
     half = np.where(up > 0, np.left_shift(1, np.maximum(up - 1, 0)), 0)
@@ -46,18 +47,15 @@ def _to_real(problem: Problem, acc: np.ndarray, right: np.ndarray) -> np.ndarray
 
 
 def position_costs(problem: Problem, outputs: np.ndarray) -> np.ndarray:
-    """Cost of each position under each line, laid out (T, M, D, N) for the DP's sweep.
+    """Cost of each position under each line, (T, M, D, N) like `outputs`.
 
-    Inside the range: the objective's own term. Outside it: a capped, negligible penalty, so
-    that segments the grid has no room for are put where their line still roughly holds."""
-    err = outputs - problem.f[None, :, :, None]
-    if problem.objective == "mse":
-        sq = err * err
-        cost = problem.w[None, :, :, None] * sq
-        cost += problem.w_out[None, :, :, None] * np.minimum(sq, OUTSIDE_CAP)
-    else:
-        cost = problem.wmax[None, :, :, None] * np.minimum(np.abs(err), np.where(problem.inside, np.inf, OUTSIDE_CAP)[None, :, :, None])
-    return np.ascontiguousarray(cost.transpose(2, 0, 1, 3))
+    Inside the range: the objective's own term. Seen codes outside it: a capped tie-break
+    (problem.OUTSIDE_WEIGHT). Unseen positions: 0, however far off the line is there."""
+    err = outputs - problem.f.T[:, None, :, None]
+    cap = np.where(problem.inside, np.inf, OUTSIDE_CAP).T[:, None, :, None]
+    if problem.objective == "mse":  # w and w_out never overlap: one weight, capped outside only
+        return (problem.w + problem.w_out).T[:, None, :, None] * np.minimum(err * err, cap)
+    return problem.wmax.T[:, None, :, None] * np.minimum(np.abs(err), cap)
 
 
 def place(cost: np.ndarray, start: np.ndarray, is_max: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,67 @@
+"""Block layouts and random starts: the starts that let a coarse scale own its own lines."""
+import numpy as np
+
+from gqa_lut.blocks import best_layouts, block_starts, layouts
+from gqa_lut.config import FitConfig, validate_config
+from gqa_lut.functions import get_op
+from gqa_lut.localsearch import resegment
+from gqa_lut.multistart import finish_best, random_starts
+from gqa_lut.problem import build_problem
+from gqa_lut.search import fit
+from gqa_lut.segmentation import assign
+
+GELU16_ISSUE = 7.92e-6  # issue 12: the independent search's gelu table at 16 segments
+
+
+def problem(op: str, segments: int, frac_bits: int = 6):
+    return build_problem(validate_config(get_op(op), FitConfig(segments=segments, frac_bits=frac_bits)))
+
+
+def test_every_layout_gives_each_scale_one_block_between_the_tails():
+    p = problem("gelu", 8)
+    K, B, allowed = block_starts(p)
+    assert K.shape[0] == len(layouts(p)) > 0
+    assert np.all(K[:, 0] == p.left_tail[0]) and np.all(B[:, 0] == p.left_tail[1])
+    assert np.all(K[:, -1] == p.right_tail[0]) and np.all(B[:, -1] == p.right_tail[1])
+    for mask in allowed:
+        for row in mask:
+            on = np.flatnonzero(row)
+            assert on.size >= 2 and np.array_equal(on, np.arange(on[0], on[-1] + 1))  # one block, tails inside
+        # every line belongs to exactly one group's block
+        assert np.array_equal(np.sort(np.unique(mask, axis=0).sum(axis=0)), np.ones(p.segments, int))
+
+
+def test_confined_breakpoints_keep_every_scored_code_on_its_block():
+    p = problem("gelu", 8)
+    K, B, allowed = block_starts(p)
+    idx, fit_ = resegment(p, K, B, allowed)
+    seg = assign(p, idx)
+    for m in range(seg.shape[0]):
+        for r in range(seg.shape[1]):
+            assert np.all(allowed[m, r, seg[m, r, p.inside[r]]])
+    _, free_fit = resegment(p, K, B)
+    assert np.all(free_fit <= fit_ * (1 + 1e-12))  # confining can only cost
+
+
+def test_layouts_find_the_issue_gelu_table_at_16_segments():
+    """The table the GA and every local start missed (3.9e-5): the coarsest scale on a block of
+    its own. 8e-6 is the issue's target; the layouts reach 7.924e-6 (relative slack 1%)."""
+    p = problem("gelu", 16)
+    cand = best_layouts(p)
+    start = cand.take(len(cand.fitness) - 1)  # the worst layout as the incumbent
+    best = finish_best(p, start, cand)
+    assert best.fitness[0] <= GELU16_ISSUE * 1.01
+
+
+def test_random_starts_are_reproducible_and_seeded():
+    p = problem("exp", 4)
+    a, b, c = random_starts(p, 3, 100), random_starts(p, 3, 100), random_starts(p, 4, 100)
+    assert np.array_equal(a.K, b.K) and np.array_equal(a.B, b.B) and np.array_equal(a.idx, b.idx)
+    assert not (np.array_equal(a.K, c.K) and np.array_equal(a.idx, c.idx))
+    assert np.all(np.diff(a.fitness) >= 0)  # best first
+
+
+def test_fit_history_names_the_new_phases():
+    t = fit("gelu", FitConfig(segments=4, population=8, generations=2))
+    phases = [h["phase"] for h in t.search["history"] if "phase" in h]
+    assert "block layouts" in phases and "random starts" in phases
