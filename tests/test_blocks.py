@@ -62,6 +62,6 @@ def test_random_starts_are_reproducible_and_seeded():
 
 
 def test_fit_history_names_the_new_phases():
-    t = fit("gelu", FitConfig(segments=4, population=8, generations=2))
+    t = fit("gelu", FitConfig(segments=8, population=8, generations=2))  # 8: room for two blocks
     phases = [h["phase"] for h in t.search["history"] if "phase" in h]
     assert "block layouts" in phases and "random starts" in phases
