@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from gqa_lut.exact import free_segments, scale_lines
+from gqa_lut.exact import free_segments, scale_lines, with_tails
 from gqa_lut.localsearch import Population, exact_alternation, resegment
 from gqa_lut.problem import Problem
 
@@ -35,18 +35,20 @@ def _groups(rows: list[int], count: int) -> Iterator[list[list[int]]]:
         yield [rows[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def _sizes(free: int, count: int, least: int) -> Iterator[tuple[int, ...]]:
-    """Every way to give `count` blocks at least `least` of `free` lines each, all lines used."""
-    for cuts in itertools.combinations(range(1, free), count - 1):
-        sizes = tuple(b - a for a, b in itertools.pairwise((0, *cuts, free)))
+def _sizes(total: int, count: int, least: int) -> Iterator[tuple[int, ...]]:
+    """Every way to give `count` blocks at least `least` of `total` lines each, all lines used."""
+    for cuts in itertools.combinations(range(1, total), count - 1):
+        sizes = tuple(b - a for a, b in itertools.pairwise((0, *cuts, total)))
         if min(sizes) >= least:
             yield sizes
 
 
-def layouts(problem: Problem) -> list[tuple[list[list[int]], tuple[int, ...], tuple[int, ...]]]:
-    """(groups, block sizes, block order) for every layout with 2..MAX_GROUPS groups, coarse
-    block first (the other order gave the same tables). A block holds a whole table of its
-    group, pinned tails included, so sizes sum to N."""
+def layouts(problem: Problem) -> list[tuple[list[list[int]], tuple[int, ...]]]:
+    """(groups, block sizes) for every layout with 2..MAX_GROUPS groups, blocks in the groups'
+    order, coarse first (the other order gave the same tables). A block holds a whole table of
+    its group, pinned tails included, so sizes sum to N. None past MAX_SEGMENTS."""
+    if problem.segments > MAX_SEGMENTS:
+        return []
     rows = [int(r) for r in np.argsort(problem.dscale)]
     N = problem.segments
     least = N - free_segments(problem) + 1  # the tails and at least one free line
@@ -54,20 +56,8 @@ def layouts(problem: Problem) -> list[tuple[list[list[int]], tuple[int, ...], tu
     for count in range(2, min(MAX_GROUPS, len(rows), N // least) + 1):
         for groups in _groups(rows, count):
             for sizes in _sizes(N, count, least):
-                out.append((groups, sizes, tuple(range(count))))
+                out.append((groups, sizes))
     return out
-
-
-def _with_tails(problem: Problem, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Free lines (M, n) with the pinned tails put around them."""
-    left, right = problem.left_tail, problem.right_tail
-    M = K.shape[0]
-
-    def pad(tail: tuple[int, int] | None, i: int) -> list[np.ndarray]:
-        return [np.full((M, 1), tail[i])] if tail is not None else []
-
-    return (np.concatenate([*pad(left, 0), K, *pad(right, 0)], axis=1),
-            np.concatenate([*pad(left, 1), B, *pad(right, 1)], axis=1))
 
 
 def _group_table(problem: Problem, rows: list[int], segments: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -78,7 +68,7 @@ def _group_table(problem: Problem, rows: list[int], segments: int) -> tuple[np.n
     found = scale_lines(problem, rows[len(rows) // 2], n)
     if found is None:
         return None
-    K, B = _with_tails(problem, found[1][None], found[2][None])
+    K, B = with_tails(problem, found[1][None], found[2][None])
     return K[0], B[0]
 
 
@@ -89,20 +79,20 @@ def block_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     empty = np.zeros((0, N), np.int64), np.zeros((0, N), np.int64), np.zeros((0, D, N), bool)
     tables: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray] | None] = {}
     Ks, Bs, allowed = [], [], []
-    for groups, sizes, order in layouts(problem):
+    for groups, sizes in layouts(problem):
         K, B = [], []
         mask = np.zeros((D, N), dtype=bool)
         at = 0
-        for g in order:
-            key = (tuple(groups[g]), sizes[g])
+        for group, size in zip(groups, sizes):
+            key = (tuple(group), size)
             if key not in tables:
-                tables[key] = _group_table(problem, groups[g], sizes[g])
+                tables[key] = _group_table(problem, group, size)
             if tables[key] is None:
                 return empty
             K.append(tables[key][0])
             B.append(tables[key][1])
-            mask[groups[g], at:at + sizes[g]] = True
-            at += sizes[g]
+            mask[group, at:at + size] = True
+            at += size
         Ks.append(np.concatenate(K))
         Bs.append(np.concatenate(B))
         allowed.append(mask)
@@ -114,9 +104,6 @@ def block_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def best_layouts(problem: Problem) -> Population:
     """Tables grown from every layout, best first: alternation confined to each layout's blocks,
     then free. Empty when there is nothing to start from (one scale, minimax, past MAX_SEGMENTS)."""
-    if problem.segments > MAX_SEGMENTS:
-        K = np.zeros((0, problem.segments), np.int64)
-        return Population(K, K, np.zeros((0, problem.dscale.size, problem.segments - 1), np.int64), np.zeros(0))
     K, B, allowed = block_starts(problem)
     if K.shape[0] == 0:
         return Population(K, B, np.zeros((0, problem.dscale.size, problem.segments - 1), np.int64), np.zeros(0))

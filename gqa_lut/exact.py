@@ -150,6 +150,18 @@ def scale_lines(problem: Problem, row: int, n: int) -> Optional[tuple[float, np.
     return cost, np.array([ln[0] for ln in lines], dtype=np.int64), np.array([ln[1] for ln in lines], dtype=np.int64)
 
 
+def with_tails(problem: Problem, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Free lines (M, n) with the pinned tails put around them: whole tables (M, n + tails)."""
+    left, right = problem.left_tail, problem.right_tail
+    M = K.shape[0]
+
+    def pad(tail: Optional[tuple[int, int]], i: int) -> list[np.ndarray]:
+        return [np.full((M, 1), tail[i], dtype=np.int64)] if tail is not None else []
+
+    return (np.concatenate([*pad(left, 0), K, *pad(right, 0)], axis=1),
+            np.concatenate([*pad(left, 1), B, *pad(right, 1)], axis=1))
+
+
 def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
     """The exact optimum of scale `row` alone (mse objective, no output quantization), or None
     when its grid is too large for the O(T^2) interval table."""
@@ -157,10 +169,8 @@ def scale_optimum(problem: Problem, row: int) -> Optional[ScaleOptimum]:
     if found is None:
         return None
     cost, K, B = found
-    left, right = problem.left_tail, problem.right_tail
-    Ks = ([left[0]] if left else []) + K.tolist() + ([right[0]] if right else [])
-    Bs = ([left[1]] if left else []) + B.tolist() + ([right[1]] if right else [])
-    return ScaleOptimum(cost, np.array(Ks, dtype=np.int64), np.array(Bs, dtype=np.int64))
+    K, B = with_tails(problem, K[None], B[None])
+    return ScaleOptimum(cost, K[0], B[0])
 
 
 def lower_bound(problem: Problem) -> Optional[float]:

@@ -25,7 +25,7 @@ def start_count(population: int) -> int:
     return STARTS_PER_INDIVIDUAL * population
 
 
-def random_starts(problem: Problem, seed: int, count: int = 1000) -> Population:
+def random_starts(problem: Problem, seed: int, count: int) -> Population:
     """`count` uniform random shared breakpoints, each taken through Lloyd and the exact
     alternation. The seed makes it reproducible (numpy's generator, not DEAP's `random`)."""
     rng = np.random.default_rng(seed)
