@@ -60,6 +60,17 @@ def hswish(x: np.ndarray) -> np.ndarray:
     return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
+def hsigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
 def tanh(x: np.ndarray) -> np.ndarray:
     return np.tanh(np.asarray(x, dtype=np.float64))
 
@@ -135,6 +146,10 @@ register(Op("swish", swish, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tai
             description="x*sigmoid(x); tails -> 0 and -> x", aliases=("silu",)))
 register(Op("hswish", hswish, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
             description="x*relu6(x+3)/6; exactly 0 below -3 and x above 3"))
+register(Op("hsigmoid", hsigmoid, (-4.0, 4.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(0.0, 1.0),
+            description="relu6(x+3)/6; exactly 0 below -3 and 1 above 3", aliases=("hardsigmoid",)))
+register(Op("softplus", softplus, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(1.0, 0.0),
+            description="log(1+exp(x)); tails -> 0 and -> x (Mamba's step size)"))
 register(Op("sigmoid", sigmoid, (-8.0, 8.0), (0, 6), left_tail=(0.0, 0.0), right_tail=(0.0, 1.0),
             description="1/(1+exp(-x)); tails -> 0 and -> 1"))
 register(Op("tanh", tanh, (-4.0, 4.0), (0, 6), left_tail=(0.0, -1.0), right_tail=(0.0, 1.0),

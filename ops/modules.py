@@ -2,7 +2,11 @@
 
 Forward is fake-quant: the input is quantized to `input_bits` at a power-of-two scale 2^-d,
 the table is evaluated on the integer code exactly as docs/lut-format.md says, and the integer
-output is turned back into a real number. Backward is straight-through (see LUTFunction).
+output is turned back into a real number. Backward is straight-through (see ops.torch_lut.lut_lookup).
+
+State is tensors only (safetensors, save_pretrained): the table itself travels as its JSON in a
+uint8 buffer, so a checkpoint is self-describing; a float checkpoint without these keys loads
+into a converted model with strict=True (the tables keep what they have).
 
 NaN and inf: NaN inputs are treated as 0 and +-inf saturate to the largest/smallest input
 code, so the output is always the table's finite value there, and the gradient there is 0.
@@ -16,14 +20,16 @@ import math
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from gqa_lut.evaluator import evaluate_codes
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops.tables import as_table
 from ops import registry
-from ops.torch_lut import (LUTFunction, compute_dtype, dequantized, derivative_of, expand, lookup,
+from ops.torch_lut import (CLOSED_FORM, compute_dtype, dequantized, derivative_of, expand, lookup, lut_apply,
                            require_float)
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
@@ -96,22 +102,73 @@ class LUTActivation(nn.Module):
         self.set_scale(scale)
         self.register_buffer("amax", torch.zeros(()), persistent=False)
         self.observing = False
+        self.bypass = False
         if scale_mode == "learned":
             self.log2_threshold = nn.Parameter(torch.tensor(float(table.input_bits - 1 - scale)))
 
     def _set_table(self, table: Table) -> None:
         self.table = table.validate()
         values, frac = expand(table)
-        self.register_buffer("table_real", dequantized(values, frac))
-        self.register_buffer("table_real64", dequantized(values, frac, torch.float64), persistent=False)
-        self.register_buffer("scales", torch.tensor(table.scales, dtype=torch.int64))
-        self.register_buffer("slopes_real", torch.tensor(table.slopes.tolist(), dtype=torch.float32)
-                             * 2.0 ** -table.frac_bits)
-        self.register_buffer("breakpoints", torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
-                                                         dtype=torch.int32).reshape(len(table.scales), -1))
-        self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("d_current", torch.zeros((), dtype=torch.int64), persistent=False)
-        self._derivative = derivative_of(self.fn) if self.fn is not None else None
+        dev = self.table_real.device if hasattr(self, "table_real") else None
+        self.register_buffer("table_spec", self._spec(table).to(dev) if dev is not None else self._spec(table))
+        derived = {"table_real": dequantized(values, frac), "table_real64": dequantized(values, frac, torch.float64),
+                   "scales": torch.tensor(table.scales, dtype=torch.int64),
+                   "slopes_real": torch.tensor(table.slopes.tolist(), dtype=torch.float32) * 2.0 ** -table.frac_bits,
+                   "breakpoints": torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
+                                               dtype=torch.int32).reshape(len(table.scales), -1),
+                   "d_current": torch.zeros((), dtype=torch.int64)}
+        for name, t in derived.items():  # all derived from table_spec: not saved
+            self.register_buffer(name, t.to(dev) if dev is not None else t, persistent=False)
+        if not hasattr(self, "scale_index"):
+            self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
+        self._register_derivative()
+
+    def _spec(self, table: Table) -> torch.Tensor:
+        spec = json.dumps({"table": table.to_json(), "scale_mode": self.scale_mode, "grad": self.grad})
+        return torch.tensor(list(spec.encode()), dtype=torch.uint8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "table_spec"] = self._spec(self.table)  # modes may have changed since
+
+    def _register_derivative(self) -> None:
+        """The exact backward: a closed form named by the op where the table's function is the
+        registry's, the function's autograd derivative otherwise, the slope without a function."""
+        if self.fn is None:
+            self.derivative = ""
+        elif self.table.op in CLOSED_FORM and self.fn is registry.reference(self.table.op):
+            self.derivative = self.table.op
+        else:
+            self.derivative = derivative_of(self.fn)
+
+    # the state_dict holds table_spec, scale_index (and log2_threshold when learned)
+    _OWN_KEYS = ("table_spec", "scale_index", "log2_threshold")
+    _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints", "_extra_state")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints before tensor-only state
+        if legacy is not None and prefix + "table_spec" not in state_dict:
+            spec = {"table": json.loads(legacy["table"]), "scale_mode": legacy["scale_mode"], "grad": legacy["grad"]}
+            state_dict[prefix + "table_spec"] = torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
+            state_dict[prefix + "scale_index"] = torch.tensor(table_from_json(spec["table"]).scales.index(
+                int(legacy["scale"])))
+        for key in self._DERIVED_KEYS:
+            state_dict.pop(prefix + key, None)
+        raw = state_dict.get(prefix + "table_spec")
+        if raw is not None:
+            spec = json.loads(bytes(raw.to("cpu", torch.uint8).tolist()).decode())
+            self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
+            table = table_from_json(spec["table"])
+            if table.to_json() != self.table.to_json() or raw.numel() != self.table_spec.numel():
+                self._set_table(table)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a float checkpoint has none of these: the module keeps its table and scale
+        mine = {prefix + k for k in self._OWN_KEYS}
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in mine]
+        self.d_current.fill_(int(self.scales[self.scale_index]))
 
     @property
     def scale(self) -> int:
@@ -122,18 +179,6 @@ class LUTActivation(nn.Module):
             raise ValueError(f"scale {d} is not in the table: it has scales {self.table.scales}")
         self.scale_index.fill_(self.table.scales.index(d))
         self.d_current.fill_(d)  # kept beside the index so a fixed-scale call launches no lookup of it
-
-    # state_dict carries the table itself, so a checkpoint is self-describing
-    def get_extra_state(self) -> Any:
-        return {"table": json.dumps(self.table.to_json()), "scale_mode": self.scale_mode, "grad": self.grad,
-                "scale": self.scale}
-
-    def set_extra_state(self, state: Any) -> None:
-        table = table_from_json(json.loads(state["table"]))
-        if table.to_json() != self.table.to_json():
-            self._set_table(table)
-        self.scale_mode, self.grad = state["scale_mode"], state["grad"]
-        self.set_scale(int(state["scale"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
@@ -149,10 +194,14 @@ class LUTActivation(nn.Module):
 
     def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         table = self.table_real64 if x.dtype == torch.float64 else self.table_real
-        if torch.jit.is_tracing():  # a traced graph is for inference: record the forward only
+        if self.bypass:  # the probe of ops.replace: the drop-in's own arithmetic with exact functions
+            return self.fn(x)
+        if torch.jit.is_tracing() or not (torch.compiler.is_compiling() or torch.is_grad_enabled() and x.requires_grad):
+            # a traced graph, or eager with no gradient to carry: the op's own function, without
+            # the custom op's dispatch (same bits; ~20 us less per call)
             return lookup(x, table, index, d, self.table.input_bits)
-        return LUTFunction.apply(x, table, self.slopes_real, self.breakpoints, index, d,
-                                 self.table.input_bits, self.grad, self._derivative)
+        return lut_apply(x, table, self.slopes_real, self.breakpoints, index, d, self.table.input_bits,
+                         self.derivative if self.grad == "exact" else "")
 
     def start_observing(self) -> None:
         """Record the largest finite |input| of the next forward passes (ops.replace.observe)."""
@@ -198,6 +247,8 @@ LUTSiLU = activation_class("swish")
 LUTHardswish = activation_class("hswish")
 LUTSigmoid = activation_class("sigmoid")
 LUTTanh = activation_class("tanh")
+LUTHardsigmoid = activation_class("hsigmoid")
+LUTSoftplus = activation_class("softplus")
 
 
 class RangeReducedLUT(nn.Module):
@@ -206,7 +257,7 @@ class RangeReducedLUT(nn.Module):
     rsqrt: v = m * 4^k with m in [1, 4), rsqrt(v) = rsqrt(m) * 2^-k.
     reciprocal: v = m * 2^k with m in [1, 2), 1/v = (1/m) * 2^-k.
     k comes from the float exponent (a leading-zero count in integer hardware); the 2^-k is
-    exact. Values <= 0 or NaN are clamped to the smallest positive normal float first.
+    exact (`octave`). Values <= 0 or NaN are clamped to the smallest positive normal float first.
     """
 
     def __init__(self, op: str, table: Table | str | None = None, grad: str = "exact"):
@@ -222,13 +273,24 @@ class RangeReducedLUT(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
         dt = compute_dtype(v)
-        vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max)
-        vf = vf.clamp_min(torch.finfo(dt).tiny)
-        _, e = torch.frexp(vf.detach())
-        E = e - 1  # vf = (1.x) * 2^E
-        k = torch.div(E, 2, rounding_mode="floor") if self.op == "rsqrt" else E
-        m = torch.ldexp(vf, -(2 * k if self.op == "rsqrt" else k))
-        return torch.ldexp(self.lut(m), -k).to(v.dtype)
+        vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max).clamp_min(torch.finfo(dt).tiny)
+        if torch.compiler.is_compiling():  # compile, export, ONNX: ops every backend has
+            E = octave(vf.detach())  # vf = (1.x) * 2^E
+        else:  # eager: the same exponent in one pass
+            E = (torch.frexp(vf.detach())[1] - 1).to(dt)
+        k = torch.floor(E / 2) if self.op == "rsqrt" else E
+        # multiplications by exact powers of two (not torch.ldexp, whose gradient to its input is 0)
+        m = vf * torch.exp2(-(2 * k if self.op == "rsqrt" else k))
+        return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
+
+
+def octave(v: torch.Tensor) -> torch.Tensor:
+    """E with v = (1.x) * 2^E, as a float, for positive normal v: floor(log2 v) corrected by one
+    where log2 rounds across a power of two. Exactly frexp's exponent - 1, written in ops that
+    torch.export and ONNX have (frexp has no ONNX function)."""
+    e = torch.floor(torch.log2(v))
+    m = v * torch.exp2(-e)
+    return e + (m >= 2).to(e.dtype) - (m < 1).to(e.dtype)
 
 
 def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -263,11 +325,7 @@ class LUTLayerNorm(_RsqrtTable, nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
-        dims = tuple(range(-len(self.normalized_shape), 0))
-        xf = x.to(compute_dtype(x))
-        mean = xf.mean(dims, keepdim=True)
-        var = (xf - mean).pow(2).mean(dims, keepdim=True)
-        return _affine((xf - mean) * self.rsqrt(var + self.eps), self.weight, self.bias).to(x.dtype)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.rsqrt)
 
 
 class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
@@ -277,12 +335,12 @@ class LUTRMSNorm(_RsqrtTable, nn.RMSNorm):
         return _with_params(m, cls(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
                                    table=tables.get("rsqrt")))
 
+    weight_offset = 0.0  # Gemma-style norms scale by (1 + weight): ops.adapters sets 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
-        dims = tuple(range(-len(self.normalized_shape), 0))
-        xf = x.to(compute_dtype(x))
-        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        return _affine(xf * self.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), self.weight, None).to(x.dtype)
+        w = self.weight if self.weight is None or not self.weight_offset else self.weight + self.weight_offset
+        return rms_norm(x, self.normalized_shape, w, self.eps, self.rsqrt)
 
 
 class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
@@ -294,15 +352,43 @@ class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
-        n, c = x.shape[:2]
-        xf = x.to(compute_dtype(x)).reshape(n, self.num_groups, -1)
-        mean = xf.mean(-1, keepdim=True)
-        var = (xf - mean).pow(2).mean(-1, keepdim=True)
-        y = ((xf - mean) * self.rsqrt(var + self.eps)).reshape(x.shape)
-        if self.affine:
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            y = y * self.weight.to(y.dtype).reshape(shape) + self.bias.to(y.dtype).reshape(shape)
-        return y.to(x.dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.rsqrt)
+
+
+# The norms' arithmetic, shared by the drop-in modules and the call sites of F.layer_norm,
+# F.rms_norm and F.group_norm (ops/call_sites.py): statistics in float32 (float64 stays), the
+# 1/sqrt through the range-reduced rsqrt table, the result in the input's dtype.
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float, rsqrt: RangeReducedLUT) -> torch.Tensor:
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    xf = x.to(compute_dtype(x))
+    mean = xf.mean(dims, keepdim=True)
+    var = (xf - mean).pow(2).mean(dims, keepdim=True)
+    return _affine((xf - mean) * rsqrt(var + eps), weight, bias).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], eps: Optional[float],
+             rsqrt: RangeReducedLUT) -> torch.Tensor:
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    xf = x.to(compute_dtype(x))
+    eps = eps if eps is not None else torch.finfo(x.dtype).eps  # F.rms_norm's default
+    return _affine(xf * rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), weight, None).to(x.dtype)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float, rsqrt: RangeReducedLUT) -> torch.Tensor:
+    n, c = x.shape[:2]
+    xf = x.to(compute_dtype(x)).reshape(n, num_groups, -1)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    y = ((xf - mean) * rsqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y.to(x.dtype)
 
 
 class LUTSoftmax(nn.Module):
@@ -315,19 +401,40 @@ class LUTSoftmax(nn.Module):
         self.dim = dim
         self.exp = exp_module(as_table(exp_table, "exp"))
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
+        self._note_floor()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _note_floor(self) -> None:
+        """Whether the exp table gives exactly 0 at its most negative code (the shipped one does),
+        so that a -inf (masked) input already weighs 0 without a pass to zero it: a Python bool,
+        no device sync and no data-dependent branch in forward."""
+        t = self.exp.table
+        self.masked_is_zero = bool(evaluate_codes(t, np.array([int_range(t.input_bits)[0]]), self.exp.scale)[0] == 0)
 
     @classmethod
     def from_float(cls, m: nn.Softmax, tables: dict[str, Table], **kw: Any) -> "LUTSoftmax":
         return cls(m.dim if m.dim is not None else -1, tables.get("exp"), tables.get("reciprocal"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.along(x, self.dim)
+
+    def along(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Softmax over `dim` (the call sites of F.softmax give their own). A -inf input is a
+        masked position: weight exactly 0, and a row with nothing unmasked is all 0."""
         require_float(x, type(self).__name__)
         xf = x.to(compute_dtype(x))
         if xf.numel() == 0:  # amax has no identity over an empty dim; softmax of nothing is nothing
             return xf.to(x.dtype).clone()
-        z = xf - xf.amax(self.dim, keepdim=True).detach()
+        top = xf.amax(dim, keepdim=True).detach()
+        z = xf - torch.where(torch.isneginf(top), torch.zeros_like(top), top)
         e = self.exp(z)
-        return (e * self.reciprocal(e.sum(self.dim, keepdim=True))).to(x.dtype)
+        if not self.masked_is_zero:  # the table's saturated end is not 0: zero the masked ones
+            e = torch.where(torch.isneginf(z), torch.zeros_like(z), e)
+        return (e * self.reciprocal(e.sum(dim, keepdim=True))).to(x.dtype)
+
+
+def _after_load(module: "LUTSoftmax", keys: Any) -> None:
+    module._note_floor()  # a module-level function: a model holding a LUTSoftmax still pickles
 
 
 def exp_module(table: Table) -> LUTActivation:

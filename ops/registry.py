@@ -62,6 +62,10 @@ def _tanh_gelu(m: nn.Module) -> bool:
     return getattr(m, "approximate", "none") == "tanh"
 
 
+def _unit_softplus(m: nn.Module) -> bool:
+    return getattr(m, "beta", 1.0) == 1.0  # the table is softplus itself: beta != 1 goes through the call site
+
+
 def _decay(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-x)
 
@@ -72,6 +76,9 @@ RECORDS = (
             when=_tanh_gelu),
     TorchOp("swish", F.silu, ("swish",), (nn.SiLU,), "LUTSiLU", "SiLU"),
     TorchOp("hswish", F.hardswish, ("hswish",), (nn.Hardswish,), "LUTHardswish", "Hardswish"),
+    TorchOp("hsigmoid", F.hardsigmoid, ("hsigmoid",), (nn.Hardsigmoid,), "LUTHardsigmoid", "Hardsigmoid"),
+    TorchOp("softplus", F.softplus, ("softplus",), (nn.Softplus,), "LUTSoftplus", "Softplus (beta=1)",
+            when=_unit_softplus),
     TorchOp("sigmoid", torch.sigmoid, ("sigmoid",), (nn.Sigmoid,), "LUTSigmoid", "Sigmoid"),
     TorchOp("tanh", torch.tanh, ("tanh",), (nn.Tanh,), "LUTTanh", "Tanh"),
     TorchOp("exp", torch.exp, ("exp",)),

@@ -1,9 +1,9 @@
-"""One call converts a model in place: `replace_ops(model)` swaps every supported module for its
-LUT drop-in and says what it did; `calibrate(model, batches)` then sets the input scales."""
+"""One call converts a model in place: `replace_ops(model)` swaps the modules whose meaning it
+knows for their LUT drop-ins and routes every other non-linear call through a table
+(ops/call_sites.py); `calibrate(model, batches)` probes the swaps and sets the input scales.
+The returned `Report` stays live: print it after a forward to see every call site."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -11,23 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gqa_lut.functions import OPS, canonical_name
-from gqa_lut.table import Table
-from ops import modules, registry
+from ops import adapters, modules, registry
+from ops.call_sites import KIND_OP, SITE_TABLES, CallRouter, ExpSite
 from ops.modules import LUTActivation, LUTGELU, RangeReducedLUT
+from ops.report import Report, Swap, TableLike
 from ops.tables import as_table
 
-TableLike = Table | str | Path
-
-
-@dataclass(frozen=True)
-class Swap:
-    """One module: swapped (new, table) or kept in float (new None, and why)."""
-
-    name: str
-    old: str
-    new: Optional[str]
-    table: Optional[str]
-    reason: str = ""
+# every drop-in the registry names, and the building blocks inside them: never swapped again
+LUT_TYPES = (LUTActivation, RangeReducedLUT, *(getattr(modules, r.drop_in) for r in registry.swappable()))
+# ops that have call sites but no module to swap
+CALL_ONLY = ("rsqrt", "exp")
 
 
 def overrides_forward(cls: type, bases: tuple[type, ...]) -> Optional[type]:
@@ -42,76 +35,129 @@ def overrides_forward(cls: type, bases: tuple[type, ...]) -> Optional[type]:
     return None
 
 
-# every drop-in the registry names, and the building blocks inside them: never swapped again
-LUT_TYPES = (LUTActivation, RangeReducedLUT, *(getattr(modules, r.drop_in) for r in registry.swappable()))
+def _chosen_ops(ops: Optional[Iterable[str]]) -> list[str]:
+    allowed = [r.name for r in registry.swappable()] + list(CALL_ONLY)
+    if ops is None:
+        return allowed
+    if isinstance(ops, str):
+        ops = [ops]
+    out = []
+    for key in ops:
+        name = canonical_name(key) if key in OPS else key
+        if name not in allowed:
+            raise ValueError(f"op {key!r} cannot be swapped: choose from {', '.join(allowed)}")
+        out.append(name)
+    return out
 
 
-def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
-                ops: Optional[Iterable[str]] = None, **module_kwargs: Any) -> list[dict]:
-    """Swap supported modules of `model` in place for their LUT drop-ins; return the swaps.
-
-    tables: table name (gelu, swish, hswish, sigmoid, tanh, exp, rsqrt, reciprocal) -> Table or
-    file; the shipped defaults otherwise. ops: which ops to swap (ops/registry.py names or
-    their aliases: gelu, swish/silu, hswish, sigmoid, tanh, layernorm, rmsnorm, groupnorm,
-    softmax), all by default. module_kwargs (scale_mode, grad, ...) go to the activation
-    drop-ins. Modules whose class subclasses a torch one are swapped too; LUT modules and
-    everything else are left untouched. nn.TransformerEncoder/DecoderLayer's functional
-    `activation` (F.gelu, "gelu") is swapped as well, and its fused fast path disabled so the
-    table is used.
-    """
-    swappable = {r.name: r for r in registry.swappable()}
-    chosen: list[registry.TorchOp] = []
-    for key in (swappable if ops is None else ops):
-        rec = registry.TORCH_OPS.get(canonical_name(key) if key in OPS else key)
-        if rec is None or rec.name not in swappable:
-            raise ValueError(f"op {key!r} cannot be swapped: choose from {', '.join(swappable)}")
-        chosen.append(rec)
-    known = registry.table_names()
+def _load_tables(chosen: list[str], tables: Optional[dict[str, TableLike]]) -> dict[str, Any]:
+    known = registry.table_names() | {t for ts in SITE_TABLES.values() for t in ts}
     for name in tables or {}:
         if name not in known:
             raise ValueError(f"tables key {name!r} is not a table the drop-ins use: use {', '.join(sorted(known))}")
-    loaded = {name: as_table((tables or {}).get(name), name) for rec in chosen for name in rec.tables}
-    report: list[Swap] = []
+    needed = {t for rec in registry.RECORDS if rec.name in chosen for t in rec.tables}
+    needed |= {t for kind, ts in SITE_TABLES.items() if KIND_OP[kind] in chosen for t in ts}
+    loaded = {}
+    for name in sorted(needed | set(tables or {})):
+        t = as_table((tables or {}).get(name), name)
+        if canonical_name(t.op) != name if t.op in OPS else t.op != name:
+            raise ValueError(f"tables[{name!r}] is a table for {t.op!r}: give a {name} table there")
+        loaded[name] = t
+    return loaded
+
+
+def _device(model: nn.Module) -> torch.device:
     anchor = next(model.parameters(), None)
     if anchor is None:
         anchor = next(model.buffers(), None)
-    device = anchor.device if anchor is not None else torch.device("cpu")
+    return anchor.device if anchor is not None else torch.device("cpu")
+
+
+def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
+                ops: Optional[Iterable[str]] = None, calls: bool | str = True, **module_kwargs: Any) -> Report:
+    """Convert `model` in place; return its live Report.
+
+    Modules are swapped where their meaning is known: torch's own classes (a subclass only if
+    it keeps the base's forward) and the library classes of ops/adapters.py (found by class
+    name). With `calls` (the default) every other non-linear call the model makes (F.gelu,
+    torch.rsqrt, softmax, scaled_dot_product_attention, the norms' functions...) goes through
+    a table of its own at each call site; the sites appear at the first forward (calibrate).
+    calls="recorded": the same, and after calibration the interception runs only inside the
+    modules where calibration met a call (eager forward without the per-operation Python cost
+    elsewhere; a call on a code path calibration never took is then not seen). calls=False:
+    module swaps only.
+
+    tables: table name (gelu, gelu_tanh, swish, hswish, hsigmoid, softplus, sigmoid, tanh,
+    exp, rsqrt, reciprocal) -> Table or file; the shipped defaults otherwise. ops: which ops
+    (ops/registry.py names or aliases; rsqrt and exp are call sites only), all by default.
+    module_kwargs (scale_mode, grad, ...) go to the activation drop-ins.
+    """
+    if calls not in (True, False, "model", "recorded"):
+        raise ValueError(f"calls={calls!r} is not allowed: use True (or 'model'), 'recorded' or False")
+    chosen = _chosen_ops(ops)
+    loaded = _load_tables(chosen, tables)
+    prior: Optional[Report] = getattr(model, "_gqa_lut_report", None)
+    report = prior if prior is not None else Report([], None)
+    device = _device(model)
+    swappable = [r for r in registry.swappable() if r.name in chosen]
+
+    def swap(parent: nn.Module, attr: str, full: str, old: nn.Module, new: nn.Module, table: str) -> None:
+        new = new.to(device)  # where the model is
+        setattr(parent, attr, new)
+        report.swaps.append(Swap(full, type(old).__name__, type(new).__name__, table))
+        report.originals[full] = (parent, attr, old)
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        before = len(report)
+        before = len(report.swaps)
         for child_name, child in list(parent.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, LUT_TYPES):
+            if isinstance(child, LUT_TYPES) or child_name == "lut_calls":
                 continue
-            for rec in chosen:
-                if isinstance(child, rec.replaces) and (rec.when is None or rec.when(child)):
-                    base = overrides_forward(type(child), rec.replaces)
-                    if base is not None:  # its own forward means something the drop-in does not know
-                        report.append(Swap(full, type(child).__name__, None, None,
-                                           f"kept float: {type(child).__name__} overrides {base.__name__}.forward"))
-                        break
-                    drop_in = getattr(modules, rec.drop_in)
-                    new = drop_in.from_float(child, loaded, **module_kwargs).to(device)  # where the model is
-                    setattr(parent, child_name, new)
-                    report.append(Swap(full, type(child).__name__, type(new).__name__,
-                                       ", ".join(loaded[t].op for t in rec.tables)))
-                    break
-            else:
-                visit(child, full)
-        if (isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-                and any(r.name == "gelu" for r in chosen)):
-            act = getattr(parent, "activation", None)
-            if act is F.gelu:
-                parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)
-                report.append(Swap(f"{prefix}.activation" if prefix else "activation", "F.gelu", "LUTGELU",
-                                   loaded["gelu"].op))
-        if isinstance(parent, nn.TransformerEncoderLayer) and any(r.new for r in report[before:]):
+            rec = next((r for r in swappable if isinstance(child, r.replaces) and (r.when is None or r.when(child))),
+                       None)
+            if rec is not None:
+                base = overrides_forward(type(child), rec.replaces)
+                if base is not None:  # its own forward means something the drop-in does not know
+                    report.swaps.append(Swap(full, type(child).__name__, None, None,
+                                             f"kept: {type(child).__name__} overrides {base.__name__}.forward"))
+                    visit(child, full)
+                    continue
+                new = getattr(modules, rec.drop_in).from_float(child, loaded, **module_kwargs)
+                swap(parent, child_name, full, child, new, ", ".join(loaded[t].op for t in rec.tables))
+                continue
+            adapter = adapters.find(child)
+            if adapter is not None and adapter.op in chosen:
+                kw = module_kwargs if adapter.op not in ("rmsnorm",) else {}
+                new = adapter.build(child, loaded, **kw)
+                if new is not None:
+                    table = ", ".join(loaded[t].op for t in registry.torch_op(adapter.op).tables)
+                    swap(parent, child_name, full, child, new, table)
+                    continue
+            visit(child, full)
+        if (isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and "gelu" in chosen
+                and getattr(parent, "activation", None) is F.gelu):
+            parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)
+            report.swaps.append(Swap(f"{prefix}.activation" if prefix else "activation", "F.gelu", "LUTGELU",
+                                     loaded["gelu"].op))
+        if isinstance(parent, nn.TransformerEncoderLayer) and any(s.new for s in report.swaps[before:]):
             # the fused inference kernel reads the norms' weights and the activation itself and
             # would bypass every drop-in inside the layer
             parent.activation_relu_or_gelu = 0
 
     visit(model, "")
-    return [asdict(s) for s in report]
+    if calls and "softmax" in chosen:
+        old = adapters.route_hf_attention(model)
+        if old is not None:
+            report.notes.append(f"attention: {old} -> {adapters.HF_ATTENTION} (Hugging Face's sdpa path, "
+                                "its softmax through the tables)")
+    if calls and report.router is None:
+        report.router = CallRouter(model, loaded, set(chosen), LUT_TYPES)
+        report.record_after_calibration = calls == "recorded"
+    elif report.router is not None:
+        report.router.hook(model)
+    report.model_ref = model
+    model._gqa_lut_report = report
+    return report
 
 
 def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module],
@@ -135,10 +181,31 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
 
 def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callable[[nn.Module, Any], Any]] = None
               ) -> dict[str, int]:
-    """Run batches through the model, observe each LUT activation's largest |input|, and set
-    its scale to the finest one that does not clip it. Returns {module name: scale d}. Tables
-    whose input a drop-in range-reduces (the rsqrt inside norms, exp and 1/x inside softmax)
-    keep the scale that fits that fixed range."""
+    """Probe the swaps and set every free table's scale from real inputs.
+
+    The first batch runs with the originals back in place, each followed by its drop-in with
+    exact functions in place of its tables: a swap whose output differs from the original's
+    beyond float rounding is undone and reported. A second pass over that batch meets the call
+    sites. Then every LUT activation (modules and call sites) observes its largest |input| over
+    all batches and takes the finest scale that does not clip it. Tables whose input a drop-in
+    range-reduces (the rsqrt inside norms, exp and 1/x inside softmax) keep the scale that fits
+    that fixed range; exp call sites switch to float if they see inputs > 0.
+    Returns {module name: scale d} of the calibrated activations."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration got no batches: give at least one batch of real inputs")
+    report: Optional[Report] = getattr(model, "_gqa_lut_report", None)
+    run = (lambda b: forward(model, b)) if forward is not None else (lambda b: model(b))
+    if report is not None:
+        with torch.no_grad():
+            if report.originals:
+                report.probe(run, batches[0])
+            if report.router is not None:
+                run(batches[0])  # meets the call sites (the probe's pass runs with interception paused)
     acts = {n: m for n, m in model.named_modules() if isinstance(m, LUTActivation) and not m.range_reduced}
-    observe(model, batches, list(acts.values()), forward)
+    exps = [m for m in model.modules() if isinstance(m, ExpSite)]
+    observe(model, batches, list(acts.values()) + exps, forward)
+    if report is not None and report.router is not None and report.record_after_calibration:
+        owners = report.router.record()
+        report.notes.append(f"calls recorded at calibration: interception runs inside {len(owners)} modules only")
     return {n: m.scale for n, m in acts.items()}

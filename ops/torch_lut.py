@@ -13,7 +13,7 @@ last to the input's dtype.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -124,37 +124,130 @@ def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor,
     return row[(codes - qmin).long()]
 
 
-class LUTFunction(torch.autograd.Function):
-    """The table's forward value with a straight-through backward.
+def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
 
-    Backward passes `grad * g(x)` inside the representable input range and 0 outside it
-    (the input quantizer clamps there, so the output no longer moves), where g is either the
-    exact function's derivative ("exact") or the slope of the active segment ("slope").
-    """
+
+def _gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    c = 0.7978845608028654
+    t = torch.tanh(c * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+
+
+def _swish_grad(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _step(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return ((x > lo) & (x < hi)).to(x.dtype)
+
+
+# Closed-form derivatives for the "exact" backward: the backward op runs below autograd (no
+# graph to differentiate there), and closed forms are what torch.compile can trace.
+CLOSED_FORM: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": _gelu_grad,
+    "gelu_tanh": _gelu_tanh_grad,
+    "swish": _swish_grad,
+    "hswish": lambda x: torch.where(x <= -3, 0.0, torch.where(x >= 3, 1.0, (2 * x + 3) / 6)).to(x.dtype),
+    "hsigmoid": lambda x: _step(x, -3.0, 3.0) / 6,
+    "sigmoid": lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
+    "tanh": lambda x: 1 - torch.tanh(x) ** 2,
+    "softplus": torch.sigmoid,
+    "exp": torch.exp,
+    "decay": lambda x: -torch.exp(-x),
+    "rsqrt": lambda x: -0.5 * torch.rsqrt(x) / x,
+    "reciprocal": lambda x: -1 / (x * x),
+}
+
+
+@torch.library.custom_op("gqa_lut::lookup", mutates_args=())
+def lut_lookup(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
+               scale_index: torch.Tensor, d: torch.Tensor, input_bits: int, derivative: str) -> torch.Tensor:
+    """The table's forward value as one opaque op: one node in torch.export, no graph break and
+    the same bits under torch.compile, its own ONNX translation (ops/onnx_export.py).
+
+    Backward is straight-through: `grad * g(x)` inside the representable input range and 0
+    outside it (the input quantizer clamps there), where g is the exact function's derivative
+    (`derivative` names it in CLOSED_FORM) or, for "", the slope of the active segment. A
+    function without a closed form is differentiated by autograd in `lut_apply`. The result is
+    always contiguous (the fake says so; the compiled graph checks it)."""
+    return lookup(x, table_real, scale_index, d, input_bits).contiguous()
+
+
+@lut_lookup.register_fake
+def _lut_lookup_fake(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gqa_lut::lookup_backward", mutates_args=())
+def lut_lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
+                        scale_index: torch.Tensor, d: torch.Tensor, input_bits: int, derivative: str) -> torch.Tensor:
+    qmin, qmax = int_range(input_bits)
+    dt = compute_dtype(x)
+    xs = x.to(dt) * torch.exp2(d.to(dt))
+    # NaN and +-inf compare False here: their output is the table's constant, gradient 0
+    inside = (xs >= qmin - 0.5) & (xs <= qmax + 0.5)
+    if derivative:
+        g = CLOSED_FORM[derivative](torch.where(inside, x.to(dt), torch.zeros((), dtype=dt, device=x.device)))
+    else:
+        bp = breakpoints[scale_index]
+        codes = torch.round(torch.nan_to_num(xs, nan=0.0)).clamp(qmin, qmax).to(bp.dtype)
+        g = slopes_real[torch.bucketize(codes, bp, right=False)].to(dt)
+    return torch.where(inside, grad.to(dt) * g, torch.zeros((), dtype=dt, device=x.device)).to(x.dtype).contiguous()
+
+
+@lut_lookup_backward.register_fake
+def _lut_lookup_backward_fake(grad, x, slopes_real, breakpoints, scale_index, d, input_bits, derivative):
+    return x.new_empty(x.shape)
+
+
+def _lookup_setup(ctx, inputs, output):
+    x, _, slopes_real, breakpoints, scale_index, d, input_bits, derivative = inputs
+    ctx.save_for_backward(x, slopes_real, breakpoints, scale_index, d)
+    ctx.input_bits, ctx.derivative = input_bits, derivative
+
+
+def _lookup_backward(ctx, grad):
+    x, slopes_real, breakpoints, scale_index, d = ctx.saved_tensors
+    gx = lut_lookup_backward(grad, x, slopes_real, breakpoints, scale_index, d, ctx.input_bits, ctx.derivative)
+    return gx, None, None, None, None, None, None, None
+
+
+lut_lookup.register_autograd(_lookup_backward, setup_context=_lookup_setup)
+
+
+class _CustomDerivative(torch.autograd.Function):
+    """The straight-through backward for a function with no closed form (a user's fn): its
+    derivative by autograd, in eager mode only."""
 
     @staticmethod
-    def forward(ctx, x, table_real, slopes_real, breakpoints, scale_index, d, input_bits: int,
-                grad_mode: str, derivative: Optional[Callable]):
-        ctx.save_for_backward(x, d, slopes_real, breakpoints, scale_index)
-        ctx.grad_mode, ctx.derivative, ctx.qrange = grad_mode, derivative, int_range(input_bits)
+    def forward(ctx, x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative):
+        ctx.save_for_backward(x, d)
+        ctx.input_bits, ctx.derivative = input_bits, derivative
         return lookup(x, table_real, scale_index, d, input_bits)
 
     @staticmethod
     def backward(ctx, grad):
-        x, d, slopes_real, breakpoints, scale_index = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
+        x, d = ctx.saved_tensors
+        qmin, qmax = int_range(ctx.input_bits)
         dt = compute_dtype(x)
         xs = x.to(dt) * torch.exp2(d.to(dt))
-        # NaN and +-inf compare False here: their output is the table's constant, gradient 0
         inside = (xs >= qmin - 0.5) & (xs <= qmax + 0.5)
-        if ctx.grad_mode == "exact" and ctx.derivative is not None:
-            g = ctx.derivative(torch.where(inside, x.to(dt), torch.zeros((), dtype=dt, device=x.device)))
-        else:
-            bp = breakpoints[scale_index]
-            codes = torch.round(torch.nan_to_num(xs, nan=0.0)).clamp(qmin, qmax).to(bp.dtype)
-            g = slopes_real[torch.bucketize(codes, bp, right=False)].to(dt)
+        g = ctx.derivative(torch.where(inside, x.to(dt), torch.zeros((), dtype=dt, device=x.device)))
         gx = torch.where(inside, grad.to(dt) * g, torch.zeros((), dtype=dt, device=x.device)).to(x.dtype)
-        return gx, None, None, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None
+
+
+def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
+              scale_index: torch.Tensor, d: torch.Tensor, input_bits: int,
+              derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """lut_lookup, or for a derivative given as a function (no closed form), the same forward
+    with that function's autograd derivative backward."""
+    if callable(derivative):
+        return _CustomDerivative.apply(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits,
+                                       derivative)
+    return lut_lookup(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
 
 
 class derivative_of:

@@ -74,7 +74,8 @@ def quantize_(model: nn.Module, mode: str | QuantMode, calib_batches: Iterable[t
     swaps = []
     ops = [o for o in m.lut_ops if o != "decay"]  # ops/registry.py names; the decay is the model's own
     if ops:
-        swaps = replace_ops(model, ops=ops)
+        # module swaps only: the RetNet's own quantizers own every other call it makes
+        swaps = [dict(vars(s)) for s in replace_ops(model, ops=ops, calls=False).swaps]
     if "decay" in m.lut_ops:
         table = load_table(DECAY_TABLE)
         for mod in model.modules():

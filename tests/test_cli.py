@@ -65,7 +65,7 @@ def test_import_reference(tmp_path, reference_dir):
 
 
 BAD = [
-    (["fit", "--op", "softplus"], "unknown op 'softplus': valid ops are gelu"),
+    (["fit", "--op", "mish"], "unknown op 'mish': valid ops are gelu"),
     (["fit", "--op", "gelu", "--bits", "1"], "bits 1 is not allowed"),
     (["fit", "--op", "gelu", "--bits", "17"], "bits 17 is not allowed"),
     (["fit", "--op", "gelu", "--segments", "1"], "segments 1 is not allowed"),

@@ -1,0 +1,274 @@
+"""`replace_ops` on the models people use. Run: python -m bench.model_zoo [--models a,b] [--reps N]
+
+Small random-init configs of Hugging Face's BERT, GPT-2, ViT, Llama, Mistral, Qwen2, T5 and
+Mamba (its plain-PyTorch path), local mimics of timm's LayerNorm2d and GroupNormAct and of a
+MobileNetV3 block (no timm/torchvision: their wheels need a CUDA torch here), and
+nn.TransformerEncoder. Per model: the non-linear calls one forward makes, how many of those
+sites run through tables and which stay float (why), the calls a counting TorchFunctionMode
+still sees in float after conversion, the rel-L2 of the output against float after
+calibration, and the forward time against float and against the module-swap path alone
+(`calls=False`) and of `calls="recorded"` (interception only inside the modules calibration
+met calls in), all in one process; with --compile also the torch.compile'd models (the
+interception traced once: no per-call Python). JSON to bench/results/model_zoo.json
+(model_zoo_compiled.json with --compile).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from bench._common import machine, print_table, write_results
+from ops import calibrate, replace_ops
+from ops.call_sites import KINDS
+
+Inputs = dict[str, torch.Tensor]
+
+
+# --- local mimics (timm-style and torchvision-style blocks) ----------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: LayerNorm over channels of an NCHW tensor (permutes in forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """timm's GroupNormAct: GroupNorm then an activation module, in one forward."""
+
+    def __init__(self, channels: int, groups: int = 4):
+        super().__init__(groups, channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class MobileNetV3Block(nn.Module):
+    """Inverted residual with hardswish and a hardsigmoid squeeze-excite (torchvision's)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.expand = nn.Conv2d(c, 4 * c, 1)
+        self.bn = nn.BatchNorm2d(4 * c)
+        self.dw = nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c)
+        self.se = SqueezeExcite(4 * c)
+        self.project = nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.hardswish(self.bn(self.expand(x)))
+        h = self.se(F.hardswish(self.dw(h)))
+        return x + self.project(h)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = LayerNorm2d(16)
+        self.block = MobileNetV3Block(16)
+        self.gn = GroupNormAct(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.block(self.norm(self.stem(pixel_values))))
+        return self.head(h.mean((2, 3)))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, activation="gelu", batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 100)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(input_ids)))
+
+
+# --- the zoo ---------------------------------------------------------------------------------
+
+def _hf(kind: str) -> tuple[nn.Module, str]:
+    import transformers as T
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    causal = dict(small, num_key_value_heads=2, vocab_size=100)
+    table: dict[str, Callable[[], tuple[nn.Module, str]]] = {
+        "bert": lambda: (T.BertForMaskedLM(T.BertConfig(vocab_size=100, **small)), "ids"),
+        "gpt2": lambda: (T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                        n_positions=64, bos_token_id=0, eos_token_id=0)), "ids"),
+        "vit": lambda: (T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, **small)), "pixels"),
+        "llama": lambda: (T.LlamaForCausalLM(T.LlamaConfig(**causal)), "ids"),
+        "mistral": lambda: (T.MistralForCausalLM(T.MistralConfig(**causal)), "ids"),
+        "qwen2": lambda: (T.Qwen2ForCausalLM(T.Qwen2Config(**causal)), "ids"),
+        "t5": lambda: (T.T5ForConditionalGeneration(T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4,
+                                                               d_kv=16, vocab_size=100,
+                                                               feed_forward_proj="gated-gelu")), "t5"),
+        "mamba": lambda: (T.MambaForCausalLM(T.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100,
+                                                           state_size=8)), "ids"),
+    }
+    # inputs (build): 8 x 64 tokens (GPT-2's 64 positions) or 8 x 3 x 32 x 32 images
+    return table[kind]()
+
+
+HF_MODELS = ("bert", "gpt2", "vit", "llama", "mistral", "qwen2", "t5", "mamba")
+LOCAL_MODELS = ("convnet", "encoder")
+MODELS = HF_MODELS + LOCAL_MODELS
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, Callable[[int], Inputs]]:
+    """(model in eval mode, batch maker: seed -> keyword inputs)."""
+    torch.manual_seed(seed)
+    if name == "convnet":
+        model, kind = ConvNet(), "pixels3"
+    elif name == "encoder":
+        model, kind = Encoder(), "ids"
+    elif name in HF_MODELS:
+        model, kind = _hf(name)
+    else:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+
+    def batch(s: int) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + s)
+        ids = torch.randint(0, 100, (8, 64), generator=g)
+        if kind == "ids":
+            return {"input_ids": ids}
+        if kind == "t5":
+            return {"input_ids": ids, "decoder_input_ids": ids}
+        if kind == "pixels":
+            return {"pixel_values": torch.randn(8, 3, 32, 32, generator=g)}
+        return {"pixel_values": torch.randn(8, 3, 32, 32, generator=g)}
+
+    return model.eval(), batch
+
+
+def output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class CountFloatCalls(TorchFunctionMode):
+    """Counts the listed non-linear calls that reach it. Entered outside the model, it sits
+    under the model's own interception mode: a call handled by a table never reaches it (only
+    the table's integer arithmetic does); a call left in float does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in KINDS:
+            self.calls[KINDS[func].rstrip("_")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def float_calls(model: nn.Module, inputs: Inputs) -> Counter:
+    with torch.no_grad(), CountFloatCalls() as c:
+        output(model, inputs)
+    return c.calls
+
+
+def convert(model: nn.Module, batch: Callable[[int], Inputs], calls: bool = True, n_calib: int = 4) -> Any:
+    report = replace_ops(model, calls=calls)
+    calibrate(model, [batch(s) for s in range(n_calib)], forward=lambda m, b: output(m, b))
+    return report
+
+
+def timed(fn: Callable[[], Any], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(name: str, reps: int, compiled: bool = False) -> dict:
+    model, batch = build(name)
+    test = batch(99)
+    with torch.no_grad():
+        ref = output(model, test)
+    float_before = float_calls(model, test)
+    float_model = copy.deepcopy(model)
+    swap_only = copy.deepcopy(model)
+    convert(swap_only, batch, calls=False)
+    recorded = copy.deepcopy(model)
+    convert(recorded, batch, calls="recorded")
+    report = convert(model, batch)
+    with torch.no_grad():
+        out = output(model, test)
+        rel = float((out - ref).norm() / ref.norm())
+    left = float_calls(model, test)
+    rows = report.rows()
+    floats = Counter(f"{r.kind}: {r.reason}" for r in rows if not r.through)
+    with torch.no_grad():
+        t_float = timed(lambda: output(float_model, test), reps)
+        t_swap = timed(lambda: output(swap_only, test), reps)
+        t_lut = timed(lambda: output(model, test), reps)
+        t_rec = timed(lambda: output(recorded, test), reps)
+        more = {"recorded_equal": bool(torch.equal(output(recorded, test), out))}
+        if compiled:  # the call sites recorded once: no per-call Python left
+            c_float, c_swap, c_lut = (torch.compile(m) for m in (float_model, swap_only, model))
+            more |= {"compiled_bit_exact": bool(torch.equal(output(c_lut, test), out)),
+                    "ms_float_compiled": 1e3 * timed(lambda: output(c_float, test), reps),
+                    "ms_module_swaps_compiled": 1e3 * timed(lambda: output(c_swap, test), reps),
+                    "ms_tables_compiled": 1e3 * timed(lambda: output(c_lut, test), reps)}
+    return {**more, "model": name, "nonlinear_calls_float_model": sum(float_before.values()),
+            "sites": len(rows), "through_tables": sum(r.through for r in rows),
+            "float_sites": dict(floats), "float_calls_left": dict(left), "rel_l2_vs_float": rel,
+            "kept_modules": [f"{s.name} ({s.old}): {s.reason}" for s in report.kept()],
+            "ms_float": 1e3 * t_float, "ms_module_swaps": 1e3 * t_swap, "ms_tables": 1e3 * t_lut,
+            "ms_tables_recorded": 1e3 * t_rec,
+            "coverage": report.coverage()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    args = ap.parse_args(argv)
+    results = [measure(n, args.reps, args.compile) for n in args.models.split(",")]
+    rows = [[r["model"], str(r["nonlinear_calls_float_model"]), f"{r['through_tables']}/{r['sites']}",
+             "; ".join(f"{n} {k}" for k, n in r["float_sites"].items()) or "-",
+             str(sum(r["float_calls_left"].values())), f"{r['rel_l2_vs_float']:.4f}",
+             f"{r['ms_tables'] / r['ms_float']:.2f}x", f"{r['ms_tables'] / r['ms_module_swaps']:.2f}x",
+             f"{r['ms_tables_recorded'] / r['ms_module_swaps']:.2f}x"]
+            for r in results]
+    headers = ["model", "calls", "tables", "float sites (why)", "float calls left", "rel-L2", "time/float",
+               "time/swaps", "recorded: time/swaps"]
+    if args.compile:
+        headers += ["compiled: time/swaps", "bit-exact"]
+        for row, r in zip(rows, results):
+            row += [f"{r['ms_tables_compiled'] / r['ms_module_swaps_compiled']:.2f}x", str(r["compiled_bit_exact"])]
+    print_table(headers, rows)
+    name = "model_zoo_compiled.json" if args.compile else "model_zoo.json"
+    path = write_results(name, {"machine": machine(), "torch": torch.__version__, "reps": args.reps,
+                                "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Every non-linear *call* of a model through a table, whoever makes it.
+
+Module swaps reach only modules; real models also call `F.gelu`, `torch.rsqrt` (every RMSNorm
+of Hugging Face), `F.softmax` and `F.scaled_dot_product_attention` from their own forwards.
+`CallRouter` catches those calls with a TorchFunctionMode that hooks on the root module enter
+and leave around each forward (the user writes a plain `model(x)`), and hooks on the
+submodules that may make such calls keep a stack of which module is running. A call is keyed, as in Brevitas's
+functional quantization, by that module, the kind of call and its index among the calls of
+that kind in one forward of the module; the first time a key is met it gets its own LUT
+module, stored in the calling module under `lut_calls.<kind>_<index>`, so the state_dict
+carries its table and calibrated scale and a later load recreates it. With
+`replace_ops(calls="recorded")` the mode, after calibration, runs only inside the modules
+that made a call (`CallRouter.record`): the rest of the model pays no per-operation Python.
+
+Calls that stay float are recorded with the reason (`sites()`): ops with no table
+(log_softmax, erf, ...), exp of inputs that are not <= 0 (the exp table's domain), non-float
+inputs. A site's own arithmetic runs with the mode off, so nothing inside it is intercepted.
+"""
+from __future__ import annotations
+
+import math
+import re
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from gqa_lut.table import Table
+from ops import modules
+from ops.modules import LUTActivation, LUTSoftmax, RangeReducedLUT, exp_module
+
+# kind of call -> the tables its site uses (ops/registry.py table names)
+SITE_TABLES: dict[str, tuple[str, ...]] = {
+    "gelu": ("gelu",), "gelu_tanh": ("gelu_tanh",), "silu": ("swish",), "sigmoid": ("sigmoid",),
+    "tanh": ("tanh",), "hardswish": ("hswish",), "hardsigmoid": ("hsigmoid",), "softplus": ("softplus",),
+    "softmax": ("exp", "reciprocal"), "sdpa": ("exp", "reciprocal"), "layer_norm": ("rsqrt",),
+    "rms_norm": ("rsqrt",), "group_norm": ("rsqrt",), "rsqrt": ("rsqrt",), "exp": ("exp",),
+}
+# the registry op each kind stands for, for `replace_ops(ops=...)`
+KIND_OP = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "swish", "sigmoid": "sigmoid", "tanh": "tanh",
+           "hardswish": "hswish", "hardsigmoid": "hsigmoid", "softplus": "softplus", "softmax": "softmax",
+           "sdpa": "softmax", "layer_norm": "layernorm", "rms_norm": "rmsnorm", "group_norm": "groupnorm",
+           "rsqrt": "rsqrt", "exp": "exp"}
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "softplus")
+T = torch.Tensor
+
+
+def _kinds() -> dict[Callable, str]:
+    """Each torch spelling of a call (as a TorchFunctionMode receives it) -> its kind."""
+    k: dict[Callable, str] = {F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
+                              F.hardsigmoid: "hardsigmoid", F.softplus: "softplus", F.softmax: "softmax",
+                              F.softmin: "softmin", F.scaled_dot_product_attention: "sdpa",
+                              F.layer_norm: "layer_norm", F.rms_norm: "rms_norm", F.group_norm: "group_norm"}
+    for name, kind in (("sigmoid", "sigmoid"), ("tanh", "tanh"), ("softmax", "softmax"), ("rsqrt", "rsqrt"),
+                       ("exp", "exp")):
+        for owner in (torch, T):
+            k[getattr(owner, name)] = kind
+        for owner in (torch, T):
+            if hasattr(owner, name + "_"):
+                k[getattr(owner, name + "_")] = kind + "_"  # in place
+    k[torch.special.expit] = "sigmoid"
+    k[torch.special.softmax] = "softmax"
+    return k
+
+
+KINDS = _kinds()
+# non-linear calls with no table: reported as float, with this reason
+NO_TABLE: dict[Callable, str] = {
+    F.log_softmax: "log_softmax has no table (a log of a sum)",
+    T.log_softmax: "log_softmax has no table (a log of a sum)",
+    torch.log_softmax: "log_softmax has no table (a log of a sum)", torch.erf: "erf has no table",
+    T.erf: "erf has no table", F.mish: "mish has no table (fit one with gqa-lut fit --expr)",
+    F.elu: "elu has no table", F.selu: "selu has no table", F.celu: "celu has no table",
+    F.logsigmoid: "logsigmoid has no table", F.softsign: "softsign has no table",
+    torch.sqrt: "sqrt has no table", T.sqrt: "sqrt has no table",
+}
+
+
+class Frame:
+    """One running module: calls of each kind counted since it started (the call index)."""
+
+    __slots__ = ("module", "counts")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.counts: dict[str, int] = {}
+
+
+# torch layers whose forward makes no call that could be a site: no stack hooks on them
+NO_CALLS = {nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+            nn.Dropout3d, nn.Identity, nn.Flatten, nn.Unflatten, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+            nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d,
+            nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ModuleList, nn.ModuleDict}
+
+
+@dataclass
+class SiteRecord:
+    """One call site: through a table (tables, scale) or float (reason)."""
+
+    name: str  # module.lut_calls.kind_i, or module:kind_i for float ones
+    kind: str
+    tables: tuple[str, ...] = ()
+    reason: str = ""
+    calls: int = 0  # calls seen so far
+
+
+class ExpSite(nn.Module):
+    """exp through the exp table where its input is <= 0 (a softmax-like numerator, a decay);
+    float otherwise. Which one is decided from the inputs seen on the first call and again at
+    calibration (`use_table`, saved)."""
+
+    def __init__(self, table: Table):
+        super().__init__()
+        self.lut = exp_module(table)
+        self.register_buffer("use_table", torch.ones((), dtype=torch.bool))
+        self.register_buffer("seen_max", torch.full((), -math.inf), persistent=False)
+        self.table_on = True  # use_table as a Python bool: no device sync per call
+        self.observing = False
+
+    def forward(self, x: T) -> T:
+        if self.observing:
+            self.seen_max = torch.maximum(self.seen_max, x.detach().float().nan_to_num(nan=0.0).max())
+            return torch.exp(x)
+        return self.lut(x) if self.table_on else torch.exp(x)
+
+    def decide(self, x: T) -> None:
+        """The first call's inputs decide until calibration sees more."""
+        self.table_on = bool(x.numel() == 0 or float(x.detach().float().nan_to_num(nan=0.0).max()) <= 0)
+        self.use_table.fill_(self.table_on)
+
+    def start_observing(self) -> None:
+        self.seen_max.fill_(-math.inf)
+        self.observing = True
+
+    def finish_observing(self) -> None:
+        self.observing = False
+        self.table_on = bool(self.seen_max <= 0)
+        self.use_table.fill_(self.table_on)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.table_on = bool(self.use_table)
+
+
+def make_site(kind: str, tables: dict[str, Table]) -> nn.Module:
+    """A fresh LUT module for one call site of `kind`, with the tables given."""
+    if kind in ACTIVATIONS:
+        return LUTActivation(tables[SITE_TABLES[kind][0]])
+    if kind in ("softmax", "sdpa"):
+        return LUTSoftmax(-1, tables["exp"], tables["reciprocal"])
+    if kind in ("layer_norm", "rms_norm", "group_norm", "rsqrt"):
+        return RangeReducedLUT("rsqrt", tables["rsqrt"])
+    if kind == "exp":
+        return ExpSite(tables["exp"])
+    raise ValueError(f"no call site for kind {kind!r}")
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _softmax_dim(x: T, dim: Optional[int]) -> int:
+    if dim is not None:
+        return dim
+    return 0 if x.dim() in (0, 1, 3) else 1  # F.softmax's legacy implicit dim
+
+
+def sdpa(site: LUTSoftmax, q: T, k: T, v: T, attn_mask: Optional[T] = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> T:
+    """F.scaled_dot_product_attention written out, with its softmax through the tables: the
+    mask (bool: keep where True; float: added), the causal mask (top-left aligned, as torch),
+    grouped-query heads, the scale."""
+    L, S = q.size(-2), k.size(-2)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if enable_gqa and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask
+    p = site.along(s, -1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return p @ v
+
+
+def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """The call `func(*args, **kwargs)` of `kind`, through `site`."""
+    x = _arg(args, kwargs, 0, "input")
+    if kind in ACTIVATIONS:
+        if kind == "softplus":
+            beta = float(_arg(args, kwargs, 1, "beta", 1.0))
+            threshold = float(_arg(args, kwargs, 2, "threshold", 20.0))
+            y = site(x * beta) / beta if beta != 1.0 else site(x)
+            return torch.where(x * beta > threshold, x, y)
+        return site(x)
+    if kind == "exp":
+        return site(x)
+    if kind == "rsqrt":
+        return site(x)
+    if kind == "softmax":
+        dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype")
+        if dtype is not None:
+            x = x.to(dtype)
+        return site.along(x, _softmax_dim(x, _arg(args, kwargs, 1, "dim")))
+    if kind == "sdpa":
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        full = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
+        return sdpa(site, full["query"], full["key"], full["value"], full["attn_mask"], full["dropout_p"] or 0.0,
+                    bool(full["is_causal"]), full["scale"], bool(full["enable_gqa"]))
+    if kind == "layer_norm":
+        return modules.layer_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
+                                  _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5), site)
+    if kind == "rms_norm":
+        return modules.rms_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
+                                _arg(args, kwargs, 3, "eps"), site)
+    if kind == "group_norm":
+        return modules.group_norm(x, _arg(args, kwargs, 1, "num_groups"), _arg(args, kwargs, 2, "weight"),
+                                  _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5), site)
+    raise ValueError(f"no call site for kind {kind!r}")
+
+
+SITE_KEY = re.compile(r"^(?:(?P<owner>.*)\.)?lut_calls\.(?P<kind>[a-z_]+?)_(?P<index>\d+)\.")
+
+
+class CallRouter:
+    """The state of call-site interception for one model: the running-module stack, the
+    sites met so far, and the float calls with their reasons. Picklable (torch.save(model))."""
+
+    def __init__(self, root: nn.Module, tables: dict[str, Table], kinds: set[str], opaque: tuple[type, ...]):
+        self.tables, self.kinds, self.opaque = tables, kinds, opaque
+        self.names: dict[int, str] = {}
+        self.stack: list[Frame] = []
+        self.floats: dict[str, SiteRecord] = {}
+        self.depth = 0
+        self.paused = False
+        self.scope = "model"  # "recorded": the mode runs only inside modules that made a call (record())
+        self.mode: Optional[_LUTCallMode] = None
+        self.attach(root)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(stack=[], mode=None, depth=0, names={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def attach(self, root: nn.Module) -> None:
+        self.root_ref = root
+        self.hook(root)
+        root.register_forward_pre_hook(self._enter)
+        root.register_forward_hook(self._exit, always_call=True)
+        root.register_load_state_dict_pre_hook(self._make_sites_for_load)
+
+    def _name(self, m: nn.Module) -> str:
+        key = id(m)
+        if key not in self.names:  # rebuilt lazily (after unpickling, after swaps)
+            self.names = {id(mod): n for n, mod in self.root_ref.named_modules()}
+        return self.names.get(key, type(m).__name__)
+
+    def _push(self, m: nn.Module, args: tuple) -> None:
+        if self.depth:
+            self.stack.append(Frame(m))
+
+    def _pop(self, m: nn.Module, args: tuple, out: Any) -> None:
+        if self.depth and self.stack and self.stack[-1].module is m:
+            self.stack.pop()
+
+    def _outside(self, m: nn.Module) -> bool:
+        return self.scope == "recorded" and not getattr(m, "_gqa_lut_owner", False)
+
+    def _enter(self, m: nn.Module, args: tuple) -> None:
+        if self._outside(m):
+            return
+        if self.depth == 0:
+            self.stack = [Frame(m)]
+            self.mode = _LUTCallMode(self)
+            self.mode.__enter__()
+        self.depth += 1
+
+    def _exit(self, m: nn.Module, args: tuple, out: Any) -> None:
+        if self._outside(m):
+            return
+        self.depth -= 1
+        if self.depth == 0 and self.mode is not None:
+            mode, self.mode = self.mode, None
+            mode.__exit__(None, None, None)
+            self.stack = []
+
+    def record(self) -> list[str]:
+        """From now on run the mode only inside the modules whose forward made a call so far
+        (calibration met them all): a model's other operations no longer pass through Python.
+        A call made elsewhere later (a code path calibration never took) is not seen. Returns
+        the owners' names."""
+        owners = {n for n, m in self.root_ref.named_modules()
+                  if isinstance(getattr(m, "lut_calls", None), nn.ModuleDict)}
+        owners |= {rec.name.rsplit(":", 1)[0] for rec in self.floats.values()}
+        for name in sorted(owners):
+            m = self.root_ref.get_submodule(name)
+            if not getattr(m, "_gqa_lut_owner", False) and m is not self.root_ref:
+                m._gqa_lut_owner = True
+                m.register_forward_pre_hook(self._enter)
+                m.register_forward_hook(self._exit, always_call=True)
+        self.root_ref._gqa_lut_owner = "" in owners
+        self.scope = "recorded"
+        return sorted(owners)
+
+    # --- sites ---------------------------------------------------------------------------------
+    def site(self, owner: nn.Module, kind: str, index: int, device: torch.device) -> nn.Module:
+        calls = getattr(owner, "lut_calls", None)
+        if calls is None:
+            calls = nn.ModuleDict()
+            owner.add_module("lut_calls", calls)
+        key = f"{kind}_{index}"
+        if key not in calls:
+            calls[key] = make_site(kind, self.tables).to(device)
+            self.names = {}
+        return calls[key]
+
+    def _make_sites_for_load(self, module, state_dict, prefix, *rest) -> None:
+        """Before a load: recreate the call sites a saved model had met (their keys say where)."""
+        for key in list(state_dict):
+            m = SITE_KEY.match(key[len(prefix):])
+            if m is None or m.group("kind") not in SITE_TABLES:
+                continue
+            owner = module.get_submodule(m.group("owner") or "")
+            anchor = next(module.parameters(), None)
+            self.site(owner, m.group("kind"), int(m.group("index")),
+                      anchor.device if anchor is not None else torch.device("cpu"))
+
+    def hook(self, m: nn.Module) -> None:
+        """Stack hooks on every module that may make a call (also one put in later: a swap the
+        probe undid). Not on LUT modules (their arithmetic makes no call that is a site) nor on
+        torch's leaf layers that make none (Linear, Conv, Embedding, Dropout...): hooks cost a
+        few microseconds per module call, and those are most of a model's module calls."""
+        for sub in m.modules():
+            if getattr(sub, "_gqa_lut_hooked", False) or isinstance(sub, self.opaque) or type(sub) in NO_CALLS:
+                continue
+            sub._gqa_lut_hooked = True
+            sub.register_forward_pre_hook(self._push)
+            sub.register_forward_hook(self._pop, always_call=True)
+        self.names = {}
+
+    def note_float(self, frame: Frame, kind: str, reason: str) -> None:
+        index = frame.counts.get(kind, 0)
+        frame.counts[kind] = index + 1
+        name = f"{self._name(frame.module)}:{kind}_{index}"
+        rec = self.floats.setdefault(name, SiteRecord(name, kind, reason=reason))
+        rec.calls += 1
+
+    def handle(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self.stack[-1] if self.stack else None
+        if frame is None or self.paused:
+            return func(*args, **kwargs)
+        kind = KINDS.get(func)
+        if kind is None:
+            self.note_float(frame, func.__name__, NO_TABLE[func])
+            return func(*args, **kwargs)
+        inplace = kind.endswith("_") or bool(kwargs.get("inplace", False)) or (
+            func in (F.silu, F.hardswish, F.hardsigmoid) and len(args) > 1 and bool(args[1]))
+        kind = kind.rstrip("_")
+        if kind == "softmin":
+            kind, func, x = "softmax", F.softmax, _arg(args, kwargs, 0, "input")
+            args, kwargs = (-x,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "input"}
+        if kind == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
+            kind = "gelu_tanh"
+        if KIND_OP[kind] not in self.kinds:
+            return func(*args, **kwargs)
+        x = _arg(args, kwargs, 0, "query" if kind == "sdpa" else "input")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or kwargs.get("out") is not None:
+            why = "out= form" if kwargs.get("out") is not None else "non-float input"
+            self.note_float(frame, kind, f"{why}: kept float")
+            return func(*args, **kwargs)
+        index = frame.counts.get(kind, 0)
+        frame.counts[kind] = index + 1
+        fresh = not hasattr(frame.module, "lut_calls") or f"{kind}_{index}" not in frame.module.lut_calls
+        site = self.site(frame.module, kind, index, x.device)
+        if fresh and kind == "exp":
+            site.decide(x)
+        y = run_site(kind, site, func, args, kwargs)
+        if inplace:
+            return x.copy_(y)
+        return y
+
+    def sites(self) -> list[SiteRecord]:
+        """Every call site met: through a table (the LUT modules under lut_calls) or float."""
+        out = []
+        for name, m in self.root_ref.named_modules():
+            calls = getattr(m, "lut_calls", None)
+            if not isinstance(calls, nn.ModuleDict) or name.endswith("lut_calls"):
+                continue
+            for key, site in calls.items():
+                kind = key.rsplit("_", 1)[0]
+                full = f"{name}.lut_calls.{key}" if name else f"lut_calls.{key}"
+                if isinstance(site, ExpSite) and not bool(site.use_table):
+                    out.append(SiteRecord(full, kind, reason="exp of inputs > 0 seen: the exp table is for x <= 0"))
+                else:
+                    out.append(SiteRecord(full, kind, SITE_TABLES[kind]))
+        return out + list(self.floats.values())
+
+
+ROUTE: dict[Callable, int] = {**{f: 1 for f in KINDS}, **{f: 1 for f in NO_TABLE}, F.multi_head_attention_forward: 2}
+
+
+class _LUTCallMode(TorchFunctionMode):
+    def __init__(self, router: CallRouter):
+        super().__init__()
+        self.router = router
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        route = ROUTE.get(func)  # one dict lookup for the hundreds of calls that pass through
+        if route is None:
+            return func(*args, **(kwargs or {}))
+        if route == 1:
+            return self.router.handle(func, args, kwargs or {})
+        return _inside(self, func, args, kwargs or {})
+
+
+def _unchecked(func: types.FunctionType) -> types.FunctionType:
+    """A copy of a torch.nn.functional composite whose own entry check never hands the call to
+    a mode (its globals say `has_torch_function` is False); the inner calls still check, with
+    their _unary/_variadic forms. A copy, not a patch of F: nothing global changes."""
+    scope = dict(func.__globals__, has_torch_function=lambda *a: False)
+    copy = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+UNCHECKED = {F.multi_head_attention_forward: _unchecked(F.multi_head_attention_forward)}
+
+
+def _inside(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run a Python composite of torch.nn.functional with its inner calls intercepted: a mode
+    sees F.multi_head_attention_forward as one call and runs it with the mode off, so the
+    softmax or attention inside would stay float. Here its unchecked copy runs with the mode
+    back on."""
+    with mode:
+        return UNCHECKED[func](*args, **kwargs)

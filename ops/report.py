@@ -1,0 +1,205 @@
+"""What `replace_ops` did to a model, kept live: every module swap and every call site the
+model has met, each through a table (which, at which scale) or left in float (why).
+
+`print(report)` gives the coverage line and a table; `report.rows()` the same as dicts.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from gqa_lut.table import Table
+from ops.modules import LUTActivation
+
+TableLike = Table | str | Path
+# a probed drop-in (tables bypassed) may differ from the original by float rounding only
+PROBE_TOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Swap:
+    """One module: swapped (new, table) or kept (new None, and why)."""
+
+    name: str
+    old: str
+    new: Optional[str]
+    table: Optional[str]
+    reason: str = ""
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # the module class swapped, or the kind of call
+    through: bool
+    tables: str = ""
+    scale: Optional[int] = None
+    reason: str = ""
+
+
+def _scale(m: Optional[nn.Module]) -> Optional[int]:
+    if isinstance(m, LUTActivation) and not m.range_reduced:
+        return m.scale
+    return None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class _bypass:
+    """Every table inside `m` replaced by its exact function, for the probe."""
+
+    def __init__(self, m: nn.Module):
+        self.luts = [x for x in m.modules() if isinstance(x, LUTActivation)]
+
+    def __enter__(self) -> None:
+        for x in self.luts:
+            x.bypass = x.fn is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for x in self.luts:
+            x.bypass = False
+
+
+class _Probe:
+    """For one batch the original module is back in its slot (the model runs as it was, its
+    attributes intact); this forward hook on it runs the drop-in, tables bypassed, on the same
+    call and records how far that is from the original's output."""
+
+    def __init__(self, drop_in: nn.Module, router: Any):
+        self.drop_in, self.router = drop_in, router
+        self.rel: Optional[float] = None
+        self.dtype = torch.float32  # of the original's output: how much rounding to allow
+        self.error = ""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        paused = self.router.paused if self.router is not None else False
+        if self.router is not None:
+            self.router.paused = True  # nothing in here is a call site of the model
+        try:
+            with _bypass(self.drop_in):
+                mine = self.drop_in(*args, **kwargs)
+            if not isinstance(out, torch.Tensor) or not isinstance(mine, torch.Tensor) or mine.shape != out.shape:
+                self.error = "returns something else"
+            else:
+                self.rel = max(self.rel or 0.0, _rel(mine, out))
+                self.dtype = out.dtype
+        except Exception as e:  # noqa: BLE001 - a drop-in that cannot take the call is a refused swap
+            self.error = f"cannot take the call ({type(e).__name__}: {e})".splitlines()[0][:120]
+        finally:
+            if self.router is not None:
+                self.router.paused = paused
+
+
+@dataclass
+class Report:
+    swaps: list[Swap]
+    router: Any  # ops.call_sites.CallRouter, or None with calls=False
+    originals: dict[str, tuple[nn.Module, str, nn.Module]] = field(default_factory=dict)
+    model_ref: Optional[nn.Module] = None
+    notes: list[str] = field(default_factory=list)  # model-wide changes (the attention implementation)
+    record_after_calibration: bool = False  # replace_ops(calls="recorded")
+
+    # --- the probe (ops.replace.calibrate) -----------------------------------------------------
+    def probe(self, run: Callable[[Any], Any], batch: Any) -> bool:
+        """One forward with each swap beside its original; undo the ones that differ. Returns
+        whether any was undone."""
+        probes, handles = {}, []
+        for name, (parent, attr, old) in self.originals.items():
+            probes[name] = p = _Probe(getattr(parent, attr), self.router)
+            handles.append(old.register_forward_hook(p, with_kwargs=True))
+            setattr(parent, attr, old)
+        router = self.router
+        undone = False
+        try:
+            if router is not None:
+                router.paused = True  # the originals' own calls are not call sites
+            run(batch)
+        finally:
+            if router is not None:
+                router.paused = False
+            for h in handles:
+                h.remove()
+            for name, (parent, attr, old) in self.originals.items():
+                p = probes[name]
+                bad = p.error or (p.rel is not None and p.rel > PROBE_TOL.get(p.dtype, 1e-3))
+                if bad:
+                    why = p.error or f"output differs from {type(old).__name__}'s by rel {p.rel:.2g}"
+                    setattr(parent, attr, old)
+                    if router is not None:
+                        router.hook(old)
+                    for s in self.swaps:
+                        if s.name == name:
+                            s.new, s.table = None, None
+                            s.reason = f"probe: {why}; kept (its calls are call sites)"
+                    undone = True
+                else:
+                    setattr(parent, attr, p.drop_in)
+            self.originals = {}
+        return undone
+
+    # --- what it says --------------------------------------------------------------------------
+    def rows(self) -> list[Row]:
+        out = []
+        model = self.model_ref
+        calls_on = self.router is not None
+        for s in self.swaps:
+            if s.new is not None:
+                mod = model.get_submodule(s.name) if model is not None and "." not in s.old else None
+                out.append(Row(s.name, s.old, True, s.table or "", _scale(mod)))
+            elif not calls_on:
+                out.append(Row(s.name, s.old, False, reason=s.reason))
+        if calls_on:
+            for r in self.router.sites():
+                mod = model.get_submodule(r.name) if model is not None and r.tables else None
+                out.append(Row(r.name, r.kind, bool(r.tables), ", ".join(r.tables), _scale(mod), r.reason))
+        return out
+
+    def kept(self) -> list[Swap]:
+        """Modules left as they were, and why (their own calls may still be call sites)."""
+        return [s for s in self.swaps if s.new is None]
+
+    def coverage(self) -> str:
+        rows = self.rows()
+        through = sum(r.through for r in rows)
+        line = f"{through} of {len(rows)} call sites through tables"
+        floats = Counter((r.kind, r.reason) for r in rows if not r.through)
+        if floats:
+            line += "; float: " + "; ".join(f"{n} {k} ({why})" for (k, why), n in floats.items())
+        if self.router is not None and not any(r.through for r in rows if "lut_calls" in r.name):
+            line += " (call sites appear after a forward: run calibrate)"
+        if not rows:
+            line = "nothing to convert: no non-linear module or call found" + (
+                "" if self.router is None else " yet (run a forward or calibrate)")
+        return line
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        lines = [self.coverage()]
+        if rows:
+            w = max(len(r.name) for r in rows)
+            lines.append(f"{'site'.ljust(w)}  {'kind':<22} {'':5} {'tables':<20} {'scale':>5}  reason")
+            for r in rows:
+                scale = "" if r.scale is None else str(r.scale)
+                lines.append(f"{r.name.ljust(w)}  {r.kind:<22} {'table' if r.through else 'float':5} "
+                             f"{r.tables:<20} {scale:>5}  {r.reason}")
+        for s in self.kept():
+            lines.append(f"kept module {s.name} ({s.old}): {s.reason}")
+        lines += self.notes
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"coverage": self.coverage(), "rows": [asdict(r) for r in self.rows()],
+                "swaps": [asdict(s) for s in self.swaps], "notes": list(self.notes)}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["originals"] = {}
+        return state
