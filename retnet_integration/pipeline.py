@@ -93,7 +93,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
         model.load_state_dict(ck["state_dict"])
     except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as exc:
         raise UsageError(f"checkpoint {str(path)!r} is not a RetNet checkpoint: {str(exc).splitlines()[0]}") from None
-    return model, ck.get("extra", {})
+    return model.eval(), ck.get("extra", {})  # evaluated (and calibrated) without dropout
 
 
 # --- training and evaluation ---------------------------------------------------------------------
@@ -163,6 +163,7 @@ def bits_per_char(model: RetNet, windows: torch.Tensor, device: torch.device, fo
 @torch.no_grad()
 def form_agreement(model: RetNet, windows: torch.Tensor, device: torch.device, chunk: int = 32) -> dict:
     """Share of positions where recurrent (and chunkwise) give the parallel form's next token."""
+    model.eval()  # dropout would make every form disagree with every other
     w = windows.to(device)[:, :-1]
     p, _ = model(w, "parallel")
     r, _ = model(w, "recurrent")

@@ -15,7 +15,8 @@ from gqa_lut.table import load_table
 from retnet_integration.data import FORTUNES_DIR, eval_windows, load_corpus
 from retnet_integration.layers import Decay
 from retnet_integration.model import RetNet, RetNetConfig, retention_chunkwise, retention_parallel, retention_recurrent
-from retnet_integration.pipeline import get_preset, load_checkpoint, run_eval, run_train, save_checkpoint
+from retnet_integration.pipeline import (form_agreement, get_preset, load_checkpoint, run_eval, run_train,
+                                         save_checkpoint)
 from retnet_integration.quantize import DECAY_TABLE, parse_mode, quantize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,13 +107,17 @@ def test_modes_and_presets_bad_input(tmp_path):
         m(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip_loads_in_eval_mode(tmp_path):
     torch.manual_seed(0)
-    m = RetNet(RetNetConfig(d_model=16, n_layers=1, n_heads=2, max_len=32)).eval()
+    m = RetNet(RetNetConfig(d_model=16, n_layers=1, n_heads=2, max_len=32, dropout=0.5)).eval()
     save_checkpoint(m, tmp_path / "m.pt", {"preset": "tiny"})
     m2, extra = load_checkpoint(tmp_path / "m.pt", torch.device("cpu"))
+    assert not any(mod.training for mod in m2.modules())  # eval and calibration see no dropout
     x = torch.randint(0, 256, (1, 20))
     assert extra == {"preset": "tiny"} and torch.equal(m(x)[0], m2(x)[0])
+    m2.train()
+    agree = form_agreement(m2, torch.randint(0, 256, (2, 21)), torch.device("cpu"))
+    assert agree["recurrent_vs_parallel"] >= 0.95 and not m2.training  # with dropout on: ~0.1
 
 
 @needs_fortunes
