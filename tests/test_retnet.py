@@ -158,3 +158,16 @@ def test_retnet_cli_subprocess(tmp_path):
     assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr
     bad = run("eval", "--checkpoint", "missing.pt", "--out", "x.json")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_calibration_keeps_every_norm_rsqrt_at_its_fixed_scale():
+    """The rsqrt inside each norm sees a mantissa in [1, 4) whatever the activations: calibrating
+    the quantized RetNet must not move it to a coarser scale."""
+    from ops.modules import RangeReducedLUT
+
+    torch.manual_seed(0)
+    m = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, max_len=64)).eval()
+    quantize_(m, "all-lut", [torch.randint(0, 256, (2, 32)) for _ in range(2)])
+    fixed = RangeReducedLUT("rsqrt").lut.scale
+    scales = [mod.lut.scale for mod in m.modules() if isinstance(mod, RangeReducedLUT)]
+    assert len(scales) == 7 and set(scales) == {fixed}  # 2 x (2 LayerNorms + GroupNorm) + final
