@@ -1,7 +1,8 @@
 """What `replace_ops` did to a model, kept live: every module swap and every call site the
 model has met, each through a table (which, at which scale) or left in float (why).
 
-`print(report)` gives the coverage line and a table; `report.rows()` the same as dicts.
+`print(report)` gives the coverage line and a table; `report.rows()` the same as records,
+`report.to_dict()` as JSON-ready dicts.
 """
 from __future__ import annotations
 
