@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from gqa_lut.table import write_json_atomic
 
@@ -56,3 +59,30 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def timer(device: str, fn: Callable[[], Any], reps: int, batch: int = 20) -> float:
+    """Median seconds of one fn() call, after a warm-up.
+
+    On CUDA each sample is `batch` back-to-back calls between two events, divided by batch:
+    the GPU stays busy while Python enqueues, so launch overhead (a few tens of microseconds
+    of Python for any op, more for a Triton launch) is not counted as GPU time, for the
+    native op and the LUT alike."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            import torch  # the CPU-only benchmarks never need it here
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(batch):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / batch)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

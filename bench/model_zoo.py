@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -26,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bench._common import machine, print_table, write_results
+from bench._common import machine, print_table, timer, write_results
 from ops import calibrate, replace_ops
 from ops.call_sites import KINDS
 
@@ -195,16 +193,6 @@ def convert(model: nn.Module, batch: Callable[[int], Inputs], calls: bool = True
     return report
 
 
-def timed(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(name: str, reps: int, compiled: bool = False) -> dict:
     model, batch = build(name)
     test = batch(99)
@@ -224,24 +212,24 @@ def measure(name: str, reps: int, compiled: bool = False) -> dict:
     rows = report.rows()
     floats = Counter(f"{r.kind}: {r.reason}" for r in rows if not r.through)
     with torch.no_grad():
-        t_float = timed(lambda: output(float_model, test), reps)
-        t_swap = timed(lambda: output(swap_only, test), reps)
-        t_lut = timed(lambda: output(model, test), reps)
-        t_rec = timed(lambda: output(recorded, test), reps)
+        t_float = timer("cpu", lambda: output(float_model, test), reps)
+        t_swap = timer("cpu", lambda: output(swap_only, test), reps)
+        t_lut = timer("cpu", lambda: output(model, test), reps)
+        t_rec = timer("cpu", lambda: output(recorded, test), reps)
         more = {"recorded_equal": bool(torch.equal(output(recorded, test), out))}
         if compiled:  # the call sites recorded once: no per-call Python left
             c_float, c_swap, c_lut = (torch.compile(m) for m in (float_model, swap_only, model))
             more |= {"compiled_bit_exact": bool(torch.equal(output(c_lut, test), out)),
-                    "ms_float_compiled": 1e3 * timed(lambda: output(c_float, test), reps),
-                    "ms_module_swaps_compiled": 1e3 * timed(lambda: output(c_swap, test), reps),
-                    "ms_tables_compiled": 1e3 * timed(lambda: output(c_lut, test), reps)}
+                    "ms_float_compiled": 1e3 * timer("cpu", lambda: output(c_float, test), reps),
+                    "ms_module_swaps_compiled": 1e3 * timer("cpu", lambda: output(c_swap, test), reps),
+                    "ms_tables_compiled": 1e3 * timer("cpu", lambda: output(c_lut, test), reps)}
     return {**more, "model": name, "nonlinear_calls_float_model": sum(float_before.values()),
             "sites": len(rows), "through_tables": sum(r.through for r in rows),
             "float_sites": dict(floats), "float_calls_left": dict(left), "rel_l2_vs_float": rel,
             "kept_modules": [f"{s.name} ({s.old}): {s.reason}" for s in report.kept()],
             "ms_float": 1e3 * t_float, "ms_module_swaps": 1e3 * t_swap, "ms_tables": 1e3 * t_lut,
             "ms_tables_recorded": 1e3 * t_rec,
-            "coverage": report.coverage()}
+            "coverage": report.coverage(rows)}
 
 
 def main(argv: list[str] | None = None) -> None:

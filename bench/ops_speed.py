@@ -12,44 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench._common import RESULTS, machine, print_table, write_results
+from bench._common import RESULTS, machine, print_table, timer, write_results
 
 from ops.modules import LUTGELU, LUTSiLU
 
 TARGET = {"cpu": 4.0, "cuda": 1.5}  # LUT forward / native forward at 2^26 elements
 DATASHEET_BW = 3.0e12
-
-
-def timer(device: str, fn, reps: int, batch: int = 20) -> float:
-    """Median seconds of one fn() call, after a warm-up.
-
-    On CUDA each sample is `batch` back-to-back calls between two events, divided by batch:
-    the GPU stays busy while Python enqueues, so launch overhead (a few tens of microseconds
-    of Python for any op, more for a Triton launch) is not counted as GPU time, for the
-    native op and the LUT alike."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            for _ in range(batch):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / batch)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

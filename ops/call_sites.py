@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from gqa_lut.table import Table
 from ops import modules
-from ops.modules import LUTActivation, LUTSoftmax, RangeReducedLUT, exp_module
+from ops.modules import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
 
 # kind of call -> the tables its site uses (ops/registry.py table names)
 SITE_TABLES: dict[str, tuple[str, ...]] = {
@@ -89,6 +89,11 @@ class Frame:
         self.module = module
         self.counts: dict[str, int] = {}
 
+    def next_index(self, kind: str) -> int:
+        index = self.counts.get(kind, 0)
+        self.counts[kind] = index + 1
+        return index
+
 
 # torch layers whose forward makes no call that could be a site: no stack hooks on them
 NO_CALLS = {nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -120,18 +125,21 @@ class ExpSite(nn.Module):
         self.register_buffer("use_table", torch.ones((), dtype=torch.bool))
         self.register_buffer("seen_max", torch.full((), -math.inf), persistent=False)
         self.table_on = True  # use_table as a Python bool: no device sync per call
+        self.decided = False  # by the first call's inputs, until calibration or a load says
         self.observing = False
 
     def forward(self, x: T) -> T:
-        if self.observing:
-            self.seen_max = torch.maximum(self.seen_max, x.detach().float().nan_to_num(nan=0.0).max())
-            return torch.exp(x)
+        if self.observing or not self.decided:
+            top = x.detach().float().nan_to_num(nan=0.0).amax() if x.numel() else x.new_full((), -math.inf)
+            if self.observing:
+                self.seen_max = torch.maximum(self.seen_max, top)
+                return torch.exp(x)
+            self._use(bool(top <= 0))
         return self.lut(x) if self.table_on else torch.exp(x)
 
-    def decide(self, x: T) -> None:
-        """The first call's inputs decide until calibration sees more."""
-        self.table_on = bool(x.numel() == 0 or float(x.detach().float().nan_to_num(nan=0.0).max()) <= 0)
-        self.use_table.fill_(self.table_on)
+    def _use(self, on: bool) -> None:
+        self.table_on, self.decided = on, True
+        self.use_table.fill_(on)
 
     def start_observing(self) -> None:
         self.seen_max.fill_(-math.inf)
@@ -139,12 +147,16 @@ class ExpSite(nn.Module):
 
     def finish_observing(self) -> None:
         self.observing = False
-        self.table_on = bool(self.seen_max <= 0)
-        self.use_table.fill_(self.table_on)
+        self._use(bool(self.seen_max <= 0))
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.table_on = bool(self.use_table)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a float checkpoint has no use_table: the site keeps its decision
+        missing_keys[before:] = [k for k in missing_keys[before:] if k != prefix + "use_table"]
+        self._use(bool(self.use_table))
 
 
 def make_site(kind: str, tables: dict[str, Table]) -> nn.Module:
@@ -197,16 +209,12 @@ def sdpa(site: LUTSoftmax, q: T, k: T, v: T, attn_mask: Optional[T] = None, drop
 def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: dict) -> Any:
     """The call `func(*args, **kwargs)` of `kind`, through `site`."""
     x = _arg(args, kwargs, 0, "input")
-    if kind in ACTIVATIONS:
-        if kind == "softplus":
-            beta = float(_arg(args, kwargs, 1, "beta", 1.0))
-            threshold = float(_arg(args, kwargs, 2, "threshold", 20.0))
-            y = site(x * beta) / beta if beta != 1.0 else site(x)
-            return torch.where(x * beta > threshold, x, y)
-        return site(x)
-    if kind == "exp":
-        return site(x)
-    if kind == "rsqrt":
+    if kind == "softplus":
+        beta = float(_arg(args, kwargs, 1, "beta", 1.0))
+        threshold = float(_arg(args, kwargs, 2, "threshold", 20.0))
+        y = site(x * beta) / beta if beta != 1.0 else site(x)
+        return torch.where(x * beta > threshold, x, y)
+    if kind in ACTIVATIONS or kind in ("exp", "rsqrt"):
         return site(x)
     if kind == "softmax":
         dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype")
@@ -243,6 +251,7 @@ class CallRouter:
         self.stack: list[Frame] = []
         self.floats: dict[str, SiteRecord] = {}
         self.depth = 0
+        self.forwards = 0  # root forwards seen (the report says when no call has been met yet)
         self.paused = False
         self.scope = "model"  # "recorded": the mode runs only inside modules that made a call (record())
         self.mode: Optional[_LUTCallMode] = None
@@ -252,9 +261,6 @@ class CallRouter:
         state = dict(self.__dict__)
         state.update(stack=[], mode=None, depth=0, names={})
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
     # --- hooks ---------------------------------------------------------------------------------
     def attach(self, root: nn.Module) -> None:
@@ -285,6 +291,7 @@ class CallRouter:
         if self._outside(m):
             return
         if self.depth == 0:
+            self.forwards += 1
             self.stack = [Frame(m)]
             self.mode = _LUTCallMode(self)
             self.mode.__enter__()
@@ -335,10 +342,8 @@ class CallRouter:
             m = SITE_KEY.match(key[len(prefix):])
             if m is None or m.group("kind") not in SITE_TABLES:
                 continue
-            owner = module.get_submodule(m.group("owner") or "")
-            anchor = next(module.parameters(), None)
-            self.site(owner, m.group("kind"), int(m.group("index")),
-                      anchor.device if anchor is not None else torch.device("cpu"))
+            self.site(module.get_submodule(m.group("owner") or ""), m.group("kind"), int(m.group("index")),
+                      device_of(module))
 
     def hook(self, m: nn.Module) -> None:
         """Stack hooks on every module that may make a call (also one put in later: a swap the
@@ -354,9 +359,7 @@ class CallRouter:
         self.names = {}
 
     def note_float(self, frame: Frame, kind: str, reason: str) -> None:
-        index = frame.counts.get(kind, 0)
-        frame.counts[kind] = index + 1
-        name = f"{self._name(frame.module)}:{kind}_{index}"
+        name = f"{self._name(frame.module)}:{kind}_{frame.next_index(kind)}"
         rec = self.floats.setdefault(name, SiteRecord(name, kind, reason=reason))
         rec.calls += 1
 
@@ -383,12 +386,7 @@ class CallRouter:
             why = "out= form" if kwargs.get("out") is not None else "non-float input"
             self.note_float(frame, kind, f"{why}: kept float")
             return func(*args, **kwargs)
-        index = frame.counts.get(kind, 0)
-        frame.counts[kind] = index + 1
-        fresh = not hasattr(frame.module, "lut_calls") or f"{kind}_{index}" not in frame.module.lut_calls
-        site = self.site(frame.module, kind, index, x.device)
-        if fresh and kind == "exp":
-            site.decide(x)
+        site = self.site(frame.module, kind, frame.next_index(kind), x.device)
         y = run_site(kind, site, func, args, kwargs)
         if inplace:
             return x.copy_(y)
@@ -404,7 +402,7 @@ class CallRouter:
             for key, site in calls.items():
                 kind = key.rsplit("_", 1)[0]
                 full = f"{name}.lut_calls.{key}" if name else f"lut_calls.{key}"
-                if isinstance(site, ExpSite) and not bool(site.use_table):
+                if isinstance(site, ExpSite) and not site.table_on:
                     out.append(SiteRecord(full, kind, reason="exp of inputs > 0 seen: the exp table is for x <= 0"))
                 else:
                     out.append(SiteRecord(full, kind, SITE_TABLES[kind]))

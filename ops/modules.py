@@ -29,7 +29,7 @@ from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops.tables import as_table
 from ops import registry
-from ops.torch_lut import (CLOSED_FORM, compute_dtype, dequantized, derivative_of, expand, lookup, lut_apply,
+from ops.torch_lut import (CLOSED_FORM, compute_dtype, dequantized, derivative_of, expand, lut_apply,
                            require_float)
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
@@ -110,26 +110,21 @@ class LUTActivation(nn.Module):
         self.table = table.validate()
         values, frac = expand(table)
         dev = self.table_real.device if hasattr(self, "table_real") else None
-        self.register_buffer("table_spec", self._spec(table).to(dev) if dev is not None else self._spec(table))
         derived = {"table_real": dequantized(values, frac), "table_real64": dequantized(values, frac, torch.float64),
                    "scales": torch.tensor(table.scales, dtype=torch.int64),
                    "slopes_real": torch.tensor(table.slopes.tolist(), dtype=torch.float32) * 2.0 ** -table.frac_bits,
                    "breakpoints": torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
                                                dtype=torch.int32).reshape(len(table.scales), -1),
                    "d_current": torch.zeros((), dtype=torch.int64)}
-        for name, t in derived.items():  # all derived from table_spec: not saved
+        for name, t in derived.items():  # all derived from the table: not saved
             self.register_buffer(name, t.to(dev) if dev is not None else t, persistent=False)
         if not hasattr(self, "scale_index"):
             self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
         self._register_derivative()
 
-    def _spec(self, table: Table) -> torch.Tensor:
-        spec = json.dumps({"table": table.to_json(), "scale_mode": self.scale_mode, "grad": self.grad})
-        return torch.tensor(list(spec.encode()), dtype=torch.uint8)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "table_spec"] = self._spec(self.table)  # modes may have changed since
+        destination[prefix + "table_spec"] = _spec_tensor(self.table.to_json(), self.scale_mode, self.grad)
 
     def _register_derivative(self) -> None:
         """The exact backward: a closed form named by the op where the table's function is the
@@ -141,26 +136,28 @@ class LUTActivation(nn.Module):
         else:
             self.derivative = derivative_of(self.fn)
 
-    # the state_dict holds table_spec, scale_index (and log2_threshold when learned)
-    _OWN_KEYS = ("table_spec", "scale_index", "log2_threshold")
-    _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints", "_extra_state")
+    # the state_dict holds table_spec (written from the table when saved), scale_index and,
+    # when learned, log2_threshold; a float checkpoint has none of them
+    _OWN_KEYS = ("scale_index", "log2_threshold")
+    _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        raw = state_dict.pop(prefix + "table_spec", None)
         legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints before tensor-only state
-        if legacy is not None and prefix + "table_spec" not in state_dict:
-            spec = {"table": json.loads(legacy["table"]), "scale_mode": legacy["scale_mode"], "grad": legacy["grad"]}
-            state_dict[prefix + "table_spec"] = torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
-            state_dict[prefix + "scale_index"] = torch.tensor(table_from_json(spec["table"]).scales.index(
-                int(legacy["scale"])))
         for key in self._DERIVED_KEYS:
             state_dict.pop(prefix + key, None)
-        raw = state_dict.get(prefix + "table_spec")
+        spec = None
         if raw is not None:
             spec = json.loads(bytes(raw.to("cpu", torch.uint8).tolist()).decode())
+        elif legacy is not None:
+            spec = {"table": json.loads(legacy["table"]), "scale_mode": legacy["scale_mode"], "grad": legacy["grad"]}
+            state_dict.setdefault(prefix + "scale_index", torch.tensor(table_from_json(spec["table"]).scales.index(
+                int(legacy["scale"]))))
+        if spec is not None:
             self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
             table = table_from_json(spec["table"])
-            if table.to_json() != self.table.to_json() or raw.numel() != self.table_spec.numel():
+            if table.to_json() != self.table.to_json():
                 self._set_table(table)
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -196,10 +193,6 @@ class LUTActivation(nn.Module):
         table = self.table_real64 if x.dtype == torch.float64 else self.table_real
         if self.bypass:  # the probe of ops.replace: the drop-in's own arithmetic with exact functions
             return self.fn(x)
-        if torch.jit.is_tracing() or not (torch.compiler.is_compiling() or torch.is_grad_enabled() and x.requires_grad):
-            # a traced graph, or eager with no gradient to carry: the op's own function, without
-            # the custom op's dispatch (same bits; ~20 us less per call)
-            return lookup(x, table, index, d, self.table.input_bits)
         return lut_apply(x, table, self.slopes_real, self.breakpoints, index, d, self.table.input_bits,
                          self.derivative if self.grad == "exact" else "")
 
@@ -227,6 +220,12 @@ class LUTActivation(nn.Module):
     def from_float(cls, module: nn.Module, tables: dict[str, Table], **kw: Any) -> "LUTActivation":
         """The drop-in for a float activation module (replace_ops), with its table from `tables`."""
         return cls(tables.get(cls.op), **kw)
+
+
+def _spec_tensor(table_json: dict, scale_mode: str, grad: str) -> torch.Tensor:
+    """A table and its modes as UTF-8 JSON bytes in a uint8 tensor: tensor-only state."""
+    spec = json.dumps({"table": table_json, "scale_mode": scale_mode, "grad": grad})
+    return torch.tensor(list(spec.encode()), dtype=torch.uint8)
 
 
 def activation_class(op: str) -> type:
@@ -291,6 +290,14 @@ def octave(v: torch.Tensor) -> torch.Tensor:
     e = torch.floor(torch.log2(v))
     m = v * torch.exp2(-e)
     return e + (m >= 2).to(e.dtype) - (m < 1).to(e.dtype)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model lives: its first parameter's (or buffer's) device, the CPU for an empty one."""
+    anchor = next(model.parameters(), None)
+    if anchor is None:
+        anchor = next(model.buffers(), None)
+    return anchor.device if anchor is not None else torch.device("cpu")
 
 
 def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:

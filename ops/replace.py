@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gqa_lut.functions import OPS, canonical_name
 from ops import adapters, modules, registry
 from ops.call_sites import KIND_OP, SITE_TABLES, CallRouter, ExpSite
-from ops.modules import LUTActivation, LUTGELU, RangeReducedLUT
+from ops.modules import LUTActivation, LUTGELU, RangeReducedLUT, device_of
 from ops.report import Report, Swap, TableLike
 from ops.tables import as_table
 
@@ -66,13 +66,6 @@ def _load_tables(chosen: list[str], tables: Optional[dict[str, TableLike]]) -> d
     return loaded
 
 
-def _device(model: nn.Module) -> torch.device:
-    anchor = next(model.parameters(), None)
-    if anchor is None:
-        anchor = next(model.buffers(), None)
-    return anchor.device if anchor is not None else torch.device("cpu")
-
-
 def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                 ops: Optional[Iterable[str]] = None, calls: bool | str = True, **module_kwargs: Any) -> Report:
     """Convert `model` in place; return its live Report.
@@ -98,7 +91,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     loaded = _load_tables(chosen, tables)
     prior: Optional[Report] = getattr(model, "_gqa_lut_report", None)
     report = prior if prior is not None else Report([], None)
-    device = _device(model)
+    device = device_of(model)
     swappable = [r for r in registry.swappable() if r.name in chosen]
 
     def swap(parent: nn.Module, attr: str, full: str, old: nn.Module, new: nn.Module, table: str) -> None:
@@ -127,8 +120,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                 continue
             adapter = adapters.find(child)
             if adapter is not None and adapter.op in chosen:
-                kw = module_kwargs if adapter.op not in ("rmsnorm",) else {}
-                new = adapter.build(child, loaded, **kw)
+                new = adapter.build(child, loaded, **module_kwargs)
                 if new is not None:
                     table = ", ".join(loaded[t].op for t in registry.torch_op(adapter.op).tables)
                     swap(parent, child_name, full, child, new, table)

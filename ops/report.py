@@ -71,19 +71,17 @@ class _bypass:
 
 class _Probe:
     """For one batch the original module is back in its slot (the model runs as it was, its
-    attributes intact); this forward hook on it runs the drop-in, tables bypassed, on the same
-    call and records how far that is from the original's output."""
+    attributes intact; Report.probe pauses the call sites meanwhile); this forward hook on it
+    runs the drop-in, tables bypassed, on the same call and records how far that is from the
+    original's output."""
 
-    def __init__(self, drop_in: nn.Module, router: Any):
-        self.drop_in, self.router = drop_in, router
+    def __init__(self, drop_in: nn.Module):
+        self.drop_in = drop_in
         self.rel: Optional[float] = None
         self.dtype = torch.float32  # of the original's output: how much rounding to allow
         self.error = ""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        paused = self.router.paused if self.router is not None else False
-        if self.router is not None:
-            self.router.paused = True  # nothing in here is a call site of the model
         try:
             with _bypass(self.drop_in):
                 mine = self.drop_in(*args, **kwargs)
@@ -94,9 +92,6 @@ class _Probe:
                 self.dtype = out.dtype
         except Exception as e:  # noqa: BLE001 - a drop-in that cannot take the call is a refused swap
             self.error = f"cannot take the call ({type(e).__name__}: {e})".splitlines()[0][:120]
-        finally:
-            if self.router is not None:
-                self.router.paused = paused
 
 
 @dataclass
@@ -109,16 +104,14 @@ class Report:
     record_after_calibration: bool = False  # replace_ops(calls="recorded")
 
     # --- the probe (ops.replace.calibrate) -----------------------------------------------------
-    def probe(self, run: Callable[[Any], Any], batch: Any) -> bool:
-        """One forward with each swap beside its original; undo the ones that differ. Returns
-        whether any was undone."""
+    def probe(self, run: Callable[[Any], Any], batch: Any) -> None:
+        """One forward with each swap beside its original; undo the ones that differ."""
         probes, handles = {}, []
         for name, (parent, attr, old) in self.originals.items():
-            probes[name] = p = _Probe(getattr(parent, attr), self.router)
+            probes[name] = p = _Probe(getattr(parent, attr))
             handles.append(old.register_forward_hook(p, with_kwargs=True))
             setattr(parent, attr, old)
         router = self.router
-        undone = False
         try:
             if router is not None:
                 router.paused = True  # the originals' own calls are not call sites
@@ -140,11 +133,9 @@ class Report:
                         if s.name == name:
                             s.new, s.table = None, None
                             s.reason = f"probe: {why}; kept (its calls are call sites)"
-                    undone = True
                 else:
                     setattr(parent, attr, p.drop_in)
             self.originals = {}
-        return undone
 
     # --- what it says --------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -153,7 +144,7 @@ class Report:
         calls_on = self.router is not None
         for s in self.swaps:
             if s.new is not None:
-                mod = model.get_submodule(s.name) if model is not None and "." not in s.old else None
+                mod = model.get_submodule(s.name) if model is not None else None
                 out.append(Row(s.name, s.old, True, s.table or "", _scale(mod)))
             elif not calls_on:
                 out.append(Row(s.name, s.old, False, reason=s.reason))
@@ -167,23 +158,24 @@ class Report:
         """Modules left as they were, and why (their own calls may still be call sites)."""
         return [s for s in self.swaps if s.new is None]
 
-    def coverage(self) -> str:
-        rows = self.rows()
+    def coverage(self, rows: Optional[list[Row]] = None) -> str:
+        rows = self.rows() if rows is None else rows
         through = sum(r.through for r in rows)
         line = f"{through} of {len(rows)} call sites through tables"
         floats = Counter((r.kind, r.reason) for r in rows if not r.through)
         if floats:
             line += "; float: " + "; ".join(f"{n} {k} ({why})" for (k, why), n in floats.items())
-        if self.router is not None and not any(r.through for r in rows if "lut_calls" in r.name):
+        unmet = self.router is not None and self.router.forwards == 0
+        if unmet:
             line += " (call sites appear after a forward: run calibrate)"
         if not rows:
             line = "nothing to convert: no non-linear module or call found" + (
-                "" if self.router is None else " yet (run a forward or calibrate)")
+                " yet (run a forward or calibrate)" if unmet else "")
         return line
 
     def __str__(self) -> str:
         rows = self.rows()
-        lines = [self.coverage()]
+        lines = [self.coverage(rows)]
         if rows:
             w = max(len(r.name) for r in rows)
             lines.append(f"{'site'.ljust(w)}  {'kind':<22} {'':5} {'tables':<20} {'scale':>5}  reason")
@@ -197,7 +189,8 @@ class Report:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"coverage": self.coverage(), "rows": [asdict(r) for r in self.rows()],
+        rows = self.rows()
+        return {"coverage": self.coverage(rows), "rows": [asdict(r) for r in rows],
                 "swaps": [asdict(s) for s in self.swaps], "notes": list(self.notes)}
 
     def __getstate__(self) -> dict:

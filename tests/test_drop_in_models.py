@@ -362,3 +362,26 @@ def test_recorded_calls_give_the_same_model_and_scope_the_interception():
     assert float_calls(twin, x) == {}
     with pytest.raises(ValueError, match="calls='everything' is not allowed"):
         replace_ops(nn.Sequential(nn.GELU()), calls="everything")
+
+
+class SoftmaxByHand(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        e = torch.exp(h - h.amax(-1, keepdim=True))
+        return e / e.sum(-1, keepdim=True)
+
+
+def test_a_float_checkpoint_loads_strictly_into_every_kind_of_call_site():
+    torch.manual_seed(0)
+    m = SoftmaxByHand()
+    x = torch.randn(4, 8)
+    report = replace_ops(m)
+    calibrate(m, [x])
+    assert [r.kind for r in report.rows()] == ["exp"] and report.rows()[0].through
+    before = m(x)
+    m.load_state_dict(SoftmaxByHand().state_dict(), strict=True)  # new weights, same tables
+    assert not torch.equal(m(x), before) and [r.through for r in report.rows()] == [True]
