@@ -1,7 +1,7 @@
 """Speed of LUTGELU / LUTSiLU against native F.gelu / F.silu. Run: python -m bench.ops_speed
 
-Same process, same tensor, median of repeated runs (on CUDA, of batches of back-to-back calls); forward and forward+backward; 2^24 and
-2^26 elements; float32 and bfloat16. On CUDA, also the achieved memory bandwidth (bytes read
+Same process, same tensor, median of repeated runs (on CUDA, of batches of back-to-back calls);
+forward and forward+backward; 2^16, 2^20, 2^24 and 2^26 elements; float32 and bfloat16. On CUDA, also the achieved memory bandwidth (bytes read
 + written by the forward, over its time) against a device-to-device copy of the same tensor,
 measured here, and the datasheet's ~3 TB/s. Results are merged into
 bench/results/ops_speed.json under the device's key, so CPU and GPU runs sit side by side.
@@ -20,7 +20,9 @@ from bench._common import RESULTS, machine, print_table, timer, write_results
 
 from ops.modules import LUTGELU, LUTSiLU
 
-TARGET = {"cpu": 4.0, "cuda": 1.5}  # LUT forward / native forward at 2^26 elements
+# LUT time / native time, at these sizes and above (the QAT speed issue's targets)
+TARGETS = {"cpu": {"forward": (1.2, 20)},
+           "cuda": {"forward": (1.1, 24), "forward+backward": (1.3, 24)}}
 DATASHEET_BW = 3.0e12
 
 
@@ -28,10 +30,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="2^20 elements, float32, few repetitions")
+    ap.add_argument("--sizes", default="16,20,24,26", help="log2 of the element counts")
     ap.add_argument("--reps", type=int)
     args = ap.parse_args()
     dev = args.device
-    sizes = [20] if args.quick else [24, 26]
+    sizes = [20] if args.quick else [int(v) for v in args.sizes.split(",")]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     reps = args.reps or (3 if args.quick else (10 if dev == "cuda" else 5))
     rows, recs = [], []
@@ -43,25 +46,26 @@ def main() -> None:
             grad = torch.ones_like(x)
             copy_s = timer(dev, lambda: torch.empty_like(x).copy_(x), reps)
             for name, native, lut in (("gelu", F.gelu, LUTGELU().to(dev)), ("silu", F.silu, LUTSiLU().to(dev))):
+                r = reps * (8 if log2n <= 20 else 1)  # small tensors: more samples, the same wall time
                 for mode in ("forward", "forward+backward"):
                     if mode == "forward":
                         with torch.no_grad():
-                            t_nat = timer(dev, lambda: native(x), reps)
-                            t_lut = timer(dev, lambda: lut(x), reps)
+                            t_nat = timer(dev, lambda: native(x), r)
+                            t_lut = timer(dev, lambda: lut(x), r)
                     else:
                         xr = x.detach().requires_grad_(True)
-                        t_nat = timer(dev, lambda: native(xr).backward(grad), reps)
-                        t_lut = timer(dev, lambda: lut(xr).backward(grad), reps)
+                        t_nat = timer(dev, lambda: native(xr).backward(grad), r)
+                        t_lut = timer(dev, lambda: lut(xr).backward(grad), r)
                     ratio = t_lut / t_nat
                     rec = {"op": name, "elements": n, "log2_elements": log2n, "dtype": str(dtype).replace("torch.", ""),
                            "mode": mode, "native_ms": t_nat * 1e3, "lut_ms": t_lut * 1e3, "ratio": ratio}
                     if dev == "cuda" and mode == "forward":
+                        rec["copy_bandwidth_tbs"] = 2 * n * x.element_size() / copy_s / 1e12
                         with torch.no_grad():  # one call alone: includes the launch overhead
                             rec_single = (timer(dev, lambda: native(x), reps, batch=1),
                                           timer(dev, lambda: lut(x), reps, batch=1))
                         nbytes = 2 * n * x.element_size()
                         rec.update(lut_bandwidth_tbs=nbytes / t_lut / 1e12, native_bandwidth_tbs=nbytes / t_nat / 1e12,
-                                   copy_bandwidth_tbs=nbytes / copy_s / 1e12,
                                    lut_fraction_of_datasheet=nbytes / t_lut / DATASHEET_BW,
                                    single_call_native_ms=rec_single[0] * 1e3, single_call_lut_ms=rec_single[1] * 1e3)
                     recs.append(rec)
@@ -69,14 +73,18 @@ def main() -> None:
                     rows.append([name, f"2^{log2n}", rec["dtype"], mode, f"{t_nat * 1e3:.3f}", f"{t_lut * 1e3:.3f}",
                                  f"{ratio:.2f}", bw])
     print_table(["op", "n", "dtype", "mode", "native ms", "LUT ms", "ratio", "LUT TB/s"], rows)
-    big = [r for r in recs if r["mode"] == "forward" and r["log2_elements"] == max(sizes)]
-    worst = max(r["ratio"] for r in big)
     key = "cpu" if dev == "cpu" else "cuda"
-    summary = {"worst_forward_ratio_largest": worst, "target": TARGET[key], "target_met": worst <= TARGET[key]}
+    summary = {}
+    for mode, (target, from_log2) in TARGETS[key].items():
+        held = [r for r in recs if r["mode"] == mode and r["log2_elements"] >= from_log2]
+        if held:
+            worst = max(r["ratio"] for r in held)
+            summary[mode] = {"worst_ratio": worst, "from_log2_elements": from_log2, "target": target,
+                             "target_met": worst <= target}
+            print(f"worst LUT/native {mode} ratio at 2^{from_log2} and above: {worst:.2f} (target <= {target})")
     if dev == "cuda":
         summary["device_name"] = torch.cuda.get_device_name()
-        summary["copy_bandwidth_tbs"] = max(r["copy_bandwidth_tbs"] for r in big)
-    print(f"\nworst LUT/native forward ratio at 2^{max(sizes)}: {worst:.2f} (target <= {TARGET[key]})")
+        summary["copy_bandwidth_tbs"] = max(r["copy_bandwidth_tbs"] for r in recs if "copy_bandwidth_tbs" in r)
     path = RESULTS / "ops_speed.json"
     doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "ops_speed"}
     doc[key] = {"machine": machine(), "torch": torch.__version__, "quick": args.quick, "reps": reps,

@@ -16,7 +16,6 @@ quantized in float64, narrower floats in float32.
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
@@ -27,6 +26,7 @@ import torch.nn as nn
 from gqa_lut.evaluator import evaluate_codes
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
+from ops.fake_quant import tqt_quantize
 from ops.tables import as_table
 from ops import registry
 from ops.torch_lut import (CLOSED_FORM, compute_dtype, dequantized, derivative_of, expand, lut_apply,
@@ -41,38 +41,6 @@ def covering_scale(table: Table, amax: float) -> int:
     _, qmax = int_range(table.input_bits)
     ok = [d for d in table.scales if amax * 2.0 ** d <= qmax + 0.5]
     return max(ok) if ok else min(table.scales)
-
-
-class _TQTQuantize(torch.autograd.Function):
-    """Fake-quantize x at the scale given by a learnable log2 threshold (TQT, Jain et al. 2020)."""
-
-    @staticmethod
-    def forward(ctx, x, log2_t, input_bits: int, dmin: int, dmax: int):
-        qmin, qmax = int_range(input_bits)
-        d = torch.clamp((input_bits - 1) - torch.ceil(log2_t.detach()), dmin, dmax)
-        s = torch.exp2(-d).to(compute_dtype(x))
-        v = torch.nan_to_num(x.to(s.dtype), nan=0.0) / s
-        q = torch.round(v).clamp(qmin, qmax)
-        ctx.save_for_backward(v, q, s)
-        ctx.qrange = (qmin, qmax)
-        return (q * s).to(x.dtype), d
-
-    @staticmethod
-    def backward(ctx, grad, _grad_d):
-        v, q, s = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
-        inside = (v >= qmin) & (v <= qmax)
-        gx = grad * inside
-        # d(q*s)/d(log2 t) = s*ln2*(round(v) - v) inside, s*ln2*q at the clip
-        g_log2t = (grad.float() * s * math.log(2.0) * torch.where(inside, q - v, q)).sum()
-        return gx, g_log2t.reshape(()), None, None, None
-
-
-def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin: int, dmax: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
-    [dmin, dmax]; returns (x_q, d). Gradients: straight-through for x, TQT for the threshold."""
-    return _TQTQuantize.apply(x, log2_threshold, bits, dmin, dmax)
 
 
 class LUTActivation(nn.Module):
@@ -183,8 +151,8 @@ class LUTActivation(nn.Module):
             self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
                                                                   posinf=0.0, neginf=0.0).abs().max())
         if self.scale_mode == "learned":
-            xq, d = _TQTQuantize.apply(x, self.log2_threshold, self.table.input_bits,
-                                       min(self.table.scales), max(self.table.scales))
+            xq, d = tqt_quantize(x, self.log2_threshold, self.table.input_bits,
+                                 min(self.table.scales), max(self.table.scales))
             index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
             return self._lut(xq, index, self.scales[index])
         return self._lut(x, self.scale_index, self.d_current)
@@ -271,6 +239,16 @@ class RangeReducedLUT(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
+        if v.is_cuda and self._fused_here(v):
+            from ops import triton_lut
+            lut = self.lut
+            qmin, qmax = int_range(lut.table.input_bits)
+            args = (lut.table_real, lut.slopes_real, lut.breakpoints, lut.scale_index, lut.d_current, qmin, qmax,
+                    self.op == "rsqrt", lut.grad == "slope")
+            if torch.is_grad_enabled() and v.requires_grad:
+                return _RangeReducedFunction.apply(v, *args)
+            return triton_lut.range_reduced_forward(v, lut.table_real, lut.scale_index, lut.d_current, qmin, qmax,
+                                                    self.op == "rsqrt")
         dt = compute_dtype(v)
         vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max).clamp_min(torch.finfo(dt).tiny)
         if torch.compiler.is_compiling():  # compile, export, ONNX: ops every backend has
@@ -281,6 +259,37 @@ class RangeReducedLUT(nn.Module):
         # multiplications by exact powers of two (not torch.ldexp, whose gradient to its input is 0)
         m = vf * torch.exp2(-(2 * k if self.op == "rsqrt" else k))
         return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
+
+
+    def _fused_here(self, v: torch.Tensor) -> bool:
+        """Whether the one-kernel CUDA path computes exactly what the torch ops below do: eager,
+        a fixed scale, the table's own derivative (or the slope), not probing or observing."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        from ops import triton_lut
+        lut = self.lut
+        return (triton_lut.usable(v) and not lut.bypass and not lut.observing and lut.scale_mode == "fixed"
+                and (lut.grad == "slope" or lut.derivative == self.op))
+
+
+class _RangeReducedFunction(torch.autograd.Function):
+    """RangeReducedLUT on CUDA as one kernel each way; the backward is the straight-through
+    gradient autograd takes through the torch ops (the table's derivative at the mantissa,
+    times the exact powers of two, 0 where nan_to_num or the clamp cut the input)."""
+
+    @staticmethod
+    def forward(ctx, v, table_real, slopes_real, breakpoints, scale_index, d, qmin, qmax, rsqrt, slope):
+        from ops import triton_lut
+        ctx.save_for_backward(v, slopes_real, breakpoints, scale_index, d)
+        ctx.args = (qmin, qmax, rsqrt, slope)
+        return triton_lut.range_reduced_forward(v, table_real, scale_index, d, qmin, qmax, rsqrt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ops import triton_lut
+        v, slopes_real, breakpoints, scale_index, d = ctx.saved_tensors
+        gv = triton_lut.range_reduced_backward(grad, v, slopes_real, breakpoints, scale_index, d, *ctx.args)
+        return (gv,) + (None,) * 9
 
 
 def octave(v: torch.Tensor) -> torch.Tensor:

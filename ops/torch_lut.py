@@ -61,6 +61,12 @@ def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tens
     return torch.stack(rows).to(dt), frac
 
 
+def exporting() -> bool:
+    """True under torch.export only. torch.compiler.is_exporting() also says True under
+    torch.compile up to torch 2.11 (pytorch#176347); the flag it should read is right in both."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The precision inputs are quantized in: float64 stays float64 (one rounding, not two at
     ties), narrower floats go up to float32, where x * 2^d is exact."""
@@ -106,13 +112,19 @@ def _workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
            input_bits: int) -> torch.Tensor:
     """Forward value of the table at real inputs x, in x's dtype: quantize, gather (exact).
-    On CUDA with Triton this is one kernel (ops/triton_lut.py)."""
+    One pass over memory where it can be: a Triton kernel on CUDA (ops/triton_lut.py), a
+    compiled C loop on the CPU for float32 and bfloat16 (ops/cpu_kernel.py); torch ops else."""
     qmin, qmax = int_range(input_bits)
     if x.is_cuda and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         from ops import triton_lut
         if triton_lut.usable(x):
             return triton_lut.lookup_triton(x, table_real, scale_index, d, qmin, qmax)
-    row = table_real[scale_index].to(x.dtype)
+    if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        from ops import cpu_kernel
+        y = cpu_kernel.lookup_cpu(x, table_real, int(scale_index), int(d), qmin, qmax)
+        if y is not None:
+            return y
+    row = table_real.index_select(0, scale_index.reshape(1)).reshape(-1).to(x.dtype)  # no data-dependent shape
     if (x.device.type == "cpu" and x.dtype != torch.float64
             and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
         v, idx = _workspace(x.numel(), x.device)
@@ -199,19 +211,36 @@ def straight_through(grad: torch.Tensor, x: torch.Tensor, d: torch.Tensor, input
     return torch.where(inside, grad.to(dt) * g, zero).to(x.dtype)
 
 
-@torch.library.custom_op("gqa_lut::lookup_backward", mutates_args=())
-def lut_lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
-                        scale_index: torch.Tensor, d: torch.Tensor, input_bits: int, derivative: str) -> torch.Tensor:
+def lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
+                    scale_index: torch.Tensor, d: torch.Tensor, input_bits: int,
+                    derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The straight-through gradient of `lookup` (see lut_lookup): one Triton kernel on CUDA in
+    eager mode for a named derivative, torch ops otherwise (what compile traces and fuses)."""
+    if (x.is_cuda and isinstance(derivative, str) and grad.dtype == x.dtype
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+        from ops import triton_lut  # one kernel: the derivative in registers (ops/triton_lut.py)
+        if triton_lut.backward_usable(x, derivative):
+            qmin, qmax = int_range(input_bits)
+            return triton_lut.lookup_backward_triton(grad, x, slopes_real, breakpoints, scale_index, d, qmin, qmax,
+                                                     derivative)
+    if callable(derivative):
+        return straight_through(grad, x, d, input_bits, lambda xi, xs: derivative(xi))
     if derivative:
-        return straight_through(grad, x, d, input_bits, lambda xi, xs: CLOSED_FORM[derivative](xi)).contiguous()
+        return straight_through(grad, x, d, input_bits, lambda xi, xs: CLOSED_FORM[derivative](xi))
     qmin, qmax = int_range(input_bits)
-    bp = breakpoints[scale_index]
+    bp = breakpoints.index_select(0, scale_index.reshape(1)).reshape(-1)
 
     def slope(xi: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         codes = torch.round(torch.nan_to_num(xs, nan=0.0)).clamp(qmin, qmax).to(bp.dtype)
         return slopes_real[torch.bucketize(codes, bp, right=False)].to(xs.dtype)
 
-    return straight_through(grad, x, d, input_bits, slope).contiguous()
+    return straight_through(grad, x, d, input_bits, slope)
+
+
+@torch.library.custom_op("gqa_lut::lookup_backward", mutates_args=())
+def lut_lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
+                        scale_index: torch.Tensor, d: torch.Tensor, input_bits: int, derivative: str) -> torch.Tensor:
+    return lookup_backward(grad, x, slopes_real, breakpoints, scale_index, d, input_bits, derivative).contiguous()
 
 
 @lut_lookup_backward.register_fake
@@ -234,20 +263,27 @@ def _lookup_backward(ctx, grad):
 lut_lookup.register_autograd(_lookup_backward, setup_context=_lookup_setup)
 
 
-class _CustomDerivative(torch.autograd.Function):
-    """The straight-through backward for a function with no closed form (a user's fn): its
-    derivative by autograd, in eager mode only."""
+class _LUTFunction(torch.autograd.Function):
+    """The same forward and straight-through backward as the custom op, without its dispatch:
+    in eager training that dispatch (Python, twice per table per step) cost more than the
+    kernels themselves, and under torch.compile the torch ops inside are traced and fused with
+    their neighbours instead of staying one opaque call. Also the only path for a derivative
+    given as a function (no closed form)."""
 
     @staticmethod
     def forward(ctx, x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative):
-        ctx.save_for_backward(x, d)
+        ctx.save_for_backward(x, slopes_real, breakpoints, scale_index, d)
         ctx.input_bits, ctx.derivative = input_bits, derivative
-        return lookup(x, table_real, scale_index, d, input_bits)
+        with torch._C.DisableTorchFunction():  # the call-site mode must not route the table's own math
+            return lookup(x, table_real, scale_index, d, input_bits)
 
     @staticmethod
     def backward(ctx, grad):
-        x, d = ctx.saved_tensors
-        gx = straight_through(grad, x, d, ctx.input_bits, lambda xi, xs: ctx.derivative(xi))
+        x, slopes_real, breakpoints, scale_index, d = ctx.saved_tensors
+        # compile traces this while the call-site mode is on: exp/erf/tanh here are the
+        # derivative's, not call sites
+        with torch._C.DisableTorchFunction():
+            gx = lookup_backward(grad, x, slopes_real, breakpoints, scale_index, d, ctx.input_bits, ctx.derivative)
         return gx, None, None, None, None, None, None, None
 
 
@@ -255,16 +291,14 @@ def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tens
               scale_index: torch.Tensor, d: torch.Tensor, input_bits: int,
               derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The table's value with its straight-through backward, by the cheapest path that gives it:
-    a traced graph, or eager with no gradient to carry, calls `lookup` itself (same bits,
-    without the custom op's dispatch: ~20 us less per call); compile, export and training go
-    through the custom op; a derivative given as a function (no closed form) through its
-    autograd twin."""
+    eager with no gradient to carry, or a jit trace, calls `lookup` itself; eager training and
+    torch.compile use the autograd function (`_LUTFunction`); torch.export (and the ONNX export
+    built on it) gets the custom op, one node per table with its own ONNX translation."""
     if torch.jit.is_tracing() or not (torch.compiler.is_compiling() or torch.is_grad_enabled() and x.requires_grad):
         return lookup(x, table_real, scale_index, d, input_bits)
-    if callable(derivative):
-        return _CustomDerivative.apply(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits,
-                                       derivative)
-    return lut_lookup(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
+    if exporting() and isinstance(derivative, str):
+        return lut_lookup(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
+    return _LUTFunction.apply(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
 
 
 class derivative_of:

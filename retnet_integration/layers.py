@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops.modules import tqt_quantize
+from ops.fake_quant import tqt_quantize, weight_fake_quant
 
 
 class ActQuant(nn.Module):
@@ -53,20 +53,6 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, enabled={self.enabled}"
 
 
-class _WeightQuant(torch.autograd.Function):
-    """Per-output-channel symmetric fake quantization with a straight-through gradient."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
-        qmax = 2 ** (bits - 1) - 1
-        scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-        return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
 class QuantLinear(nn.Linear):
     def __init__(self, *args, weight_bits: int = 8, **kw):
         super().__init__(*args, **kw)
@@ -75,7 +61,7 @@ class QuantLinear(nn.Linear):
         self.input_quant = ActQuant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _WeightQuant.apply(self.weight, self.weight_bits) if self.quantize_weight else self.weight
+        w = weight_fake_quant(self.weight, self.weight_bits) if self.quantize_weight else self.weight
         return F.linear(self.input_quant(x), w, self.bias)
 
 

@@ -130,3 +130,98 @@ def test_custom_op_backward_on_gpu_equals_cpu_for_every_op():
         m.cuda()(xg).sum().backward()
         assert torch.allclose(xc.grad, xg.grad.cpu(), rtol=1e-5, atol=1e-6), op
         m.cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", ["exact", "slope"])
+@pytest.mark.parametrize("op", SHIPPED)
+def test_backward_kernel_equals_cpu_for_every_table(op, grad, dtype):
+    """The fused backward kernel (derivative in registers, or the segment's slope) against the
+    CPU path: equal within float32 rounding of erf/exp/tanh (libdevice vs the CPU's), and
+    bit-equal for the slope (no transcendental)."""
+    from ops import triton_lut
+    t = default_table(op)
+    m = LUTActivation(t, grad=grad)
+    assert triton_lut.backward_usable(torch.empty(1, device="cuda"), m.derivative if grad == "exact" else "")
+    lo, hi = t.range
+    torch.manual_seed(0)
+    x = (lo + (hi - lo) * torch.rand(1 << 16) * 1.2 - 0.1 * (hi - lo)).to(dtype)
+    x[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+    g = torch.randn(x.shape).to(dtype)
+    xc = x.clone().requires_grad_(True)
+    m(xc).backward(g)
+    xg = x.cuda().requires_grad_(True)
+    m.cuda()(xg).backward(g.cuda())
+    if grad == "slope":
+        assert torch.equal(xc.grad, xg.grad.cpu())
+    else:
+        # absolute 1e-5: tanh-GELU's derivative cancels (1 - t^2 times up to ~8); one ulp of
+        # libdevice's tanh against the CPU's moved it by 6e-7 at x = -4.1 on the H100
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5)
+        assert torch.allclose(xc.grad.float(), xg.grad.cpu().float(), **tol), op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tqt_kernels_equal_cpu(bits, dtype):
+    from ops.fake_quant import tqt_quantize, weight_fake_quant
+    torch.manual_seed(0)
+    x = (torch.randn(100_003) * 3).to(dtype)
+    x[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+    g = torch.randn(x.shape).to(dtype)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        lt = torch.tensor(1.3, device=dev, requires_grad=True)
+        xr = x.detach().to(dev).clone().requires_grad_(True)  # a leaf on each device
+        y, d = tqt_quantize(xr, lt, bits, -40, 40)
+        y.backward(g.to(dev))
+        outs[dev] = (y.detach().cpu(), d.cpu(), xr.grad.cpu(), lt.grad.cpu())
+    (yc, dc, gxc, glc), (yg, dg, gxg, glg) = outs["cpu"], outs["cuda"]
+    assert torch.equal(yc, yg) and torch.equal(dc, dg) and torch.equal(gxc, gxg)
+    assert torch.allclose(glc, glg, rtol=1e-4, atol=1e-3)  # a sum of 1e5 terms in another order
+    w = torch.randn(96, 300)
+    assert torch.equal(weight_fake_quant(w, bits), weight_fake_quant(w.cuda(), bits).cpu())
+
+
+def test_all_lut_training_step_captures_as_one_cuda_graph():
+    """A whole QAT step of the quantized RetNet (every LUT op, W8A8) captures in a CUDA graph:
+    no host sync anywhere in forward, backward or the update. Replays train the model."""
+    from bench.qat_speed import captured, make_step, retnet_case, retnet_loss
+    build, batch = retnet_case("cuda", quick=True)
+    model = build("all-lut")
+    step = make_step(model, retnet_loss, "cuda", capturable=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    replay = captured(step, batch)
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", ["exact", "slope"])
+@pytest.mark.parametrize("op", ["rsqrt", "reciprocal"])
+def test_fused_range_reduction_equals_cpu_at_every_magnitude(op, grad, dtype):
+    """The one-kernel RangeReducedLUT (exponent bits, table, exact 2^-k) against the torch ops
+    on the CPU: forward bit for bit from 1e-38 to 3e38 and at NaN, +-inf, 0 and negatives;
+    the straight-through gradient within float32 rounding (0 where the input was cut)."""
+    from ops.modules import RangeReducedLUT
+    torch.manual_seed(0)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-39, 1.17549435e-38, 3.4e38,
+                            2.0 ** 127, 2.0 ** -126, 1.0, 4.0, 3.9999998])
+    v = torch.cat([special, torch.exp(torch.randn(20000) * 20)]).to(dtype)
+    g = torch.randn(v.shape).to(dtype)
+    r = RangeReducedLUT(op, grad=grad)
+    vc = v.clone().requires_grad_(True)
+    yc = r(vc)
+    yc.backward(g)
+    r = r.cuda()
+    vg = v.cuda().requires_grad_(True)
+    assert r._fused_here(vg)
+    yg = r(vg)
+    yg.backward(g.cuda())
+    assert torch.equal(yc.detach(), yg.detach().cpu())
+    assert torch.equal(r(v.cuda()).cpu(), yc.detach())  # the no-grad launch too
+    tol = dict(rtol=1e-5, atol=0) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=0)
+    assert torch.allclose(vc.grad.float(), vg.grad.cpu().float(), **tol)

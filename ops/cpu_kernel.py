@@ -1,0 +1,147 @@
+"""The LUT forward on the CPU as one compiled pass (ops/csrc/lut_cpu.c), built on first use.
+
+Why C and not torch ops: quantize-then-gather in torch is five passes over memory (multiply,
+round, clamp, convert, gather) where the native activation is one, so it ran 2-3x slower than
+`F.gelu` on two cores. The C loop does all of it per element in SIMD registers (AVX2/AVX-512
+gathers from the 2^Q-entry table) and splits large tensors over torch's threads with OpenMP.
+
+Why built at first use rather than at install time: a setuptools build would need torch in an
+isolated build environment, which pulls an unpinned (CUDA) torch from the network. The source
+is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into a cache
+folder (`$GQA_LUT_CACHE`, else `~/.cache/gqa_lut`), keyed by the source, the flags and the
+processor, and written atomically, so parallel processes never load a half-written library.
+Without a compiler, or with `GQA_LUT_CPU_KERNEL=0`, `load()` returns None and the torch ops
+compute the same bits (`status()` says why).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cpu.c"
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp"]
+NATIVE = ["-march=native"]  # the gathers need AVX2 or AVX-512; the bits do not depend on it
+
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GQA_LUT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gqa_lut")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the processor's name and its flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> Optional[str]:
+    """Compile to a temporary file beside `out`, then rename: None, or the compiler's complaint."""
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[0]
+        os.replace(tmp, out)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> tuple[Optional[ctypes.CDLL], str]:
+    if os.environ.get("GQA_LUT_CPU_KERNEL", "1") == "0":
+        return None, "switched off by GQA_LUT_CPU_KERNEL=0"
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return None, f"no C compiler {cc!r} on PATH (set CC): the torch ops are used"
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in (FLAGS + NATIVE, FLAGS):
+        key = hashlib.sha256(source + " ".join([cc] + flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        lib = cache_dir() / f"lut_cpu-{key}.so"
+        if not lib.exists():
+            try:
+                lib.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                return None, f"cache folder {str(lib.parent)!r} cannot be made ({exc.strerror}): set GQA_LUT_CACHE"
+            err = _compile(cc, SOURCE, lib, flags)
+            if err is not None:
+                errors.append(err)
+                continue
+        try:
+            dll = ctypes.CDLL(str(lib))
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        for name in ("lut_f32", "lut_bf16"):
+            fn = getattr(dll, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                           ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+        return dll, f"compiled {lib.name} ({' '.join(flags)})"
+    return None, f"{cc} could not build {SOURCE.name}: {errors[-1]}"
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, built on the first call of this process (None where it cannot be)."""
+    if "dll" not in _state:
+        _state["dll"], _state["status"] = _build()
+    return _state["dll"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """How the CPU forward runs here: the compiled library, or why the torch ops are used."""
+    load()
+    return str(_state["status"])
+
+
+def _bf16_rows(table_real: torch.Tensor) -> torch.Tensor:
+    """The table's entries rounded to bfloat16 by torch (as the torch path rounds them), each
+    zero-extended to 32 bits for the SIMD gather; kept on the table tensor itself (a cache keyed
+    by address could hand a freed table's rows to a new one), rebuilt when it is written to."""
+    got = getattr(table_real, "_gqa_bf16", None)
+    if got is None or got[0] != table_real._version:
+        rows = table_real.to(torch.bfloat16).view(torch.int16).to(torch.int32).bitwise_and(0xFFFF)
+        got = (table_real._version, rows)
+        table_real._gqa_bf16 = got
+    return got[1]
+
+
+def lookup_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qmin: int, qmax: int
+               ) -> Optional[torch.Tensor]:
+    """table_real[index][code(x)] in x's dtype for a float32 or bfloat16 CPU tensor, or None
+    where the kernel cannot run (no compiler, another dtype): the caller then uses torch ops."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or table_real.dtype != torch.float32:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    xc = x.contiguous()
+    y = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    n = xc.numel()
+    if n == 0:
+        return y
+    rows = table_real if x.dtype == torch.float32 else _bf16_rows(table_real)
+    table = rows[index].contiguous()
+    fn = dll.lut_f32 if x.dtype == torch.float32 else dll.lut_bf16
+    fn(xc.data_ptr(), y.data_ptr(), table.data_ptr(), n, 2.0 ** d, qmin, qmax, torch.get_num_threads())
+    return y

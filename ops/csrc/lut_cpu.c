@@ -1,0 +1,173 @@
+/* The LUT forward on the CPU in one pass over memory: load, quantize, gather, store.
+ *
+ * The same arithmetic as ops/torch_lut.py and ops/triton_lut.py, so the outputs are bit-identical:
+ * v = x * 2^d in float32 (exact: a power of two), NaN -> 0, round half to even (rintf under
+ * the default rounding mode), clamp to [qmin, qmax], then the expanded table's entry for that
+ * code, already in the output's type (the caller converts the table once, as torch would).
+ * No -ffast-math: it would drop the NaN test and allow reassociation. Built and loaded by
+ * ops/cpu_kernel.py; OpenMP splits large tensors over the threads torch is told to use.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define PARALLEL_MIN 65536
+
+static inline int32_t code_of(float x, float scale, float lo, float hi, int32_t qmin) {
+    float v = x * scale;
+    v = (v == v) ? v : 0.0f;
+    v = rintf(v);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    return (int32_t)v - qmin;
+}
+
+/* One thread's contiguous slice: a plain loop over restrict pointers, which the compiler
+ * vectorizes (rounding, compares and the gather in SIMD registers). */
+static void run_f32(const float *restrict x, float *restrict y, const float *restrict table, int64_t n,
+                    float scale, int32_t qmin, int32_t qmax) {
+    const float lo = (float)qmin, hi = (float)qmax;
+    for (int64_t i = 0; i < n; i++)
+        y[i] = table[code_of(x[i], scale, lo, hi, qmin)];
+}
+
+/* bfloat16 in and out: the input widens exactly (its bits are the top half of a float32's);
+ * the table holds the bfloat16 entries (converted once by torch, round to nearest even), each
+ * zero-extended to 32 bits so that the gather is the SIMD one. */
+static void run_bf16(const uint16_t *restrict x, uint16_t *restrict y, const uint32_t *restrict table,
+                     int64_t n, float scale, int32_t qmin, int32_t qmax) {
+    const float lo = (float)qmin, hi = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        float xf;
+        memcpy(&xf, &bits, sizeof xf);
+        y[i] = (uint16_t)table[code_of(xf, scale, lo, hi, qmin)];
+    }
+}
+
+#if defined(__AVX512F__)
+/* Tables of at most 256 entries (8-bit codes) live in sixteen 512-bit registers: a lookup is
+ * eight two-register permutes (each answers for 32 codes) and a three-level blend on the code's
+ * top bits, where a memory gather of 16 lanes is far slower on most processors (measured:
+ * 2x on an AMD EPYC, bench/ops_speed.py). Same rounding as code_of: roundscale to nearest
+ * even, NaN lanes to 0 before the clamp. */
+static inline __m512i codes16(__m512 x, __m512 scale, __m512 lo, __m512 hi, __m512i qmin) {
+    __m512 v = _mm512_mul_ps(x, scale);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    return _mm512_sub_epi32(_mm512_cvttps_epi32(v), qmin);
+}
+
+static inline __m512i lookup16(__m512i idx, const __m512i t[16]) {
+    __m512i r[8];
+    for (int j = 0; j < 8; j++)
+        r[j] = _mm512_permutex2var_epi32(t[2 * j], idx, t[2 * j + 1]);
+    __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    __m512i a0 = _mm512_mask_blend_epi32(b5, r[0], r[1]), a1 = _mm512_mask_blend_epi32(b5, r[2], r[3]);
+    __m512i a2 = _mm512_mask_blend_epi32(b5, r[4], r[5]), a3 = _mm512_mask_blend_epi32(b5, r[6], r[7]);
+    __m512i c0 = _mm512_mask_blend_epi32(b6, a0, a1), c1 = _mm512_mask_blend_epi32(b6, a2, a3);
+    return _mm512_mask_blend_epi32(b7, c0, c1);
+}
+
+static void load_table(const uint32_t *table, int32_t entries, __m512i t[16]) {
+    uint32_t pad[256] __attribute__((aligned(64)));
+    memset(pad, 0, sizeof pad);
+    memcpy(pad, table, (size_t)entries * sizeof *pad);
+    for (int j = 0; j < 16; j++)
+        t[j] = _mm512_load_si512((const void *)(pad + 16 * j));
+}
+
+static void run_f32_512(const float *x, float *y, const uint32_t *table, int64_t n, float scale, int32_t qmin,
+                        int32_t qmax) {
+    __m512i t[16];
+    load_table(table, qmax - qmin + 1, t);
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
+    const __m512i q0 = _mm512_set1_epi32(qmin);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i idx = codes16(_mm512_loadu_ps(x + i), s, lo, hi, q0);
+        _mm512_storeu_si512((void *)(y + i), lookup16(idx, t));
+    }
+    run_f32(x + i, y + i, (const float *)table, n - i, scale, qmin, qmax);
+}
+
+static void run_bf16_512(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, float scale,
+                         int32_t qmin, int32_t qmax) {
+    __m512i t[16];
+    load_table(table, qmax - qmin + 1, t);
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
+    const __m512i q0 = _mm512_set1_epi32(qmin);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(x + i));
+        __m512 xf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        __m512i idx = codes16(xf, s, lo, hi, q0);
+        _mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtepi32_epi16(lookup16(idx, t)));
+    }
+    run_bf16(x + i, y + i, table, n - i, scale, qmin, qmax);
+}
+#endif
+
+static void part_f32(const float *x, float *y, const float *table, int64_t n, float scale, int32_t qmin,
+                     int32_t qmax) {
+#if defined(__AVX512F__)
+    if (qmax - qmin < 256) {
+        run_f32_512(x, y, (const uint32_t *)table, n, scale, qmin, qmax);
+        return;
+    }
+#endif
+    run_f32(x, y, table, n, scale, qmin, qmax);
+}
+
+static void part_bf16(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, float scale, int32_t qmin,
+                      int32_t qmax) {
+#if defined(__AVX512F__)
+    if (qmax - qmin < 256) {
+        run_bf16_512(x, y, table, n, scale, qmin, qmax);
+        return;
+    }
+#endif
+    run_bf16(x, y, table, n, scale, qmin, qmax);
+}
+
+/* Slice [a, b) of n for thread k of m, aligned to 64 elements so no two threads share a line. */
+static void slice(int64_t n, int k, int m, int64_t *a, int64_t *b) {
+    int64_t per = ((n + m - 1) / m + 63) / 64 * 64;
+    *a = per * k < n ? per * k : n;
+    *b = per * (k + 1) < n ? per * (k + 1) : n;
+}
+
+void lut_f32(const float *x, float *y, const float *table, int64_t n, float scale, int32_t qmin, int32_t qmax,
+             int32_t threads) {
+    if (n < PARALLEL_MIN || threads <= 1) {
+        part_f32(x, y, table, n, scale, qmin, qmax);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        part_f32(x + a, y + a, table, b - a, scale, qmin, qmax);
+    }
+}
+
+void lut_bf16(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, float scale, int32_t qmin,
+              int32_t qmax, int32_t threads) {
+    if (n < PARALLEL_MIN || threads <= 1) {
+        part_bf16(x, y, table, n, scale, qmin, qmax);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        part_bf16(x + a, y + a, table, b - a, scale, qmin, qmax);
+    }
+}
