@@ -86,3 +86,17 @@ def timer(device: str, fn: Callable[[], Any], reps: int, batch: int = 20) -> flo
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timers_interleaved(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """Median seconds of each CPU fn, sampled in rotation (one call of each per round), so that
+    a slow spell of a shared machine weighs on every variant alike instead of on one of them."""
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in samples]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bench._common import machine, print_table, timer, write_results
+from bench._common import machine, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
 from ops.call_sites import KINDS
 
@@ -212,10 +212,8 @@ def measure(name: str, reps: int, compiled: bool = False) -> dict:
     rows = report.rows()
     floats = Counter(f"{r.kind}: {r.reason}" for r in rows if not r.through)
     with torch.no_grad():
-        t_float = timer("cpu", lambda: output(float_model, test), reps)
-        t_swap = timer("cpu", lambda: output(swap_only, test), reps)
-        t_lut = timer("cpu", lambda: output(model, test), reps)
-        t_rec = timer("cpu", lambda: output(recorded, test), reps)
+        t_float, t_swap, t_lut, t_rec = timers_interleaved(
+            [lambda m=m: output(m, test) for m in (float_model, swap_only, model, recorded)], reps)
         more = {"recorded_equal": bool(torch.equal(output(recorded, test), out))}
         if compiled:  # the call sites recorded once: no per-call Python left
             c_float, c_swap, c_lut = (torch.compile(m) for m in (float_model, swap_only, model))

@@ -97,6 +97,22 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                            ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+        for name in ("lut_mask_f32", "lut_mask_bf16"):
+            fn = getattr(dll, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
+                           ctypes.c_int32, ctypes.c_int32]
+        dll.lut_range_reduced_f32.restype = None
+        dll.lut_range_reduced_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_float, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                              ctypes.c_int32]
+        dll.tqt_forward_f32.restype = None
+        dll.tqt_forward_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                        ctypes.c_float, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+        dll.tqt_backward_f32.restype = ctypes.c_double
+        dll.tqt_backward_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int32,
+                                         ctypes.c_int32]
         return dll, f"compiled {lib.name} ({' '.join(flags)})"
     return None, f"{cc} could not build {SOURCE.name}: {errors[-1]}"
 
@@ -145,3 +161,71 @@ def lookup_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qm
     fn = dll.lut_f32 if x.dtype == torch.float32 else dll.lut_bf16
     fn(xc.data_ptr(), y.data_ptr(), table.data_ptr(), n, 2.0 ** d, qmin, qmax, torch.get_num_threads())
     return y
+
+
+def mask_outside_(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[torch.Tensor]:
+    """grad set to 0 in place where x * 2^d is outside [qmin - 1/2, qmax + 1/2] (or NaN), the
+    straight-through mask, in one pass; None where the kernel cannot run (then torch ops do)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != x.dtype or grad.shape != x.shape:
+        return None
+    if not (grad.is_contiguous() and x.is_contiguous()):
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    if x.numel():
+        fn = dll.lut_mask_f32 if x.dtype == torch.float32 else dll.lut_mask_bf16
+        fn(grad.data_ptr(), x.data_ptr(), x.numel(), 2.0 ** d, qmin, qmax, torch.get_num_threads())
+    return grad
+
+
+def range_reduced_cpu(v: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qmin: int, qmax: int,
+                      rsqrt: bool) -> Optional[torch.Tensor]:
+    """RangeReducedLUT's forward for a float32 CPU tensor in one pass (the same bits as its
+    torch ops), or None where the kernel cannot run."""
+    if v.dtype != torch.float32 or table_real.dtype != torch.float32:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    vc = v.contiguous()
+    y = torch.empty_like(vc, memory_format=torch.contiguous_format)
+    if vc.numel():
+        table = table_real[index].contiguous()
+        dll.lut_range_reduced_f32(vc.data_ptr(), y.data_ptr(), table.data_ptr(), vc.numel(), 2.0 ** d, qmin, qmax,
+                                  int(rsqrt), torch.get_num_threads())
+    return y
+
+
+def _plain_f32(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and not t.is_cuda for t in ts)
+
+
+def tqt_forward_cpu(x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[torch.Tensor]:
+    """TQT fake quantization of a float32 CPU tensor at scale 2^-d in one pass, or None."""
+    if not _plain_f32(x):
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    xc = x.contiguous()
+    y = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    if xc.numel():
+        dll.tqt_forward_f32(xc.data_ptr(), y.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin, qmax,
+                            torch.get_num_threads())
+    return y
+
+
+def tqt_backward_cpu(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: int
+                     ) -> Optional[tuple[torch.Tensor, float]]:
+    """(the input's straight-through gradient, sum of grad * 2^-d * (q - v or q)) in one pass, or None."""
+    if not _plain_f32(grad, x) or grad.shape != x.shape:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    xc, gc = x.contiguous(), grad.contiguous()
+    gx = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    acc = dll.tqt_backward_f32(gc.data_ptr(), xc.data_ptr(), gx.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin,
+                               qmax, torch.get_num_threads()) if xc.numel() else 0.0
+    return gx, acc

@@ -26,6 +26,10 @@ def _eager_cuda(x: torch.Tensor) -> bool:
     return triton_quant.usable(x)
 
 
+def _eager_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def tqt_scale(log2_t: torch.Tensor, bits: int, dmin: int, dmax: int) -> torch.Tensor:
     """d = (bits - 1) - ceil(log2 t), clamped to [dmin, dmax]: the threshold's power of two."""
     return torch.clamp((bits - 1) - torch.ceil(log2_t.detach().float()), dmin, dmax)
@@ -39,6 +43,11 @@ def _tqt_forward(x: torch.Tensor, log2_t: torch.Tensor, bits: int, dmin: int, dm
         return triton_quant.tqt_forward(x, log2_t, bits, dmin, dmax)
     qmin, qmax = int_range(bits)
     d = tqt_scale(log2_t, bits, dmin, dmax)
+    if _eager_cpu(x):
+        from ops import cpu_kernel  # one compiled pass (float32)
+        y = cpu_kernel.tqt_forward_cpu(x, int(d), qmin, qmax)
+        if y is not None:
+            return y, d
     s = torch.exp2(-d).to(compute_dtype(x))
     q = torch.round(torch.nan_to_num(x.to(s.dtype), nan=0.0) / s).clamp(qmin, qmax)
     return (q * s).to(x.dtype).contiguous(), d
@@ -63,6 +72,11 @@ def _tqt_backward(grad: torch.Tensor, x: torch.Tensor, d: torch.Tensor, bits: in
         from ops import triton_quant
         return triton_quant.tqt_backward(grad, x, d, bits)
     qmin, qmax = int_range(bits)
+    if _eager_cpu(x):
+        from ops import cpu_kernel  # one compiled pass (float32); the sum in double
+        got = cpu_kernel.tqt_backward_cpu(grad, x, int(d), qmin, qmax)
+        if got is not None:
+            return got[0], torch.tensor(got[1] * math.log(2.0), dtype=torch.float32)
     s = torch.exp2(-d).to(compute_dtype(x))
     v = torch.nan_to_num(x.to(s.dtype), nan=0.0) / s
     q = torch.round(v).clamp(qmin, qmax)

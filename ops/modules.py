@@ -239,6 +239,14 @@ class RangeReducedLUT(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
+        if not v.is_cuda and not (torch.is_grad_enabled() and v.requires_grad) and self._fused_here(v):
+            from ops import cpu_kernel  # one compiled pass, float32 (the norms' statistics are)
+            lut = self.lut
+            qmin, qmax = int_range(lut.table.input_bits)
+            y = cpu_kernel.range_reduced_cpu(v, lut.table_real, int(lut.scale_index), int(lut.d_current), qmin, qmax,
+                                             self.op == "rsqrt")
+            if y is not None:
+                return y
         if v.is_cuda and self._fused_here(v):
             from ops import triton_lut
             lut = self.lut
@@ -262,14 +270,19 @@ class RangeReducedLUT(nn.Module):
 
 
     def _fused_here(self, v: torch.Tensor) -> bool:
-        """Whether the one-kernel CUDA path computes exactly what the torch ops below do: eager,
-        a fixed scale, the table's own derivative (or the slope), not probing or observing."""
+        """Whether the one-kernel path (Triton on CUDA, C on the CPU without autograd) computes
+        exactly what the torch ops below do: eager, a fixed scale, the table's own derivative
+        (or the slope), not probing or observing."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
-        from ops import triton_lut
         lut = self.lut
-        return (triton_lut.usable(v) and not lut.bypass and not lut.observing and lut.scale_mode == "fixed"
-                and (lut.grad == "slope" or lut.derivative == self.op))
+        if lut.bypass or lut.observing or lut.scale_mode != "fixed" or not (
+                lut.grad == "slope" or lut.derivative == self.op):
+            return False
+        if not v.is_cuda:
+            return True  # the CPU kernel (forward only) takes float32 and says None otherwise
+        from ops import triton_lut
+        return triton_lut.usable(v)
 
 
 class _RangeReducedFunction(torch.autograd.Function):

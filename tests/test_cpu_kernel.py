@@ -103,3 +103,79 @@ def test_build_is_cached_and_leaves_no_temporary_files(tmp_path):
     assert first.startswith("compiled ") and len(files) == 1 and files[0].endswith(".so")
     _run(env, PROBE)
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # loaded, not rebuilt
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler here: the torch ops run instead")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "swish"])
+def test_native_backward_then_mask_equals_the_closed_form(op, dtype):
+    """CPU backward: torch's own gelu/silu backward and the C mask give the closed form's
+    straight-through gradient: exactly 0 wherever the input is outside the range (NaN, +-inf
+    too) and the same values within float rounding (one bf16 ulp; 1e-5 in float32)."""
+    m = LUTActivation(default_table(op))
+    qmin, qmax = int_range(m.table.input_bits)
+    x = nasty_inputs(1 << 17, m.scale, qmin, qmax).to(dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    xr = x.clone().requires_grad_(True)
+    m(xr).backward(g)
+    saved = dict(cpu_kernel._state)
+    cpu_kernel._state.update(dll=None, status="off for the test")
+    try:
+        xo = x.clone().requires_grad_(True)
+        m(xo).backward(g)
+    finally:
+        cpu_kernel._state.clear()
+        cpu_kernel._state.update(saved)
+    xs = x.float() * 2.0 ** m.scale
+    outside = ~((xs >= qmin - 0.5) & (xs <= qmax + 0.5))
+    assert outside.sum() > 10 and (xr.grad[outside] == 0).all() and (xo.grad[outside] == 0).all()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5)
+    assert torch.allclose(xr.grad.float(), xo.grad.float(), **tol)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler here: the torch ops run instead")
+@pytest.mark.parametrize("grad", ["exact", "slope"])
+@pytest.mark.parametrize("op", ["rsqrt", "reciprocal"])
+def test_range_reduction_kernel_equals_torch_ops_at_every_magnitude(op, grad):
+    """The one-pass RangeReducedLUT (no autograd: C) against its torch ops (the autograd path):
+    the same bits from 1e-38 to 3e38, at NaN, +-inf, 0, negatives and powers of two."""
+    from ops.modules import RangeReducedLUT
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, 1e-39, 1.17549435e-38,
+                            3.4e38, 2.0 ** 127, 2.0 ** -126, 1.0, 2.0, 4.0, 3.9999998, 0.25, 0.5])
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([special, torch.exp(torch.randn(1 << 17, generator=g) * 20)])
+    r = RangeReducedLUT(op, grad=grad)
+    with torch.no_grad():
+        fast = r(v)
+    slow = r(v.clone().requires_grad_(True)).detach()
+    assert torch.equal(bits(fast), bits(slow))
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler here: the torch ops run instead")
+@pytest.mark.parametrize("log2_t", [1.3, -2.0, 6.0])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tqt_kernel_equals_torch_ops(bits, log2_t):
+    """TQT in one pass: the quantized values bit for bit, the input's gradient exactly, the
+    threshold's gradient (a sum of 2^17 terms, in double here, float32 there) within 1e-5."""
+    from ops.fake_quant import _tqt_backward, _tqt_forward
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn((1 << 17) + 5, generator=g0) * 3
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
+    g = torch.randn(x.shape, generator=g0)
+    lt = torch.tensor(log2_t)
+    y, d = _tqt_forward(x, lt, bits, -40, 40)
+    gx, gl = _tqt_backward(g, x, d, bits)
+    saved = dict(cpu_kernel._state)
+    cpu_kernel._state.update(dll=None, status="off for the test")
+    try:
+        y2, d2 = _tqt_forward(x, lt, bits, -40, 40)
+        gx2, gl2 = _tqt_backward(g, x, d2, bits)
+    finally:
+        cpu_kernel._state.clear()
+        cpu_kernel._state.update(saved)
+    assert torch.equal(d, d2) and torch.equal(bits_of(y), bits_of(y2))
+    assert torch.equal(gx, gx2)  # by value: the torch path's grad * False is -0.0 for a negative grad
+    assert torch.allclose(gl, gl2, rtol=1e-5, atol=1e-3)
+
+
+bits_of = bits

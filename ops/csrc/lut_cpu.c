@@ -171,3 +171,166 @@ void lut_bf16(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, 
         part_bf16(x + a, y + a, table, b - a, scale, qmin, qmax);
     }
 }
+
+/* The straight-through mask of the backward, in place: the gradient is kept where
+ * x * 2^d lies within [qmin - 1/2, qmax + 1/2] (the codes the quantizer does not clamp) and set
+ * to 0 elsewhere, NaN and +-inf included (their comparisons are false). The gradient itself
+ * comes from torch's native backward of the exact function, one vectorized pass. */
+static void mask_f32(float *restrict g, const float *restrict x, int64_t n, float scale, float lo, float hi) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i] * scale;
+        g[i] = (v >= lo && v <= hi) ? g[i] : 0.0f;
+    }
+}
+
+static void mask_bf16(uint16_t *restrict g, const uint16_t *restrict x, int64_t n, float scale, float lo, float hi) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        float v;
+        memcpy(&v, &bits, sizeof v);
+        v *= scale;
+        g[i] = (v >= lo && v <= hi) ? g[i] : (uint16_t)0;
+    }
+}
+
+void lut_mask_f32(float *g, const float *x, int64_t n, float scale, int32_t qmin, int32_t qmax, int32_t threads) {
+    const float lo = (float)qmin - 0.5f, hi = (float)qmax + 0.5f;
+    if (n < PARALLEL_MIN || threads <= 1) {
+        mask_f32(g, x, n, scale, lo, hi);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        mask_f32(g + a, x + a, b - a, scale, lo, hi);
+    }
+}
+
+void lut_mask_bf16(uint16_t *g, const uint16_t *x, int64_t n, float scale, int32_t qmin, int32_t qmax,
+                   int32_t threads) {
+    const float lo = (float)qmin - 0.5f, hi = (float)qmax + 0.5f;
+    if (n < PARALLEL_MIN || threads <= 1) {
+        mask_bf16(g, x, n, scale, lo, hi);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        mask_bf16(g + a, x + a, b - a, scale, lo, hi);
+    }
+}
+
+/* RangeReducedLUT's forward (ops/modules.py) in one pass, float32: the input's octave from its
+ * exponent bits, the table on the mantissa, the result times 2^-k, with the same clamps as the
+ * torch ops (NaN -> 1, +inf -> FLT_MAX, anything below the smallest normal -> it), so the
+ * bits are the same. rsqrt: v = m * 4^k, m in [1, 4); reciprocal: v = m * 2^k, m in [1, 2). */
+static inline float pow2i(int e) { /* 2^e for e in [-126, 127], from its bits */
+    uint32_t b = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static void range_reduced(const float *restrict v, float *restrict y, const float *restrict table, int64_t n,
+                          float scale, int32_t qmin, int32_t qmax, int rsqrt) {
+    const float lo = (float)qmin, hi = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float f = v[i];
+        f = (f == f) ? f : 1.0f;
+        f = (f > 3.4028234663852886e38f) ? 3.4028234663852886e38f : f;
+        f = (f < 1.1754943508222875e-38f) ? 1.1754943508222875e-38f : f;
+        uint32_t bits;
+        memcpy(&bits, &f, sizeof bits);
+        int e = (int)((bits >> 23) & 0xFF) - 127;
+        int k = rsqrt ? (e >= 0 ? e / 2 : -((1 - e) / 2)) : e; /* floor(e / 2) for rsqrt */
+        int eb = rsqrt ? e - 2 * k : 0;
+        uint32_t mb = (bits & 0x007FFFFFu) | ((uint32_t)(eb + 127) << 23);
+        float m;
+        memcpy(&m, &mb, sizeof m);
+        float c = rintf(m * scale);
+        c = c < lo ? lo : (c > hi ? hi : c);
+        int half = (-k) >= 0 ? (-k) / 2 : -((1 + k) / 2); /* floor(-k / 2) */
+        y[i] = (table[(int32_t)c - qmin] * pow2i(half)) * pow2i(-k - half);
+    }
+}
+
+void lut_range_reduced_f32(const float *v, float *y, const float *table, int64_t n, float scale, int32_t qmin,
+                           int32_t qmax, int32_t rsqrt, int32_t threads) {
+    if (n < PARALLEL_MIN || threads <= 1) {
+        range_reduced(v, y, table, n, scale, qmin, qmax, rsqrt);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        range_reduced(v + a, y + a, table, b - a, scale, qmin, qmax, rsqrt);
+    }
+}
+
+/* TQT fake quantization (ops/fake_quant.py), float32, with the torch path's arithmetic:
+ * v = x * 2^d (NaN -> 0; +-inf saturate), q = clamp(rint(v)), y = q * 2^-d. */
+static void tqt_fwd(const float *restrict x, float *restrict y, int64_t n, float scale, float inv, float lo,
+                    float hi) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        v = (v == v) ? v * scale : 0.0f;
+        float q = rintf(v);
+        q = q < lo ? lo : (q > hi ? hi : q);
+        y[i] = q * inv;
+    }
+}
+
+void tqt_forward_f32(const float *x, float *y, int64_t n, float scale, float inv, int32_t qmin, int32_t qmax,
+                     int32_t threads) {
+    if (n < PARALLEL_MIN || threads <= 1) {
+        tqt_fwd(x, y, n, scale, inv, (float)qmin, (float)qmax);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t a, b;
+        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
+        tqt_fwd(x + a, y + a, b - a, scale, inv, (float)qmin, (float)qmax);
+    }
+}
+
+/* Backward: the input's straight-through gradient (grad inside [qmin, qmax], 0 outside) and
+ * the threshold's, sum of grad * 2^-d * (q - v) inside and grad * 2^-d * q at the clip (the
+ * caller multiplies by ln 2). Each thread sums its slice in double; the slices are added in
+ * thread order, so the result does not depend on timing. */
+static double tqt_bwd(const float *restrict g, const float *restrict x, float *restrict gx, int64_t n, float scale,
+                      float inv, float lo, float hi) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        v = (v == v) ? v * scale : 0.0f;
+        float q = rintf(v);
+        q = q < lo ? lo : (q > hi ? hi : q);
+        int inside = v >= lo && v <= hi;
+        gx[i] = inside ? g[i] : 0.0f;
+        acc += (double)g[i] * (double)inv * (double)(inside ? q - v : q);
+    }
+    return acc;
+}
+
+double tqt_backward_f32(const float *g, const float *x, float *gx, int64_t n, float scale, float inv, int32_t qmin,
+                        int32_t qmax, int32_t threads) {
+    if (n < PARALLEL_MIN || threads <= 1)
+        return tqt_bwd(g, x, gx, n, scale, inv, (float)qmin, (float)qmax);
+    double parts[256] = {0};
+    int used = threads < 256 ? threads : 256;
+#pragma omp parallel num_threads(used)
+    {
+        int64_t a, b;
+        int k = omp_get_thread_num();
+        slice(n, k, omp_get_num_threads(), &a, &b);
+        parts[k] = tqt_bwd(g + a, x + a, gx + a, b - a, scale, inv, (float)qmin, (float)qmax);
+    }
+    double acc = 0.0;
+    for (int k = 0; k < used; k++)
+        acc += parts[k];
+    return acc;
+}
