@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -426,23 +427,37 @@ class _LUTCallMode(TorchFunctionMode):
         return _inside(self, func, args, kwargs or {})
 
 
-def _unchecked(func: types.FunctionType) -> types.FunctionType:
+def _unchecked(func: types.FunctionType, **rebind: Callable) -> types.FunctionType:
     """A copy of a torch.nn.functional composite whose own entry check never hands the call to
-    a mode (its globals say `has_torch_function` is False); the inner calls still check, with
-    their _unary/_variadic forms. A copy, not a patch of F: nothing global changes."""
-    scope = dict(func.__globals__, has_torch_function=lambda *a: False)
+    a mode (its globals say `has_torch_function` is False), with some of the functions it calls
+    by global name rebound. A copy, not a patch of F: nothing global changes."""
+    scope = dict(func.__globals__, has_torch_function=lambda *a: False, **rebind)
     copy = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
     copy.__kwdefaults__ = func.__kwdefaults__
     return copy
 
 
-UNCHECKED = {F.multi_head_attention_forward: _unchecked(F.multi_head_attention_forward)}
+_COMPOSITES: "weakref.WeakKeyDictionary[CallRouter, Callable]" = weakref.WeakKeyDictionary()
 
 
 def _inside(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Run a Python composite of torch.nn.functional with its inner calls intercepted: a mode
-    sees F.multi_head_attention_forward as one call and runs it with the mode off, so the
-    softmax or attention inside would stay float. Here its unchecked copy runs with the mode
-    back on."""
-    with mode:
-        return UNCHECKED[func](*args, **kwargs)
+    """Run F.multi_head_attention_forward with the non-linear calls inside it through the
+    router: a mode sees the composite as one call and runs it with the mode off, so its
+    softmax or attention would stay float. Its copy here calls the router for exactly those two
+    (the only non-linear calls it makes) and runs everything else plainly, with no mode in the
+    way of its ~40 other torch calls (running the copy under the mode cost each of them a trip
+    through Python). Built once per router, holding it weakly."""
+    router = mode.router
+    copy = _COMPOSITES.get(router)
+    if copy is None:
+        ref = weakref.ref(router)
+
+        def sdpa_site(*a: Any, **k: Any) -> Any:
+            return ref().handle(F.scaled_dot_product_attention, a, k)
+
+        def softmax_site(*a: Any, **k: Any) -> Any:
+            return ref().handle(F.softmax, a, k)
+
+        copy = _unchecked(func, scaled_dot_product_attention=sdpa_site, softmax=softmax_site)
+        _COMPOSITES[router] = copy
+    return copy(*args, **kwargs)

@@ -130,6 +130,20 @@ def status() -> str:
     return str(_state["status"])
 
 
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself where its elements fill its memory in some order an elementwise pass can walk
+    (contiguous, channels-last), else a contiguous copy. The output is made with
+    `torch.empty_like` of this, so it keeps the input's layout, as torch's elementwise ops do:
+    a channels-last activation stays channels-last for the convolution after it."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
 def _bf16_rows(table_real: torch.Tensor) -> torch.Tensor:
     """The table's entries rounded to bfloat16 by torch (as the torch path rounds them), each
     zero-extended to 32 bits for the SIMD gather; kept on the table tensor itself (a cache keyed
@@ -151,8 +165,8 @@ def lookup_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qm
     dll = load()
     if dll is None:
         return None
-    xc = x.contiguous()
-    y = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    xc = dense(x)
+    y = torch.empty_like(xc)
     n = xc.numel()
     if n == 0:
         return y
@@ -168,7 +182,7 @@ def mask_outside_(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: 
     straight-through mask, in one pass; None where the kernel cannot run (then torch ops do)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != x.dtype or grad.shape != x.shape:
         return None
-    if not (grad.is_contiguous() and x.is_contiguous()):
+    if not (dense(x) is x and grad.stride() == x.stride()):
         return None
     dll = load()
     if dll is None:
@@ -188,8 +202,8 @@ def range_reduced_cpu(v: torch.Tensor, table_real: torch.Tensor, index: int, d: 
     dll = load()
     if dll is None:
         return None
-    vc = v.contiguous()
-    y = torch.empty_like(vc, memory_format=torch.contiguous_format)
+    vc = dense(v)
+    y = torch.empty_like(vc)
     if vc.numel():
         table = table_real[index].contiguous()
         dll.lut_range_reduced_f32(vc.data_ptr(), y.data_ptr(), table.data_ptr(), vc.numel(), 2.0 ** d, qmin, qmax,
@@ -208,8 +222,8 @@ def tqt_forward_cpu(x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[t
     dll = load()
     if dll is None:
         return None
-    xc = x.contiguous()
-    y = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    xc = dense(x)
+    y = torch.empty_like(xc)
     if xc.numel():
         dll.tqt_forward_f32(xc.data_ptr(), y.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin, qmax,
                             torch.get_num_threads())
@@ -224,8 +238,11 @@ def tqt_backward_cpu(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qma
     dll = load()
     if dll is None:
         return None
-    xc, gc = x.contiguous(), grad.contiguous()
-    gx = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    xc = dense(x)
+    gc = grad if grad.stride() == xc.stride() else grad.contiguous()
+    if gc.stride() != xc.stride():
+        xc = x.contiguous()
+    gx = torch.empty_like(xc)
     acc = dll.tqt_backward_f32(gc.data_ptr(), xc.data_ptr(), gx.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin,
                                qmax, torch.get_num_threads()) if xc.numel() else 0.0
     return gx, acc

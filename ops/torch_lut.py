@@ -237,8 +237,8 @@ def lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tens
             and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
         from ops import cpu_kernel  # torch's own backward of the exact function, then the mask
         qmin, qmax = int_range(input_bits)
-        xc = x.contiguous()
-        gx = cpu_kernel.mask_outside_(NATIVE_BACKWARD[derivative](grad.contiguous(), xc), xc, int(d), qmin, qmax)
+        xc = cpu_kernel.dense(x)
+        gx = cpu_kernel.mask_outside_(NATIVE_BACKWARD[derivative](grad, xc), xc, int(d), qmin, qmax)
         if gx is not None:
             return gx
     if callable(derivative):

@@ -193,7 +193,8 @@ def usable(x: torch.Tensor) -> bool:
 
 def lookup_triton(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
                   qmin: int, qmax: int) -> torch.Tensor:
-    xc = x.contiguous()
+    from ops.cpu_kernel import dense  # keeps a channels-last input's layout (no torch import cost: loaded)
+    xc = dense(x)
     y = torch.empty_like(xc)
     n = xc.numel()
     if n:
