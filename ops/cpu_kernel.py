@@ -144,6 +144,15 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _map(x: torch.Tensor, call) -> torch.Tensor:
+    """y in x's layout, filled by call(x pointer, y pointer, element count) from the library."""
+    xc = dense(x)
+    y = torch.empty_like(xc)
+    if xc.numel():
+        call(xc.data_ptr(), y.data_ptr(), xc.numel())
+    return y
+
+
 def _bf16_rows(table_real: torch.Tensor) -> torch.Tensor:
     """The table's entries rounded to bfloat16 by torch (as the torch path rounds them), each
     zero-extended to 32 bits for the SIMD gather; kept on the table tensor itself (a cache keyed
@@ -165,16 +174,10 @@ def lookup_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qm
     dll = load()
     if dll is None:
         return None
-    xc = dense(x)
-    y = torch.empty_like(xc)
-    n = xc.numel()
-    if n == 0:
-        return y
     rows = table_real if x.dtype == torch.float32 else _bf16_rows(table_real)
     table = rows[index].contiguous()
     fn = dll.lut_f32 if x.dtype == torch.float32 else dll.lut_bf16
-    fn(xc.data_ptr(), y.data_ptr(), table.data_ptr(), n, 2.0 ** d, qmin, qmax, torch.get_num_threads())
-    return y
+    return _map(x, lambda xp, yp, n: fn(xp, yp, table.data_ptr(), n, 2.0 ** d, qmin, qmax, torch.get_num_threads()))
 
 
 def mask_outside_(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[torch.Tensor]:
@@ -202,13 +205,9 @@ def range_reduced_cpu(v: torch.Tensor, table_real: torch.Tensor, index: int, d: 
     dll = load()
     if dll is None:
         return None
-    vc = dense(v)
-    y = torch.empty_like(vc)
-    if vc.numel():
-        table = table_real[index].contiguous()
-        dll.lut_range_reduced_f32(vc.data_ptr(), y.data_ptr(), table.data_ptr(), vc.numel(), 2.0 ** d, qmin, qmax,
-                                  int(rsqrt), torch.get_num_threads())
-    return y
+    table = table_real[index].contiguous()
+    return _map(v, lambda vp, yp, n: dll.lut_range_reduced_f32(vp, yp, table.data_ptr(), n, 2.0 ** d, qmin, qmax,
+                                                               int(rsqrt), torch.get_num_threads()))
 
 
 def _plain_f32(*ts: torch.Tensor) -> bool:
@@ -222,12 +221,8 @@ def tqt_forward_cpu(x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[t
     dll = load()
     if dll is None:
         return None
-    xc = dense(x)
-    y = torch.empty_like(xc)
-    if xc.numel():
-        dll.tqt_forward_f32(xc.data_ptr(), y.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin, qmax,
-                            torch.get_num_threads())
-    return y
+    return _map(x, lambda xp, yp, n: dll.tqt_forward_f32(xp, yp, n, 2.0 ** d, 2.0 ** -d, qmin, qmax,
+                                                         torch.get_num_threads()))
 
 
 def tqt_backward_cpu(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: int

@@ -239,24 +239,10 @@ class RangeReducedLUT(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
-        if not v.is_cuda and not (torch.is_grad_enabled() and v.requires_grad) and self._fused_here(v):
-            from ops import cpu_kernel  # one compiled pass, float32 (the norms' statistics are)
-            lut = self.lut
-            qmin, qmax = int_range(lut.table.input_bits)
-            y = cpu_kernel.range_reduced_cpu(v, lut.table_real, int(lut.scale_index), int(lut.d_current), qmin, qmax,
-                                             self.op == "rsqrt")
+        if self._fused_here(v):
+            y = self._fused(v)
             if y is not None:
                 return y
-        if v.is_cuda and self._fused_here(v):
-            from ops import triton_lut
-            lut = self.lut
-            qmin, qmax = int_range(lut.table.input_bits)
-            args = (lut.table_real, lut.slopes_real, lut.breakpoints, lut.scale_index, lut.d_current, qmin, qmax,
-                    self.op == "rsqrt", lut.grad == "slope")
-            if torch.is_grad_enabled() and v.requires_grad:
-                return _RangeReducedFunction.apply(v, *args)
-            return triton_lut.range_reduced_forward(v, lut.table_real, lut.scale_index, lut.d_current, qmin, qmax,
-                                                    self.op == "rsqrt")
         dt = compute_dtype(v)
         vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max).clamp_min(torch.finfo(dt).tiny)
         if torch.compiler.is_compiling():  # compile, export, ONNX: ops every backend has
@@ -268,6 +254,24 @@ class RangeReducedLUT(nn.Module):
         m = vf * torch.exp2(-(2 * k if self.op == "rsqrt" else k))
         return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
 
+    def _fused(self, v: torch.Tensor) -> Optional[torch.Tensor]:
+        """One pass: Triton on CUDA (with its own backward), compiled C on the CPU for float32
+        without autograd; None where neither applies (the torch ops below run)."""
+        lut = self.lut
+        qmin, qmax = int_range(lut.table.input_bits)
+        rsqrt = self.op == "rsqrt"
+        grad = torch.is_grad_enabled() and v.requires_grad
+        if not v.is_cuda:
+            if grad:
+                return None
+            from ops import cpu_kernel
+            return cpu_kernel.range_reduced_cpu(v, lut.table_real, int(lut.scale_index), int(lut.d_current), qmin,
+                                                qmax, rsqrt)
+        from ops import triton_lut
+        if grad:
+            return _RangeReducedFunction.apply(v, lut.table_real, lut.slopes_real, lut.breakpoints, lut.scale_index,
+                                               lut.d_current, qmin, qmax, rsqrt, lut.grad == "slope")
+        return triton_lut.range_reduced_forward(v, lut.table_real, lut.scale_index, lut.d_current, qmin, qmax, rsqrt)
 
     def _fused_here(self, v: torch.Tensor) -> bool:
         """Whether the one-kernel path (Triton on CUDA, C on the CPU without autograd) computes

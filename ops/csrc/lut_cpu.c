@@ -144,32 +144,29 @@ static void slice(int64_t n, int k, int m, int64_t *a, int64_t *b) {
     *b = per * (k + 1) < n ? per * (k + 1) : n;
 }
 
+/* Run CALL over [a, b): the whole range on one thread for small n, else one slice per thread. */
+#define SPLIT(n, threads, CALL)                                                \
+    do {                                                                       \
+        if ((n) < PARALLEL_MIN || (threads) <= 1) {                            \
+            int64_t a = 0, b = (n);                                            \
+            CALL;                                                              \
+        } else {                                                               \
+            _Pragma("omp parallel num_threads(threads)") {                     \
+                int64_t a, b;                                                  \
+                slice((n), omp_get_thread_num(), omp_get_num_threads(), &a, &b); \
+                CALL;                                                          \
+            }                                                                  \
+        }                                                                      \
+    } while (0)
+
 void lut_f32(const float *x, float *y, const float *table, int64_t n, float scale, int32_t qmin, int32_t qmax,
              int32_t threads) {
-    if (n < PARALLEL_MIN || threads <= 1) {
-        part_f32(x, y, table, n, scale, qmin, qmax);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        part_f32(x + a, y + a, table, b - a, scale, qmin, qmax);
-    }
+    SPLIT(n, threads, part_f32(x + a, y + a, table, b - a, scale, qmin, qmax));
 }
 
 void lut_bf16(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, float scale, int32_t qmin,
               int32_t qmax, int32_t threads) {
-    if (n < PARALLEL_MIN || threads <= 1) {
-        part_bf16(x, y, table, n, scale, qmin, qmax);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        part_bf16(x + a, y + a, table, b - a, scale, qmin, qmax);
-    }
+    SPLIT(n, threads, part_bf16(x + a, y + a, table, b - a, scale, qmin, qmax));
 }
 
 /* The straight-through mask of the backward, in place: the gradient is kept where
@@ -195,31 +192,13 @@ static void mask_bf16(uint16_t *restrict g, const uint16_t *restrict x, int64_t 
 
 void lut_mask_f32(float *g, const float *x, int64_t n, float scale, int32_t qmin, int32_t qmax, int32_t threads) {
     const float lo = (float)qmin - 0.5f, hi = (float)qmax + 0.5f;
-    if (n < PARALLEL_MIN || threads <= 1) {
-        mask_f32(g, x, n, scale, lo, hi);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        mask_f32(g + a, x + a, b - a, scale, lo, hi);
-    }
+    SPLIT(n, threads, mask_f32(g + a, x + a, b - a, scale, lo, hi));
 }
 
 void lut_mask_bf16(uint16_t *g, const uint16_t *x, int64_t n, float scale, int32_t qmin, int32_t qmax,
                    int32_t threads) {
     const float lo = (float)qmin - 0.5f, hi = (float)qmax + 0.5f;
-    if (n < PARALLEL_MIN || threads <= 1) {
-        mask_bf16(g, x, n, scale, lo, hi);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        mask_bf16(g + a, x + a, b - a, scale, lo, hi);
-    }
+    SPLIT(n, threads, mask_bf16(g + a, x + a, b - a, scale, lo, hi));
 }
 
 /* RangeReducedLUT's forward (ops/modules.py) in one pass, float32: the input's octave from its
@@ -258,16 +237,7 @@ static void range_reduced(const float *restrict v, float *restrict y, const floa
 
 void lut_range_reduced_f32(const float *v, float *y, const float *table, int64_t n, float scale, int32_t qmin,
                            int32_t qmax, int32_t rsqrt, int32_t threads) {
-    if (n < PARALLEL_MIN || threads <= 1) {
-        range_reduced(v, y, table, n, scale, qmin, qmax, rsqrt);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        range_reduced(v + a, y + a, table, b - a, scale, qmin, qmax, rsqrt);
-    }
+    SPLIT(n, threads, range_reduced(v + a, y + a, table, b - a, scale, qmin, qmax, rsqrt));
 }
 
 /* TQT fake quantization (ops/fake_quant.py), float32, with the torch path's arithmetic:
@@ -285,16 +255,7 @@ static void tqt_fwd(const float *restrict x, float *restrict y, int64_t n, float
 
 void tqt_forward_f32(const float *x, float *y, int64_t n, float scale, float inv, int32_t qmin, int32_t qmax,
                      int32_t threads) {
-    if (n < PARALLEL_MIN || threads <= 1) {
-        tqt_fwd(x, y, n, scale, inv, (float)qmin, (float)qmax);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t a, b;
-        slice(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-        tqt_fwd(x + a, y + a, b - a, scale, inv, (float)qmin, (float)qmax);
-    }
+    SPLIT(n, threads, tqt_fwd(x + a, y + a, b - a, scale, inv, (float)qmin, (float)qmax));
 }
 
 /* Backward: the input's straight-through gradient (grad inside [qmin, qmax], 0 outside) and
