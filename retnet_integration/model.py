@@ -29,7 +29,7 @@ class RetNetConfig:
     n_layers: int = 2
     n_heads: int = 4
     ffn_mult: int = 2
-    max_len: int = 1024  # longest sequence the rotary tables and the decay cover
+    max_len: int = 1024  # positions with precomputed rotary angles; later ones are computed when met
     dropout: float = 0.0
 
     def to_dict(self) -> dict:
@@ -96,10 +96,17 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g
 
 # --- rotary position ----------------------------------------------------------------------------
 
-def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_angles(head_dim: int, start: int, length: int, base: float = 10000.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of positions start..start+length-1, (length, head_dim / 2), computed in
+    float64 and rounded once, by the same formula whether a position is precomputed or not."""
     inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
+    ang = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv[None, :]
     return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return rotary_angles(head_dim, 0, max_len, base)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,7 +139,10 @@ class MultiScaleRetention(nn.Module):
     def _qkv(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, _ = x.shape
         split = lambda t: t.view(B, L, self.h, self.dk).transpose(1, 2)  # noqa: E731
-        cos, sin = self.cos[offset:offset + L], self.sin[offset:offset + L]
+        if offset + L <= self.cos.shape[0]:
+            cos, sin = self.cos[offset:offset + L], self.sin[offset:offset + L]
+        else:  # past the precomputed positions: streaming generation has no length cap
+            cos, sin = (t.to(x.device) for t in rotary_angles(self.dk, offset, L))
         q = rotate(split(self.q_proj(x)), cos, sin) / math.sqrt(self.dk)
         k = rotate(split(self.k_proj(x)), cos, sin)
         return self.q_quant(q), self.k_quant(k), self.v_quant(split(self.v_proj(x)))
@@ -211,9 +221,6 @@ class RetNet(nn.Module):
     def forward(self, tokens: torch.Tensor, form: str = "parallel", chunk_size: int = 32,
                 states: Optional[list] = None, offset: int = 0) -> tuple[torch.Tensor, list]:
         """Logits (B, L, vocab) and the per-layer retention states (recurrent/chunkwise forms)."""
-        if tokens.shape[1] + offset > self.cfg.max_len:
-            raise ValueError(f"sequence of {tokens.shape[1] + offset} tokens is longer than max_len "
-                             f"{self.cfg.max_len} of this model")
         x = self.embed_drop(self.embed(tokens))
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -229,8 +236,6 @@ class RetNet(nn.Module):
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Sample with the recurrent form: O(1) state per token, one token at a time."""
-        if prompt.shape[1] + new_tokens > self.cfg.max_len:
-            raise ValueError(f"prompt + new tokens = {prompt.shape[1] + new_tokens} exceeds max_len {self.cfg.max_len}")
         states = None
         logits, states = self(prompt, "recurrent", states=states)
         out = [prompt]
