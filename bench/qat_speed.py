@@ -107,6 +107,9 @@ def make_step(model: nn.Module, loss_fn, device: str, capturable: bool):
 
 
 def time_steps(device: str, run: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    """Median wall seconds of one step, synchronised before and after each: a training step
+    pays its host time, which bench._common.timer (back-to-back calls between events) hides;
+    three warm-up steps (compilation, CUDA graph capture)."""
     for _ in range(warmup):
         run()
     times = []

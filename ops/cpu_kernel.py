@@ -31,6 +31,19 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cpu.c"
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp"]
 NATIVE = ["-march=native"]  # the gathers need AVX2 or AVX-512; the bits do not depend on it
 
+_P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+# the library's functions (ops/csrc/lut_cpu.c): (return type, argument types); pointers, then
+# the element count, then scalars, the thread count last
+SIGNATURES = {
+    "lut_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I]),
+    "lut_bf16": (None, [_P, _P, _P, _N, _F, _I, _I, _I]),
+    "lut_mask_f32": (None, [_P, _P, _N, _F, _I, _I, _I]),
+    "lut_mask_bf16": (None, [_P, _P, _N, _F, _I, _I, _I]),
+    "lut_range_reduced_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I, _I]),
+    "tqt_forward_f32": (None, [_P, _P, _N, _F, _F, _I, _I, _I]),
+    "tqt_backward_f32": (ctypes.c_double, [_P, _P, _P, _N, _F, _F, _I, _I, _I]),
+}
+
 _state: dict[str, object] = {}
 
 
@@ -92,27 +105,9 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
         except OSError as exc:
             errors.append(str(exc))
             continue
-        for name in ("lut_f32", "lut_bf16"):
+        for name, (restype, argtypes) in SIGNATURES.items():
             fn = getattr(dll, name)
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                           ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
-        for name in ("lut_mask_f32", "lut_mask_bf16"):
-            fn = getattr(dll, name)
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
-                           ctypes.c_int32, ctypes.c_int32]
-        dll.lut_range_reduced_f32.restype = None
-        dll.lut_range_reduced_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                              ctypes.c_float, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                              ctypes.c_int32]
-        dll.tqt_forward_f32.restype = None
-        dll.tqt_forward_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                                        ctypes.c_float, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
-        dll.tqt_backward_f32.restype = ctypes.c_double
-        dll.tqt_backward_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                         ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int32,
-                                         ctypes.c_int32]
+            fn.restype, fn.argtypes = restype, argtypes
         return dll, f"compiled {lib.name} ({' '.join(flags)})"
     return None, f"{cc} could not build {SOURCE.name}: {errors[-1]}"
 
@@ -130,18 +125,18 @@ def status() -> str:
     return str(_state["status"])
 
 
+def walkable(x: torch.Tensor) -> bool:
+    """Whether x's elements fill its memory in an order an elementwise pass can walk
+    (contiguous, channels-last)."""
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
-    """x itself where its elements fill its memory in some order an elementwise pass can walk
-    (contiguous, channels-last), else a contiguous copy. The output is made with
+    """x itself where it is walkable, else a contiguous copy. The output is made with
     `torch.empty_like` of this, so it keeps the input's layout, as torch's elementwise ops do:
     a channels-last activation stays channels-last for the convolution after it."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
+    return x if walkable(x) else x.contiguous()
 
 
 def _map(x: torch.Tensor, call) -> torch.Tensor:
@@ -185,7 +180,7 @@ def mask_outside_(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: 
     straight-through mask, in one pass; None where the kernel cannot run (then torch ops do)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != x.dtype or grad.shape != x.shape:
         return None
-    if not (dense(x) is x and grad.stride() == x.stride()):
+    if not (walkable(x) and grad.stride() == x.stride()):
         return None
     dll = load()
     if dll is None:
@@ -233,10 +228,9 @@ def tqt_backward_cpu(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qma
     dll = load()
     if dll is None:
         return None
-    xc = dense(x)
-    gc = grad if grad.stride() == xc.stride() else grad.contiguous()
-    if gc.stride() != xc.stride():
-        xc = x.contiguous()
+    xc, gc = dense(x), grad
+    if gc.stride() != xc.stride():  # one layout for both
+        xc, gc = x.contiguous(), grad.contiguous()
     gx = torch.empty_like(xc)
     acc = dll.tqt_backward_f32(gc.data_ptr(), xc.data_ptr(), gx.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin,
                                qmax, torch.get_num_threads()) if xc.numel() else 0.0

@@ -4,10 +4,9 @@ On CUDA in eager mode each direction is one Triton kernel (ops/triton_quant.py) 
 six to ten elementwise torch ops with full-size temporaries saved for backward: the backward
 recomputes what it needs from the saved input and the scale d. The torch ops here are the
 reference: the CPU path, what torch.compile traces (and fuses with the neighbouring ops), and
-what the kernels are tested against. Three ways in, picked per call (`_path`): no autograd
-(the plain function), eager training or compile (an autograd.Function: the custom op's Python
-dispatch cost more than its kernels in a training step, bench/qat_speed.py), torch.export (a
-`torch.library.custom_op`: one node per quantizer).
+what the kernels are tested against. Three ways in, picked per call as for the tables
+(`ops.torch_lut.call_path`): the plain function, an autograd.Function (eager training,
+compile), a `torch.library.custom_op` (torch.export: one node per quantizer).
 """
 from __future__ import annotations
 
@@ -16,18 +15,18 @@ import math
 import torch
 
 from gqa_lut.quantization import int_range
-from ops.torch_lut import compute_dtype, exporting
+from ops.torch_lut import call_path, compute_dtype, tracing
 
 
 def _eager_cuda(x: torch.Tensor) -> bool:
-    if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not x.is_cuda or tracing():
         return False
     from ops import triton_quant
     return triton_quant.usable(x)
 
 
 def _eager_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return x.device.type == "cpu" and not tracing()
 
 
 def tqt_scale(log2_t: torch.Tensor, bits: int, dmin: int, dmax: int) -> torch.Tensor:
@@ -133,25 +132,12 @@ class _TQTFunction(torch.autograd.Function):
         return gx, g_log2t.to(ctx.log2_dtype), None, None, None
 
 
-def _path(x: torch.Tensor, *params: torch.Tensor) -> str:
-    """"plain" (no autograd to carry, eager), "export" (torch.export: the custom op, one node)
-    or "autograd" (eager training and torch.compile)."""
-    if torch.jit.is_tracing():
-        return "plain"
-    if exporting():
-        return "export"
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
-        return "plain"
-    return "autograd"
-
-
 def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin: int, dmax: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
     [dmin, dmax] (TQT, Jain et al. 2020); returns (x_q, d). Gradients: straight-through for x,
     TQT's for the threshold."""
-    path = _path(x, log2_threshold)
+    path = call_path(x, log2_threshold)
     if path == "plain":
         return _tqt_forward(x, log2_threshold, bits, dmin, dmax)
     if path == "export":
@@ -194,7 +180,7 @@ class _WeightFQFunction(torch.autograd.Function):
 def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel (dim 0) fake quantization at max |w| / (2^(bits-1) - 1),
     straight-through gradient; one kernel on CUDA."""
-    path = _path(w)
+    path = call_path(w)
     if path == "plain":
         return _weight_fq(w, bits)
     if path == "export":

@@ -30,7 +30,7 @@ from ops.fake_quant import tqt_quantize
 from ops.tables import as_table
 from ops import registry
 from ops.torch_lut import (CLOSED_FORM, compute_dtype, dequantized, derivative_of, expand, lut_apply,
-                           require_float)
+                           require_float, tracing)
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
 GRAD_MODES = ("exact", "slope")
@@ -239,10 +239,9 @@ class RangeReducedLUT(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         require_float(v, type(self).__name__)
-        if self._fused_here(v):
-            y = self._fused(v)
-            if y is not None:
-                return y
+        y = self._fused(v)
+        if y is not None:
+            return y
         dt = compute_dtype(v)
         vf = torch.nan_to_num(v.to(dt), nan=1.0, posinf=torch.finfo(dt).max).clamp_min(torch.finfo(dt).tiny)
         if torch.compiler.is_compiling():  # compile, export, ONNX: ops every backend has
@@ -255,9 +254,14 @@ class RangeReducedLUT(nn.Module):
         return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
 
     def _fused(self, v: torch.Tensor) -> Optional[torch.Tensor]:
-        """One pass: Triton on CUDA (with its own backward), compiled C on the CPU for float32
-        without autograd; None where neither applies (the torch ops below run)."""
+        """One pass where it computes exactly what the torch ops of `forward` do (eager, a fixed
+        scale, the table's own derivative or the slope, not probing or observing): Triton on
+        CUDA (with its own backward), compiled C on the CPU for float32 without autograd. None
+        elsewhere: the torch ops run."""
         lut = self.lut
+        if tracing() or lut.bypass or lut.observing or lut.scale_mode != "fixed" or not (
+                lut.grad == "slope" or lut.derivative == self.op):
+            return None
         qmin, qmax = int_range(lut.table.input_bits)
         rsqrt = self.op == "rsqrt"
         grad = torch.is_grad_enabled() and v.requires_grad
@@ -268,25 +272,12 @@ class RangeReducedLUT(nn.Module):
             return cpu_kernel.range_reduced_cpu(v, lut.table_real, int(lut.scale_index), int(lut.d_current), qmin,
                                                 qmax, rsqrt)
         from ops import triton_lut
+        if not triton_lut.usable(v):
+            return None
         if grad:
             return _RangeReducedFunction.apply(v, lut.table_real, lut.slopes_real, lut.breakpoints, lut.scale_index,
                                                lut.d_current, qmin, qmax, rsqrt, lut.grad == "slope")
         return triton_lut.range_reduced_forward(v, lut.table_real, lut.scale_index, lut.d_current, qmin, qmax, rsqrt)
-
-    def _fused_here(self, v: torch.Tensor) -> bool:
-        """Whether the one-kernel path (Triton on CUDA, C on the CPU without autograd) computes
-        exactly what the torch ops below do: eager, a fixed scale, the table's own derivative
-        (or the slope), not probing or observing."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return False
-        lut = self.lut
-        if lut.bypass or lut.observing or lut.scale_mode != "fixed" or not (
-                lut.grad == "slope" or lut.derivative == self.op):
-            return False
-        if not v.is_cuda:
-            return True  # the CPU kernel (forward only) takes float32 and says None otherwise
-        from ops import triton_lut
-        return triton_lut.usable(v)
 
 
 class _RangeReducedFunction(torch.autograd.Function):
@@ -327,6 +318,8 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.to(y.dtype), y, weight.to(y.dtype))  # one pass for both
     if weight is not None:
         y = y * weight.to(y.dtype)
     if bias is not None:
@@ -400,10 +393,7 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor]
     # convolutions after it keep their fast layout
     xf = x.to(compute_dtype(x)).contiguous()
     centred = xf - xf.mean(dims, keepdim=True)  # (torch.var_mean is 10-15x slower on the CPU)
-    y = centred * rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
-    if weight is not None and bias is not None:
-        return torch.addcmul(bias.to(y.dtype), y, weight.to(y.dtype)).to(x.dtype)
-    return _affine(y, weight, bias).to(x.dtype)
+    return _affine(centred * rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps), weight, bias).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], eps: Optional[float],

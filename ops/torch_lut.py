@@ -61,6 +61,27 @@ def expand(table: Table, device: torch.device | str = "cpu") -> tuple[torch.Tens
     return torch.stack(rows).to(dt), frac
 
 
+def tracing() -> bool:
+    """A graph is being traced (torch.compile, torch.export, jit.trace): the hand-written
+    kernels step aside for torch ops the tracer can record."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def call_path(*tensors: torch.Tensor) -> str:
+    """How a table or quantizer call with these inputs runs: "plain" (no gradient to carry, or
+    a jit trace: the function itself), "export" (torch.export: the custom op, one node) or
+    "autograd" (eager training and torch.compile: the autograd.Function; the custom op's Python
+    dispatch cost more than its kernels in a training step, bench/qat_speed.py)."""
+    if torch.jit.is_tracing():
+        return "plain"
+    if exporting():
+        return "export"
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return "plain"
+    return "autograd"
+
+
 def exporting() -> bool:
     """True under torch.export only. torch.compiler.is_exporting() also says True under
     torch.compile up to torch 2.11 (pytorch#176347); the flag it should read is right in both."""
@@ -115,18 +136,17 @@ def lookup(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor,
     One pass over memory where it can be: a Triton kernel on CUDA (ops/triton_lut.py), a
     compiled C loop on the CPU for float32 and bfloat16 (ops/cpu_kernel.py); torch ops else."""
     qmin, qmax = int_range(input_bits)
-    if x.is_cuda and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if x.is_cuda and not tracing():
         from ops import triton_lut
         if triton_lut.usable(x):
             return triton_lut.lookup_triton(x, table_real, scale_index, d, qmin, qmax)
-    if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if x.device.type == "cpu" and not tracing():
         from ops import cpu_kernel
         y = cpu_kernel.lookup_cpu(x, table_real, int(scale_index), int(d), qmin, qmax)
         if y is not None:
             return y
     row = table_real.index_select(0, scale_index.reshape(1)).reshape(-1).to(x.dtype)  # no data-dependent shape
-    if (x.device.type == "cpu" and x.dtype != torch.float64
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+    if x.device.type == "cpu" and x.dtype != torch.float64 and not tracing():
         v, idx = _workspace(x.numel(), x.device)
         torch.mul(x.reshape(-1), torch.exp2(d.float()), out=v)
         v.round_().sub_(qmin).nan_to_num_(nan=float(-qmin)).clamp_(0, qmax - qmin)
@@ -226,15 +246,13 @@ def lookup_backward(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tens
                     derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The straight-through gradient of `lookup` (see lut_lookup): one Triton kernel on CUDA in
     eager mode for a named derivative, torch ops otherwise (what compile traces and fuses)."""
-    if (x.is_cuda and isinstance(derivative, str) and grad.dtype == x.dtype
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+    if x.is_cuda and isinstance(derivative, str) and grad.dtype == x.dtype and not tracing():
         from ops import triton_lut  # one kernel: the derivative in registers (ops/triton_lut.py)
         if triton_lut.backward_usable(x, derivative):
             qmin, qmax = int_range(input_bits)
             return triton_lut.lookup_backward_triton(grad, x, slopes_real, breakpoints, scale_index, d, qmin, qmax,
                                                      derivative)
-    if (x.device.type == "cpu" and isinstance(derivative, str) and derivative in NATIVE_BACKWARD
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+    if x.device.type == "cpu" and isinstance(derivative, str) and derivative in NATIVE_BACKWARD and not tracing():
         from ops import cpu_kernel  # torch's own backward of the exact function, then the mask
         qmin, qmax = int_range(input_bits)
         xc = cpu_kernel.dense(x)
@@ -312,9 +330,10 @@ def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tens
     eager with no gradient to carry, or a jit trace, calls `lookup` itself; eager training and
     torch.compile use the autograd function (`_LUTFunction`); torch.export (and the ONNX export
     built on it) gets the custom op, one node per table with its own ONNX translation."""
-    if torch.jit.is_tracing() or not (torch.compiler.is_compiling() or torch.is_grad_enabled() and x.requires_grad):
+    path = call_path(x)
+    if path == "plain":
         return lookup(x, table_real, scale_index, d, input_bits)
-    if exporting() and isinstance(derivative, str):
+    if path == "export" and isinstance(derivative, str):
         return lut_lookup(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
     return _LUTFunction.apply(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
 

@@ -41,8 +41,9 @@ KINDS = {"": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3, "hswish": 4, "hsigmoid": 
          "softplus": 8, "exp": 9, "decay": 10, "rsqrt": 11, "reciprocal": 12}
 
 if AVAILABLE:
+    # every kernel: input pointers, the output pointer, the element count, then the rest
     @triton.jit
-    def _lut_fwd(x_ptr, y_ptr, table_ptr, index_ptr, d_ptr, n, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    def _lut_fwd(x_ptr, y_ptr, n, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                  BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -57,19 +58,12 @@ if AVAILABLE:
         y = tl.load(table_ptr + row + idx, mask=mask, other=0.0)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
-    def _lut_bwd(g_ptr, x_ptr, gx_ptr, index_ptr, d_ptr, bp_ptr, slope_ptr, n, QMIN: tl.constexpr,
-                 QMAX: tl.constexpr, KIND: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        scale = tl.exp2(tl.load(d_ptr).to(tl.float32))
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xs = x * scale
-        inside = (xs >= QMIN - 0.5) & (xs <= QMAX + 0.5)  # False for NaN and +-inf
-        xi = tl.where(inside, x, 0.0)
+    def _derivative(xi, xs, index_ptr, bp_ptr, slope_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                    KIND: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr):
+        """The straight-through gradient's factor at xi (xs = xi * 2^d): CLOSED_FORM's
+        derivative named by KIND, or (KIND 0) the slope of the code's segment, counted against
+        the breakpoints of the table's current scale."""
         if KIND == 0:
             code = tl.where(xs == xs, xs, 0.0)
             code = tl.minimum(tl.maximum(libdevice.rint(code), QMIN), QMAX).to(tl.int32)
@@ -107,14 +101,34 @@ if AVAILABLE:
             der = -0.5 * libdevice.rsqrt(xi) / xi
         else:
             der = -1.0 / (xi * xi)
+        return der
+
+    @triton.jit
+    def _lut_bwd(g_ptr, x_ptr, gx_ptr, n, index_ptr, d_ptr, bp_ptr, slope_ptr, QMIN: tl.constexpr,
+                 QMAX: tl.constexpr, KIND: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        scale = tl.exp2(tl.load(d_ptr).to(tl.float32))
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = x * scale
+        inside = (xs >= QMIN - 0.5) & (xs <= QMAX + 0.5)  # False for NaN and +-inf
+        der = _derivative(tl.where(inside, x, 0.0), xs, index_ptr, bp_ptr, slope_ptr, QMIN, QMAX, KIND, NBP, BLOCK)
         gx = tl.where(inside, g * der, 0.0)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _pow2(e):
         """2^e as float32 for integer e in [-126, 127], built from its bits (exact, no exp2)."""
         return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _times_pow2(x, e):
+        """x * 2^e for integer e in [-252, 254], as two normal factors: one rounding, as a
+        single multiplication by 2^e (even where 2^e itself is subnormal) rounds."""
+        half = e >> 1
+        return (x * _pow2(half)) * _pow2(e - half)
 
     @triton.jit
     def _reduce(v, RSQRT: tl.constexpr):
@@ -138,7 +152,7 @@ if AVAILABLE:
         return m, k, valid
 
     @triton.jit
-    def _range_reduced_fwd(v_ptr, y_ptr, table_ptr, index_ptr, d_ptr, n, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    def _range_reduced_fwd(v_ptr, y_ptr, n, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                            RSQRT: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -148,13 +162,11 @@ if AVAILABLE:
         row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
         c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
         t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32), mask=mask, other=0.0)
-        half = (-k) >> 1  # 2^-k in two normal factors: one rounding, as t * 2^-k in float32
-        y = (t * _pow2(half)) * _pow2(-k - half)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, _times_pow2(t, -k).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _range_reduced_bwd(g_ptr, v_ptr, gv_ptr, index_ptr, d_ptr, bp_ptr, slope_ptr, n, QMIN: tl.constexpr,
-                           QMAX: tl.constexpr, RSQRT: tl.constexpr, SLOPE: tl.constexpr, NBP: tl.constexpr,
+    def _range_reduced_bwd(g_ptr, v_ptr, gv_ptr, n, index_ptr, d_ptr, bp_ptr, slope_ptr, QMIN: tl.constexpr,
+                           QMAX: tl.constexpr, RSQRT: tl.constexpr, KIND: tl.constexpr, NBP: tl.constexpr,
                            BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -164,43 +176,37 @@ if AVAILABLE:
         m, k, valid = _reduce(v, RSQRT)
         ms = m * tl.exp2(tl.load(d_ptr).to(tl.float32))
         inside = (ms >= QMIN - 0.5) & (ms <= QMAX + 0.5)
-        if SLOPE:
-            c = tl.minimum(tl.maximum(libdevice.rint(ms), QMIN), QMAX).to(tl.int32)
-            row = tl.load(index_ptr).to(tl.int64) * NBP
-            seg = tl.zeros([BLOCK], dtype=tl.int32)
-            for j in tl.static_range(NBP):
-                seg += (tl.load(bp_ptr + row + j) < c).to(tl.int32)
-            der = tl.load(slope_ptr + seg)
-        elif RSQRT:
-            der = -0.5 * libdevice.rsqrt(m) / m
-        else:
-            der = -1.0 / (m * m)
-        half = (-k) >> 1
-        g1 = (g * _pow2(half)) * _pow2(-k - half)  # the output's 2^-k
-        g2 = tl.where(inside, g1 * der, 0.0)
+        der = _derivative(m, ms, index_ptr, bp_ptr, slope_ptr, QMIN, QMAX, KIND, NBP, BLOCK)
+        g2 = tl.where(inside, _times_pow2(g, -k) * der, 0.0)  # the output's 2^-k, then the table's slope
         if RSQRT:  # m = v * 2^-2k
-            kk = -2 * k
+            gv = _times_pow2(g2, -2 * k)
         else:
-            kk = -k
-        half2 = kk >> 1
-        gv = tl.where(valid, (g2 * _pow2(half2)) * _pow2(kk - half2), 0.0)
-        tl.store(gv_ptr + offs, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+            gv = _times_pow2(g2, -k)
+        tl.store(gv_ptr + offs, tl.where(valid, gv, 0.0).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
 def usable(x: torch.Tensor) -> bool:
     return AVAILABLE and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _launch(kernel, inputs: tuple[torch.Tensor, ...], *params, **meta) -> torch.Tensor:
+    """One elementwise kernel over `inputs` (all in one layout), writing a new tensor like the
+    last of them."""
+    out = torch.empty_like(inputs[-1])
+    n = out.numel()
+    if n:
+        kernel[(triton.cdiv(n, BLOCK),)](*inputs, out, n, *params, BLOCK=BLOCK, num_warps=8, **meta)
+    return out
+
+
+def _backward_inputs(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return grad.to(x.dtype).contiguous(), x.contiguous()
+
+
 def lookup_triton(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
                   qmin: int, qmax: int) -> torch.Tensor:
-    from ops.cpu_kernel import dense  # keeps a channels-last input's layout (no torch import cost: loaded)
-    xc = dense(x)
-    y = torch.empty_like(xc)
-    n = xc.numel()
-    if n:
-        _lut_fwd[(triton.cdiv(n, BLOCK),)](xc, y, table_real, scale_index.reshape(1), d.reshape(1), n,
-                                           QMIN=qmin, QMAX=qmax, BLOCK=BLOCK, num_warps=8)
-    return y
+    from ops.cpu_kernel import dense  # keeps a channels-last input's layout
+    return _launch(_lut_fwd, (dense(x),), table_real, scale_index.reshape(1), d.reshape(1), QMIN=qmin, QMAX=qmax)
 
 
 def backward_usable(x: torch.Tensor, derivative: str) -> bool:
@@ -212,40 +218,24 @@ def backward_usable(x: torch.Tensor, derivative: str) -> bool:
 def lookup_backward_triton(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
                            scale_index: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int,
                            derivative: str) -> torch.Tensor:
-    xc, gc = x.contiguous(), grad.to(x.dtype).contiguous()
-    gx = torch.empty_like(xc)
-    n = xc.numel()
-    if n:
-        bp = breakpoints.to(torch.int32).contiguous()
-        _lut_bwd[(triton.cdiv(n, BLOCK),)](gc, xc, gx, scale_index.reshape(1), d.reshape(1), bp,
-                                           slopes_real.float().contiguous(), n, QMIN=qmin, QMAX=qmax,
-                                           KIND=KINDS[derivative], NBP=bp.shape[-1], BLOCK=BLOCK, num_warps=8)
-    return gx
+    bp = breakpoints.to(torch.int32).contiguous()
+    return _launch(_lut_bwd, _backward_inputs(grad, x), scale_index.reshape(1), d.reshape(1), bp,
+                   slopes_real.float().contiguous(), QMIN=qmin, QMAX=qmax, KIND=KINDS[derivative], NBP=bp.shape[-1])
 
 
 def range_reduced_forward(v: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
                           qmin: int, qmax: int, rsqrt: bool) -> torch.Tensor:
     """RangeReducedLUT's forward in one pass (reduction by the float's exponent bits, table,
     exact 2^-k): the same bits as its torch ops."""
-    vc = v.contiguous()
-    y = torch.empty_like(vc)
-    n = vc.numel()
-    if n:
-        _range_reduced_fwd[(triton.cdiv(n, BLOCK),)](vc, y, table_real, scale_index.reshape(1), d.reshape(1), n,
-                                                     QMIN=qmin, QMAX=qmax, RSQRT=rsqrt, BLOCK=BLOCK, num_warps=8)
-    return y
+    from ops.cpu_kernel import dense
+    return _launch(_range_reduced_fwd, (dense(v),), table_real, scale_index.reshape(1), d.reshape(1), QMIN=qmin,
+                   QMAX=qmax, RSQRT=rsqrt)
 
 
 def range_reduced_backward(grad: torch.Tensor, v: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
                            scale_index: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int, rsqrt: bool,
                            slope: bool) -> torch.Tensor:
-    vc, gc = v.contiguous(), grad.to(v.dtype).contiguous()
-    gv = torch.empty_like(vc)
-    n = vc.numel()
-    if n:
-        bp = breakpoints.to(torch.int32).contiguous()
-        _range_reduced_bwd[(triton.cdiv(n, BLOCK),)](gc, vc, gv, scale_index.reshape(1), d.reshape(1), bp,
-                                                     slopes_real.float().contiguous(), n, QMIN=qmin, QMAX=qmax,
-                                                     RSQRT=rsqrt, SLOPE=slope, NBP=bp.shape[-1], BLOCK=BLOCK,
-                                                     num_warps=8)
-    return gv
+    bp = breakpoints.to(torch.int32).contiguous()
+    kind = KINDS["" if slope else ("rsqrt" if rsqrt else "reciprocal")]
+    return _launch(_range_reduced_bwd, _backward_inputs(grad, v), scale_index.reshape(1), d.reshape(1), bp,
+                   slopes_real.float().contiguous(), QMIN=qmin, QMAX=qmax, RSQRT=rsqrt, KIND=kind, NBP=bp.shape[-1])

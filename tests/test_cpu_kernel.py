@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,15 +20,22 @@ from hypothesis import strategies as st
 HAS_CC = cpu_kernel.load() is not None
 
 
-def torch_ops_lookup(x, m: LUTActivation) -> torch.Tensor:
-    """The same table through the torch ops alone (the kernel switched off for this call)."""
+@contextmanager
+def kernel_off():
+    """The compiled kernel switched off inside: the torch ops compute instead."""
     saved = dict(cpu_kernel._state)
     cpu_kernel._state.update(dll=None, status="off for the test")
     try:
-        return lookup(x, m.table_real, m.scale_index, m.d_current, m.table.input_bits)
+        yield
     finally:
         cpu_kernel._state.clear()
         cpu_kernel._state.update(saved)
+
+
+def torch_ops_lookup(x, m: LUTActivation) -> torch.Tensor:
+    """The same table through the torch ops alone."""
+    with kernel_off():
+        return lookup(x, m.table_real, m.scale_index, m.d_current, m.table.input_bits)
 
 
 def nasty_inputs(n: int, d: int, qmin: int, qmax: int, seed: int = 0) -> torch.Tensor:
@@ -118,14 +126,9 @@ def test_native_backward_then_mask_equals_the_closed_form(op, dtype):
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     xr = x.clone().requires_grad_(True)
     m(xr).backward(g)
-    saved = dict(cpu_kernel._state)
-    cpu_kernel._state.update(dll=None, status="off for the test")
-    try:
+    with kernel_off():
         xo = x.clone().requires_grad_(True)
         m(xo).backward(g)
-    finally:
-        cpu_kernel._state.clear()
-        cpu_kernel._state.update(saved)
     xs = x.float() * 2.0 ** m.scale
     outside = ~((xs >= qmin - 0.5) & (xs <= qmax + 0.5))
     assert outside.sum() > 10 and (xr.grad[outside] == 0).all() and (xo.grad[outside] == 0).all()
@@ -153,8 +156,8 @@ def test_range_reduction_kernel_equals_torch_ops_at_every_magnitude(op, grad):
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler here: the torch ops run instead")
 @pytest.mark.parametrize("log2_t", [1.3, -2.0, 6.0])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_tqt_kernel_equals_torch_ops(bits, log2_t):
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_tqt_kernel_equals_torch_ops(nbits, log2_t):
     """TQT in one pass: the quantized values bit for bit, the input's gradient exactly, the
     threshold's gradient (a sum of 2^17 terms, in double here, float32 there) within 1e-5."""
     from ops.fake_quant import _tqt_backward, _tqt_forward
@@ -163,19 +166,12 @@ def test_tqt_kernel_equals_torch_ops(bits, log2_t):
     x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
     g = torch.randn(x.shape, generator=g0)
     lt = torch.tensor(log2_t)
-    y, d = _tqt_forward(x, lt, bits, -40, 40)
-    gx, gl = _tqt_backward(g, x, d, bits)
-    saved = dict(cpu_kernel._state)
-    cpu_kernel._state.update(dll=None, status="off for the test")
-    try:
-        y2, d2 = _tqt_forward(x, lt, bits, -40, 40)
-        gx2, gl2 = _tqt_backward(g, x, d2, bits)
-    finally:
-        cpu_kernel._state.clear()
-        cpu_kernel._state.update(saved)
-    assert torch.equal(d, d2) and torch.equal(bits_of(y), bits_of(y2))
+    y, d = _tqt_forward(x, lt, nbits, -40, 40)
+    gx, gl = _tqt_backward(g, x, d, nbits)
+    with kernel_off():
+        y2, d2 = _tqt_forward(x, lt, nbits, -40, 40)
+        gx2, gl2 = _tqt_backward(g, x, d2, nbits)
+    assert torch.equal(d, d2) and torch.equal(bits(y), bits(y2))
     assert torch.equal(gx, gx2)  # by value: the torch path's grad * False is -0.0 for a negative grad
     assert torch.allclose(gl, gl2, rtol=1e-5, atol=1e-3)
 
-
-bits_of = bits

@@ -218,7 +218,7 @@ def test_fused_range_reduction_equals_cpu_at_every_magnitude(op, grad, dtype):
     yc.backward(g)
     r = r.cuda()
     vg = v.cuda().requires_grad_(True)
-    assert r._fused_here(vg)
+    assert r._fused(vg.detach()) is not None  # the one-kernel path serves this input
     yg = r(vg)
     yg.backward(g.cuda())
     assert torch.equal(yc.detach(), yg.detach().cpu())
