@@ -1,6 +1,7 @@
 """Shared bits of the benchmarks: where things are, how results are written and printed."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -59,6 +60,43 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def names_in(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of names from `allowed`; anything else is a
+    one-line usage error (exit 2) naming the bad value and what is allowed."""
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in names if t not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or repr(text)} is not allowed: use a comma-separated "
+                                              f"list of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def ints_in(lo: int, hi: int) -> Callable[[str], list[int]]:
+    """argparse type: a comma-separated list of integers in [lo, hi]."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or any(not lo <= v <= hi for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use comma-separated integers from {lo} to {hi}")
+        return values
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use an integer of 1 or more")
+    return value
 
 
 def timer(device: str, fn: Callable[[], Any], reps: int, batch: int = 20) -> float:

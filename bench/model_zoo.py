@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bench._common import machine, print_table, timer, timers_interleaved, write_results
+from bench._common import machine, names_in, positive_int, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
 from ops.call_sites import KINDS
 
@@ -232,11 +232,11 @@ def measure(name: str, reps: int, compiled: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--models", type=names_in(tuple(MODELS)), default=",".join(MODELS))
+    ap.add_argument("--reps", type=positive_int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     args = ap.parse_args(argv)
-    results = [measure(n, args.reps, args.compile) for n in args.models.split(",")]
+    results = [measure(n, args.reps, args.compile) for n in args.models]
     rows = [[r["model"], str(r["nonlinear_calls_float_model"]), f"{r['through_tables']}/{r['sites']}",
              "; ".join(f"{n} {k}" for k, n in r["float_sites"].items()) or "-",
              str(sum(r["float_calls_left"].values())), f"{r['rel_l2_vs_float']:.4f}",

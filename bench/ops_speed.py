@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench._common import RESULTS, machine, print_table, timer, write_results
+from bench._common import RESULTS, ints_in, machine, positive_int, print_table, timer, write_results
 
 from ops.modules import LUTGELU, LUTSiLU
 
@@ -28,13 +28,13 @@ DATASHEET_BW = 3.0e12
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="2^20 elements, float32, few repetitions")
-    ap.add_argument("--sizes", default="16,20,24,26", help="log2 of the element counts")
-    ap.add_argument("--reps", type=int)
+    ap.add_argument("--sizes", type=ints_in(1, 30), default="16,20,24,26", help="log2 of the element counts")
+    ap.add_argument("--reps", type=positive_int)
     args = ap.parse_args()
     dev = args.device
-    sizes = [20] if args.quick else [int(v) for v in args.sizes.split(",")]
+    sizes = [20] if args.quick else args.sizes
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     reps = args.reps or (3 if args.quick else (10 if dev == "cuda" else 5))
     rows, recs = [], []

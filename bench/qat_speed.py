@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench._common import RESULTS, machine, print_table, write_results
+from bench._common import RESULTS, machine, names_in, positive_int, print_table, write_results
 from ops import calibrate, replace_ops
 from retnet_integration.model import RetNet
 from retnet_integration.pipeline import get_preset
@@ -189,11 +189,11 @@ def measure(name: str, build, batch, loss_fn, modes: list[str], device: str, rep
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--reps", type=positive_int, default=20)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps (a smoke run)")
-    ap.add_argument("--models", default="retnet,gpt2")
+    ap.add_argument("--models", type=names_in(("retnet", "gpt2")), default="retnet,gpt2")
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest ops of an all-LUT step")
     args = ap.parse_args()
     dev = args.device

@@ -220,3 +220,24 @@ def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
         os.chdir(cwd)
     r = run("fit", "--op", "gelu", "--weights", "acts.npy", "--generations", "1", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, bad", [
+    (("bench.qat_speed", "--models", "retnet,foo"), "foo is not allowed"),
+    (("bench.qat_speed", "--reps", "0"), "'0' is not allowed"),
+    (("bench.qat_speed", "--device", "tpu"), "'tpu'"),
+    (("bench.ops_speed", "--sizes", "20,99"), "'20,99' is not allowed"),
+    (("bench.ops_speed", "--sizes", "x"), "'x' is not allowed"),
+    (("bench.model_zoo", "--models", "nope"), "nope is not allowed"),
+])
+def test_benchmarks_refuse_bad_arguments_in_one_line(tmp_path, args, bad):
+    """A benchmark's bad argument: exit 2, the bad value and what is allowed on one line, and
+    no results file written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    results = ROOT / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert bad in last and "error:" in last
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == before

@@ -93,14 +93,18 @@ PROBE = ("import hashlib, torch; from ops import cpu_kernel; from ops.modules im
          "print(cpu_kernel.status()); print(hashlib.sha256(y.numpy().tobytes()).hexdigest())")
 
 
-def test_no_compiler_or_switched_off_falls_back_to_the_same_values(tmp_path):
+def test_no_compiler_no_cache_folder_or_switched_off_falls_back_to_the_same_values(tmp_path):
     ref = _run({"GQA_LUT_CACHE": str(tmp_path / "a")}, PROBE).splitlines()
     off = _run({"GQA_LUT_CPU_KERNEL": "0"}, PROBE).splitlines()
     nocc = _run({"CC": "no-such-cc-gqa", "GQA_LUT_CACHE": str(tmp_path / "b")}, PROBE).splitlines()
+    (tmp_path / "file").write_text("")
+    nodir = _run({"GQA_LUT_CACHE": str(tmp_path / "file" / "cache")}, PROBE).splitlines() if HAS_CC else ref
     assert "GQA_LUT_CPU_KERNEL=0" in off[0]
+    if HAS_CC:
+        assert "cache folder" in nodir[0] and "cannot be made" in nodir[0] and "GQA_LUT_CACHE" in nodir[0]
     assert "no C compiler 'no-such-cc-gqa'" in nocc[0]
     assert not (tmp_path / "b").exists()
-    assert ref[1] == off[1] == nocc[1]  # the same output bytes
+    assert ref[1] == off[1] == nocc[1] == nodir[1]  # the same output bytes
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler here")
