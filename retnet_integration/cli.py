@@ -10,7 +10,7 @@ from gqa_lut.table import check_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report",
+    p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report, qat-int, export-c, check-int",
                        epilog=examples("gqa-lut retnet train --preset cpu", "gqa-lut retnet eval"))
     rsub = p.add_subparsers(dest="retnet_command", required=True, parser_class=Parser)
     r = rsub.add_parser("train", help="train a float RetNet on the fortunes corpus",
@@ -40,6 +40,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also draw a chart (PNG path; bench/results/retnet.png when given alone)")
     r.set_defaults(handler=cmd_report)
 
+    r = rsub.add_parser("qat-int", help="fine-tune through the integer graph (what export-c writes)",
+                        epilog=examples("gqa-lut retnet qat-int --checkpoint runs/retnet_cpu.pt --out runs/retnet_cpu_int.pt"))
+    r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="float checkpoint from `retnet train`")
+    r.add_argument("--out", default="runs/retnet_cpu_int.pt", help="integer checkpoint")
+    r.add_argument("--steps", type=int, help="QAT steps (default: the preset's qat_steps)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.set_defaults(handler=cmd_qat_int)
+    r = rsub.add_parser("export-c", help="write the integer RetNet as a self-contained C99 program",
+                        epilog=examples("gqa-lut retnet export-c --checkpoint runs/retnet_cpu_int.pt --out retnet_c",
+                                        "cc -O2 -std=c99 -Wall -Werror -o retnet_c/retnet retnet_c/retnet.c"))
+    r.add_argument("--checkpoint", default="runs/retnet_cpu_int.pt",
+                   help="integer checkpoint from `retnet qat-int` (a float one is calibrated, not fine-tuned)")
+    r.add_argument("--out", required=True, help="folder for tables.h, model.h, retnet.c, README.txt, model.json")
+    r.set_defaults(handler=cmd_export_c)
+    r = rsub.add_parser("check-int", help="float vs fake-quant vs integer reference (vs the C program)",
+                        epilog=examples("gqa-lut retnet check-int --checkpoint runs/retnet_cpu_int.pt",
+                                        "gqa-lut retnet check-int --checkpoint runs/retnet_cpu_int.pt --c retnet_c "
+                                        "--json bench/results/retnet_int_cpu.json"))
+    r.add_argument("--checkpoint", default="runs/retnet_cpu_int.pt", help="integer (or float) checkpoint")
+    r.add_argument("--c", dest="c_dir", help="a folder written by `retnet export-c`: built and run on every window")
+    r.add_argument("--windows", type=int, help="test windows (default: the preset's; all for cpu and gpu)")
+    r.add_argument("--json", help="write the results object here")
+    r.set_defaults(handler=cmd_check_int)
 
 def _log(line: str) -> None:
     print(line, flush=True)
@@ -74,3 +97,32 @@ def cmd_report(args: argparse.Namespace) -> int:
         retnet_chart(combined["runs"], Path(args.plot))
         _log(f"chart -> {args.plot}")
     return 0
+
+
+def cmd_qat_int(args: argparse.Namespace) -> int:
+    from retnet_integration import int_commands
+
+    check_writable(args.out)
+    int_commands.run_qat(Path(args.checkpoint), Path(args.out), args.device, args.steps, _log)
+    return 0
+
+
+def cmd_export_c(args: argparse.Namespace) -> int:
+    from retnet_integration import int_commands
+
+    int_commands.run_export(Path(args.checkpoint), Path(args.out), _log)
+    return 0
+
+
+def cmd_check_int(args: argparse.Namespace) -> int:
+    from retnet_integration import int_commands
+    from gqa_lut.table import write_json_atomic
+
+    if args.json:
+        check_writable(args.json, "--json")
+    doc = int_commands.run_check(Path(args.checkpoint), Path(args.c_dir) if args.c_dir else None, args.windows, _log)
+    if args.json:
+        write_json_atomic(args.json, doc)
+        _log(f"wrote {args.json}")
+    return 0
+

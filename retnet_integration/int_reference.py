@@ -1,0 +1,323 @@
+"""The integer-only RetNet: its numbers (`IntegerModel`, exported from an `IntSim`) and the
+recurrent step in numpy int64, the reference the exported C program must equal bit for bit.
+
+No float touches a value between the input byte and the logits: every step below is an
+integer multiply, add, compare, table lookup or `round_shift`. The graph and where each bit
+width comes from are in int_graph.py; `accumulator_bounds` states the largest |value| every
+stage can hold, from the bit widths and the shapes alone, against the type the C program
+keeps it in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gqa_lut.evaluator import evaluate_codes, output_frac_bits
+from gqa_lut.quantization import int_range
+from gqa_lut.table import Table
+from retnet_integration.int_graph import (
+    ACT_BITS,
+    NORM_FRAC,
+    RES_BITS,
+    ROT_FRAC,
+    IntSim,
+    codes_of,
+    eps_code,
+    fq,
+    rotary_codes,
+    weight_exponents,
+)
+
+
+@dataclass
+class IntLinear:
+    w: np.ndarray  # (out, in) int8 codes
+    shift: np.ndarray  # (out,) round_shift from the accumulator to the next grid (<= 0: left)
+    bias: np.ndarray | None = None  # (out,) int32 on the accumulator's grid
+
+
+@dataclass
+class IntNorm:
+    eps: int  # in units of the input's 2^(-2 d_in)
+    shift: int  # from the normalised (x gain + bias) value to the int8 output
+    gain: np.ndarray | None = None  # int8
+    bias: np.ndarray | None = None  # int32, NORM_FRAC + gain's fractional bits
+
+
+@dataclass
+class IntLayer:
+    ln1: IntNorm
+    q: IntLinear
+    k: IntLinear
+    v: IntLinear
+    g: IntLinear
+    o: IntLinear
+    q_rot_shift: int
+    k_rot_shift: int
+    o_shift: int  # Q . S (grid d_q + d_k + d_v) -> 16-bit before the GroupNorm
+    gn: IntNorm
+    gate_scale: int  # the swish table's input scale
+    gate_shift: int  # table output -> int8
+    p_shift: int  # gate x normed (int16) -> int8
+    ln2: IntNorm
+    up: IntLinear
+    gelu_scale: int
+    gelu_shift: int
+    down: IntLinear
+
+
+@dataclass
+class IntegerModel:
+    d_model: int
+    n_heads: int
+    vocab: int
+    embed: np.ndarray  # (vocab, d_model) int8
+    embed_shift: int
+    layers: list[IntLayer]
+    lnf: IntNorm
+    head: IntLinear  # shift 0: the logits are its int32 accumulator
+    gammas: list[tuple[int, int]]  # (G_h, f_h)
+    state_frac: int  # the state's fractional bits below the k v product grid
+    tables: dict[str, Table]
+    d_rsqrt: int
+    logit_frac: int  # the logits' fractional bits (one scale for every byte)
+    exps: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def weights_bytes(self) -> int:
+        """int8 weights + int32 biases and norm biases + int8 gains + int8 shifts + the tables
+        (int32 slopes, intercepts, breakpoints of the scales used) + the Q14 sine table."""
+        total = self.embed.size
+        lins = [self.head] + [getattr(L, n) for L in self.layers for n in ("q", "k", "v", "g", "o", "up", "down")]
+        for lin in lins:
+            total += lin.w.size + lin.shift.size + (0 if lin.bias is None else 4 * lin.bias.size)
+        for n in [self.lnf] + [x for L in self.layers for x in (L.ln1, L.ln2)]:
+            total += n.gain.size + 4 * n.bias.size
+        for t in self.tables.values():
+            total += 4 * (2 * t.segments + (t.segments - 1) * len(t.scales))
+        return int(total + 2 * 4096)
+
+    def scratch_bytes(self) -> int:
+        """The C step's working arrays (stack) and the logits: RAM beside the state."""
+        D, ffn = self.d_model, self.layers[0].up.w.shape[0]
+        return 4 * (D + max(D, ffn) + D + self.head_dim) + 8 * D + ffn + 4 * self.vocab
+
+    def state_bytes(self) -> int:
+        """int32 state per layer and head (Dk x Dv) and the uint32 position: not the sequence's."""
+        return 4 * len(self.layers) * self.n_heads * self.head_dim ** 2 + 4
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.int64)
+
+
+def _linear(lin: torch.nn.Linear, d_x: int, d_out: int | None, scale: float = 1.0,
+            per_channel: bool = True) -> tuple[IntLinear, np.ndarray]:
+    """The same codes IntSim._linear computes; d_out None keeps the accumulator."""
+    with torch.no_grad():
+        w = lin.weight * scale if scale != 1.0 else lin.weight
+        dw = weight_exponents(w, per_channel)
+        W = codes_of(fq(w, dw, ACT_BITS), dw)
+        dwv = dw.reshape(-1).expand(w.shape[0]).long()
+        bias = None
+        if lin.bias is not None:
+            bias = _np(codes_of(fq(lin.bias, d_x + dwv, 32), d_x + dwv))
+    acc_frac = d_x + _np(dwv)
+    shift = acc_frac - (acc_frac if d_out is None else d_out)
+    return IntLinear(_np(W), shift, bias), acc_frac
+
+
+def _norm(norm: torch.nn.LayerNorm | None, d_in: int, g_exp: int | None, d_out: int) -> IntNorm:
+    if norm is None:
+        return IntNorm(eps_code(d_in), NORM_FRAC - d_out)
+    with torch.no_grad():
+        gain = _np(codes_of(fq(norm.weight, g_exp, ACT_BITS), g_exp))
+        bias = _np(codes_of(fq(norm.bias, g_exp + NORM_FRAC, 32), g_exp + NORM_FRAC))
+    return IntNorm(eps_code(d_in), NORM_FRAC + g_exp - d_out, gain, bias)
+
+
+def export_integer(sim: IntSim) -> IntegerModel:
+    """The integer model an `IntSim` simulates: the codes of its weights and its shifts."""
+    e, net = sim.exps, sim.net
+    if not e:
+        raise ValueError("the simulation has no exponents: calibrate it first")
+    cfg = net.cfg
+    layers = []
+    for i, blk in enumerate(net.blocks):
+        p, ret = f"{i}.", blk.retention
+        d_a = e[p + "ln1"]
+        q, _ = _linear(ret.q_proj, d_a, e[p + "q0"], 1.0 / math.sqrt(ret.dk))
+        k, _ = _linear(ret.k_proj, d_a, e[p + "k0"])
+        v, _ = _linear(ret.v_proj, d_a, e[p + "v"])
+        g, _ = _linear(ret.g_proj, d_a, e[p + "gate.in"])
+        o, _ = _linear(ret.out_proj, e[p + "p"], e["res"])
+        up, _ = _linear(blk.ffn.up, e[p + "ln2"], e[p + "gelu.in"])
+        down, _ = _linear(blk.ffn.down, e[p + "gelu"], e["res"])
+        layers.append(IntLayer(
+            ln1=_norm(blk.norm1, e["res"], e[p + "ln1.g"], d_a), q=q, k=k, v=v, g=g, o=o,
+            q_rot_shift=ROT_FRAC + e[p + "q0"] - e[p + "q"], k_rot_shift=ROT_FRAC + e[p + "k0"] - e[p + "k"],
+            o_shift=e[p + "q"] + e[p + "k"] + e[p + "v"] + sim.state_frac - e[p + "o"],
+            gn=_norm(None, e[p + "o"], None, e[p + "gn"]),
+            gate_scale=e[p + "gate.in"],
+            gate_shift=output_frac_bits(sim.tables["swish"], e[p + "gate.in"]) - e[p + "gate"],
+            p_shift=e[p + "gate"] + e[p + "gn"] - e[p + "p"],
+            ln2=_norm(blk.norm2, e["res"], e[p + "ln2.g"], e[p + "ln2"]), up=up,
+            gelu_scale=e[p + "gelu.in"],
+            gelu_shift=output_frac_bits(sim.tables["gelu"], e[p + "gelu.in"]) - e[p + "gelu"], down=down))
+    head, head_frac = _linear(net.head, e["lnf"], None, per_channel=False)
+    with torch.no_grad():
+        E = _np(codes_of(fq(net.embed.weight, e["embed"], ACT_BITS), e["embed"]))
+    return IntegerModel(
+        d_model=cfg.d_model, n_heads=cfg.n_heads, vocab=cfg.vocab_size, embed=E, embed_shift=e["embed"] - e["res"],
+        layers=layers, lnf=_norm(net.norm, e["res"], e["lnf.g"], e["lnf"]), head=head, gammas=list(sim.gammas), state_frac=sim.state_frac,
+        tables={k: sim.tables[k] for k in ("gelu", "swish", "rsqrt")}, d_rsqrt=sim.d_rsqrt,
+        logit_frac=int(head_frac[0]), exps=dict(e))
+
+
+# --- the recurrent step ---------------------------------------------------------------------------
+
+def round_shift(a: np.ndarray, t) -> np.ndarray:
+    """floor((a + 2^(t-1)) / 2^t) where t > 0, a * 2^-t where t <= 0; t per element allowed."""
+    a = np.asarray(a, dtype=np.int64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.int64), a.shape)
+    right = np.maximum(t, 0)
+    half = np.where(t > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    return np.where(t > 0, (a + half) >> right, a << np.maximum(-t, 0))
+
+
+def sat(a: np.ndarray, bits: int) -> np.ndarray:
+    lo, hi = int_range(bits)
+    return np.clip(a, lo, hi)
+
+
+def linear(x: np.ndarray, lin: IntLinear) -> np.ndarray:
+    """The int32 accumulator x . W^T (+ b)."""
+    acc = x @ lin.w.T
+    return acc if lin.bias is None else acc + lin.bias
+
+
+def bit_length(v: np.ndarray) -> np.ndarray:
+    """Bits of each positive int64 (floor(log2 v) + 1), by shifts and compares alone."""
+    return (v[..., None] >> np.arange(63, dtype=np.int64) > 0).sum(-1)
+
+
+def norm(X: np.ndarray, n: IntNorm, rsqrt: Table, d_t: int) -> np.ndarray:
+    """Integer LayerNorm over the last axis -> int8 (int_graph.py's docstring)."""
+    N = X.shape[-1]
+    mu = (2 * X.sum(-1, keepdims=True) + N) // (2 * N)  # floor division: round half up
+    C = X - mu
+    V = (2 * (C * C).sum(-1, keepdims=True) + N) // (2 * N) + n.eps
+    k = (bit_length(V) - 1) // 2  # V = m 4^k with m in [1, 4)
+    M = round_shift(V, 2 * k - d_t)
+    R = evaluate_codes(rsqrt, M, d_t)  # clamps M to the table's input range
+    Y = round_shift(C * R, output_frac_bits(rsqrt, d_t) + k - NORM_FRAC)
+    if n.gain is not None:
+        Y = Y * n.gain + n.bias
+    return sat(round_shift(Y, n.shift), ACT_BITS)
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, shift: int) -> np.ndarray:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = sat(round_shift(x1 * cos - x2 * sin, shift), ACT_BITS)
+    out[..., 1::2] = sat(round_shift(x1 * sin + x2 * cos, shift), ACT_BITS)
+    return out
+
+
+def table(t: Table, acc: np.ndarray, shift: np.ndarray, d: int, out_shift: int) -> np.ndarray:
+    """Accumulator -> the table's input code at scale d -> table -> int8."""
+    X = sat(round_shift(acc, shift), t.input_bits)
+    return sat(round_shift(evaluate_codes(t, X, d), out_shift), ACT_BITS)
+
+
+def new_state(m: IntegerModel, batch: int) -> list[np.ndarray]:
+    dk = m.head_dim
+    return [np.zeros((batch, m.n_heads, dk, dk), dtype=np.int64) for _ in m.layers]
+
+
+def step(m: IntegerModel, state: list[np.ndarray], tokens: np.ndarray, pos: int) -> np.ndarray:
+    """One token for each of B streams: tokens (B,) at position `pos` -> int32 logits (B, vocab).
+    `state` (from `new_state`) is updated in place."""
+    B, H, dk = tokens.shape[0], m.n_heads, m.head_dim
+    rs, d_t = m.tables["rsqrt"], m.d_rsqrt
+    X = sat(round_shift(m.embed[tokens], m.embed_shift), RES_BITS)
+    cos, sin = rotary_codes(dk, np.array([pos]))
+    G = np.array([g for g, _ in m.gammas], dtype=np.int64)[None, :, None, None]
+    f = np.array([f for _, f in m.gammas], dtype=np.int64)[None, :, None, None]
+    for li, L in enumerate(m.layers):
+        A = norm(X, L.ln1, rs, d_t)
+        Q0, K0, V = (sat(round_shift(linear(A, lin), lin.shift), ACT_BITS) for lin in (L.q, L.k, L.v))
+        Q = rotate(Q0.reshape(B, H, dk), cos, sin, L.q_rot_shift)
+        K = rotate(K0.reshape(B, H, dk), cos, sin, L.k_rot_shift)
+        V = V.reshape(B, H, dk)
+        S = round_shift(G * state[li], f) + ((K[..., :, None] * V[..., None, :]) << m.state_frac)
+        state[li] = S
+        O = sat(round_shift(np.einsum("bhk,bhkv->bhv", Q, S), L.o_shift), RES_BITS)
+        Nrm = norm(O, L.gn, rs, d_t).reshape(B, H * dk)
+        gate = table(m.tables["swish"], linear(A, L.g), L.g.shift, L.gate_scale, L.gate_shift)
+        P = sat(round_shift(gate * Nrm, L.p_shift), ACT_BITS)
+        X = sat(X + sat(round_shift(linear(P, L.o), L.o.shift), RES_BITS), RES_BITS)
+        Bn = norm(X, L.ln2, rs, d_t)
+        Hd = table(m.tables["gelu"], linear(Bn, L.up), L.up.shift, L.gelu_scale, L.gelu_shift)
+        X = sat(X + sat(round_shift(linear(Hd, L.down), L.down.shift), RES_BITS), RES_BITS)
+    return linear(norm(X, m.lnf, rs, d_t), m.head)
+
+
+def run(m: IntegerModel, tokens: np.ndarray) -> np.ndarray:
+    """(B, L) byte windows -> (B, L, vocab) int logits, one recurrent step per position."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    state = new_state(m, tokens.shape[0])
+    return np.stack([step(m, state, tokens[:, t], t) for t in range(tokens.shape[1])], axis=1)
+
+
+# --- bounds ---------------------------------------------------------------------------------------
+
+def accumulator_bounds(m: IntegerModel) -> list[dict]:
+    """The largest |value| each stage can reach, from bit widths and shapes alone, with the
+    C type that holds it: every bound must lie below its type's limit (tests check it)."""
+    a8, r16 = 2 ** (ACT_BITS - 1), 2 ** (RES_BITS - 1)
+    D, dk = m.d_model, m.head_dim
+    rows = []
+
+    def add(stage, bound, ctype, sim_limit=None):
+        """sim_limit: where the fake-quant simulation holds the value in a float type, the
+        bound below which that float holds it exactly (2^24 float32, 2^53 float64)."""
+        rows.append({"stage": stage, "bound": int(bound), "type": ctype,
+                     "limit": 2 ** 31 - 1 if ctype == "int32" else 2 ** 63 - 1, "sim_limit": sim_limit})
+
+    def lin_bound(lin: IntLinear) -> int:
+        b = 0 if lin.bias is None else int(np.abs(lin.bias).max())
+        return lin.w.shape[1] * a8 * a8 + b
+
+    for name in ("q", "k", "v", "g", "o", "up", "down"):
+        add(f"linear {name} accumulator", max(lin_bound(getattr(L, name)) for L in m.layers), "int32", 2 ** 24)
+    add("logits", lin_bound(m.head), "int32", 2 ** 24)
+    add("rotary products (int8 x Q14, two terms)", 2 * a8 * (1 << ROT_FRAC), "int32")
+    s_max = 0
+    for g, f in m.gammas:
+        # |S| <= max|k v| / (1 - gamma) + 1/(1 - gamma) for the rounding of each step's decay
+        s_max = max(s_max, math.ceil((a8 * a8 * (1 << m.state_frac) + 1) * (1 << f) / ((1 << f) - g)))
+    add("state S", s_max, "int32", 2 ** 53)
+    add("decay product G * S", s_max * max(g for g, _ in m.gammas), "int64", 2 ** 53)
+    add("Q . S", dk * a8 * s_max, "int64", 2 ** 53)
+    rmax = int(max(evaluate_codes(m.tables["rsqrt"], np.arange(*int_range(8)), m.d_rsqrt).max(), 1))
+    for name, width in (("layer norm", D), ("group norm", dk)):
+        c = 2 * r16  # |X - mean| for 16-bit X
+        add(f"{name}: sum of X", width * r16, "int64")
+        add(f"{name}: sum of (X - mean)^2", width * c * c, "int64")
+        add(f"{name}: (X - mean) * R", c * rmax, "int64")
+    gains = [n for n in [m.lnf] + [x for L in m.layers for x in (L.ln1, L.ln2)]]
+    ymax = math.isqrt(D) + 1  # |normalised value| <= sqrt(N - 1) (table error aside: 2x margin)
+    add("norm gain: Y * gain + bias", max(2 * ymax * (1 << NORM_FRAC) * a8 + int(np.abs(n.bias).max())
+                                          for n in gains), "int64")
+    add("gate x normed", a8 * a8, "int32")
+    add("residual add", 2 * r16, "int32")
+    return rows

@@ -1,0 +1,181 @@
+"""The integer RetNet: the fake-quant simulation, the numpy integer reference and the exported C
+program compute the same integers; every accumulator's bound fits its type; the CLI runs
+train -> qat-int -> export-c -> check-int end to end; bad input gets one line and exit 2."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retnet_integration import int_reference as ref
+from retnet_integration.c_export import build, write_program
+from retnet_integration.data import FORTUNES_DIR
+from retnet_integration.int_commands import CHECK_KEYS
+from retnet_integration.int_graph import (
+    PHASE_BITS,
+    IntSim,
+    phase_steps,
+    rotary_codes,
+    rshift,
+    sine_table,
+)
+from retnet_integration.model import RetNet, RetNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
+needs_fortunes = pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="apt-get install fortunes (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny RetNet, calibrated on random bytes, and its integer model."""
+    torch.manual_seed(0)
+    net = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, ffn_mult=2, max_len=64)).eval()
+    with torch.no_grad():  # gains and biases away from their init, so every path is exercised
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    sim = IntSim(net).eval()
+    gen = torch.Generator().manual_seed(1)
+    sim.calibrate([torch.randint(0, 256, (4, 24), generator=gen)])
+    tokens = torch.randint(0, 256, (3, 20), generator=gen)
+    return sim, ref.export_integer(sim), tokens
+
+
+def test_simulation_equals_the_integer_reference_bit_for_bit(tiny):
+    sim, m, tokens = tiny
+    with torch.no_grad():
+        logits, _ = sim(tokens, "recurrent")
+    codes = logits.double() * 2.0 ** m.logit_frac
+    assert torch.equal(codes, torch.round(codes))  # the simulation's logits lie on the integer grid
+    np.testing.assert_array_equal(codes.long().numpy(), ref.run(m, tokens.numpy()))
+
+
+def test_parallel_form_follows_the_graph(tiny):
+    sim, m, tokens = tiny
+    with torch.no_grad():
+        par, _ = sim(tokens, "parallel")
+    ints = ref.run(m, tokens.numpy())
+    # the parallel form decays exactly where the graph rounds the state once per token
+    assert (par.argmax(-1).numpy() == ints.argmax(-1)).mean() >= 0.9
+
+
+def test_accumulator_bounds_fit_their_types_and_the_simulation_is_exact(tiny):
+    _, m, _ = tiny
+    rows = ref.accumulator_bounds(m)
+    assert {r["stage"] for r in rows} >= {"state S", "Q . S", "logits", "layer norm: sum of (X - mean)^2"}
+    for r in rows:
+        assert 0 < r["bound"] < r["limit"], r
+        if r["sim_limit"] is not None:
+            assert r["bound"] < r["sim_limit"], r  # the simulation's float holds it exactly
+    # the state bound really holds: drive one head with the largest product every token
+    g, f = max(m.gammas, key=lambda gf: gf[0] / 2 ** gf[1])
+    s = 0
+    for _ in range(20000):
+        s = int(ref.round_shift(np.int64(g * s), f)) + (128 * 128 << m.state_frac)
+    assert s <= next(r["bound"] for r in rows if r["stage"] == "state S")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-2 ** 40, 2 ** 40), st.integers(-20, 30))
+def test_round_shift_is_floor_of_half_up_in_numpy_and_torch(a, t):
+    want = (a + (1 << (t - 1))) >> t if t > 0 else a * 2 ** -t  # Python ints: exact
+    assert int(ref.round_shift(np.int64(a), t)) == want
+    assert int(rshift(torch.tensor([a]), torch.tensor([t]))[0]) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 2 ** 62), min_size=1, max_size=8))
+def test_bit_length_by_integers_alone(values):
+    got = ref.bit_length(np.array(values, dtype=np.int64))
+    assert got.tolist() == [v.bit_length() for v in values]
+
+
+def test_rotary_phase_streams_past_any_cap():
+    pos = np.array([0, 1, 1000, 2 ** 20 + 7, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 5])
+    cos, sin = rotary_codes(16, pos)
+    steps, table = phase_steps(16), sine_table()
+    for i, p in enumerate(pos):
+        phase = (int(p) % 2 ** PHASE_BITS) * steps % 2 ** PHASE_BITS
+        idx = ((phase + 2 ** 19) >> 20) % 4096
+        np.testing.assert_array_equal(sin[i], table[idx])
+        np.testing.assert_array_equal(cos[i], table[(idx + 1024) % 4096])
+    np.testing.assert_array_equal(cos[5], cos[0])  # position 2^32 wraps to 0, as the C program's uint32 does
+    # the angle is the float rotary's within the table's resolution
+    theta = 10000.0 ** (-np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(sin[2] / 2 ** 14, np.sin(1000 * theta), atol=2e-3)
+
+
+@needs_cc
+def test_c_program_equals_the_reference_under_ubsan(tiny, tmp_path):
+    _, m, tokens = tiny
+    write_program(m, tmp_path)
+    exe = build(tmp_path, ("-fsanitize=undefined", "-fno-sanitize-recover=all"))
+    want = ref.run(m, tokens.numpy())
+    for w in range(tokens.shape[0]):
+        run = subprocess.run([str(exe), "logits"], input=bytes(tokens[w].numpy().astype(np.uint8)),
+                             capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stderr[:300]
+        got = np.array(run.stdout.split(), dtype=np.int64).reshape(-1, m.vocab)
+        np.testing.assert_array_equal(got, want[w])
+    # generation: greedy bytes, each the argmax of the reference's logits after the previous one
+    run = subprocess.run([str(exe), "generate", "5"], input=b"ab", capture_output=True, timeout=60)
+    assert run.returncode == 0 and len(run.stdout) == 5
+    seq = list(b"ab")
+    for _ in range(5):
+        seq.append(int(ref.run(m, np.array([seq]))[0, -1].argmax()))
+    assert list(run.stdout) == seq[2:]
+    bad = subprocess.run([str(exe), "generate", "x"], capture_output=True, timeout=60)
+    assert bad.returncode == 2 and b"usage" in bad.stderr
+
+
+@needs_cc
+@needs_fortunes
+def test_cli_train_qat_export_check_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a, **kw: subprocess.run([sys.executable, "-m", "gqa_lut", "retnet", *a], cwd=tmp_path,
+                                          env=kw.get("env", env), capture_output=True, text=True, timeout=300)
+    assert run("train", "--preset", "tiny", "--out", "t.pt").returncode == 0
+    r = run("qat-int", "--checkpoint", "t.pt", "--out", "ti.pt", "--steps", "4")
+    assert r.returncode == 0, r.stderr
+    r = run("export-c", "--checkpoint", "ti.pt", "--out", "prog")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in (tmp_path / "prog").iterdir()} >= {"tables.h", "model.h", "retnet.c", "model.json"}
+    r = run("check-int", "--checkpoint", "ti.pt", "--c", "prog", "--windows", "3", "--json", "c.json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert tuple(doc) == CHECK_KEYS
+    assert doc["c_vs_int_logits_equal"] == 1.0 and doc["int_vs_fakequant_argmax_agree"] == 1.0
+    assert doc["bpc_int"] == pytest.approx(doc["bpc_fakequant"], rel=1e-9)  # the same integers
+    assert doc["positions"] == 3 * 32 and doc["state_bytes"] == 4 * 1 * 2 * 16 * 16 + 4
+    # bad input: one line, exit 2, nothing written
+    for args, words in [(("check-int", "--checkpoint", "missing.pt"), "does not exist"),
+                        (("export-c", "--checkpoint", "ti.pt", "--out", "c.json"), "is a file"),
+                        (("check-int", "--checkpoint", "ti.pt", "--windows", "0"), "--windows 0")]:
+        r = run(*args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # no C compiler on PATH: named in the error
+    r = run("check-int", "--checkpoint", "ti.pt", "--c", "prog", "--windows", "1",
+            env={**env, "PATH": str(tmp_path / "empty")})
+    assert r.returncode == 2 and "no C compiler found" in r.stderr, r.stderr
+    # a C program exported for a model of another shape
+    meta = json.loads((tmp_path / "prog" / "model.json").read_text())
+    meta["config"]["d_model"] = 64
+    (tmp_path / "prog" / "model.json").write_text(json.dumps(meta))
+    r = run("check-int", "--checkpoint", "ti.pt", "--c", "prog", "--windows", "1")
+    assert r.returncode == 2 and "another shape" in r.stderr, r.stderr
+
+
+def test_shapes_the_integer_graph_refuses():
+    net = RetNet(RetNetConfig(d_model=48, n_layers=1, n_heads=2))
+    with pytest.raises(ValueError, match="d_model 48 must be a power of two"):
+        IntSim(net)
