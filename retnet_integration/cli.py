@@ -10,7 +10,7 @@ from gqa_lut.table import check_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report, qat-int, export-c, check-int",
+    p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report, study, qat-int, export-c, check-int",
                        epilog=examples("gqa-lut retnet train --preset cpu", "gqa-lut retnet eval"))
     rsub = p.add_subparsers(dest="retnet_command", required=True, parser_class=Parser)
     r = rsub.add_parser("train", help="train a float RetNet on the fortunes corpus",
@@ -63,6 +63,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--windows", type=int, help="test windows (default: the preset's; all for cpu and gpu)")
     r.add_argument("--json", help="write the results object here")
     r.set_defaults(handler=cmd_check_int)
+    r = rsub.add_parser("study", help="the quantization study: quantizers, bit widths, sensitivity, seeds",
+                        epilog=examples("gqa-lut retnet study --checkpoint runs/retnet_cpu.pt",
+                                        "gqa-lut retnet study --rows quantizer bits --seeds 3 --plot"))
+    r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="float checkpoint from `retnet train`")
+    r.add_argument("--out", default="bench/results/retnet_study_cpu.json",
+                   help="results (resumed when it holds runs of the same checkpoint); a .md beside it")
+    r.add_argument("--seeds", type=int, default=3, help="seeds per QAT row (default 3)")
+    r.add_argument("--windows", type=int, default=256, help="test windows (default 256)")
+    r.add_argument("--rows", nargs="*", help="row names or groups (quantizer, bits, schedule, retention, sensitivity); "
+                   "default: all")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--plot", nargs="?", const="", help="also draw the figures (PNG; default: beside --out)")
+    r.set_defaults(handler=cmd_study)
 
 def _log(line: str) -> None:
     print(line, flush=True)
@@ -126,3 +139,19 @@ def cmd_check_int(args: argparse.Namespace) -> int:
         _log(f"wrote {args.json}")
     return 0
 
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from retnet_integration import study
+
+    out = Path(args.out)
+    plot = None if args.plot is None else Path(args.plot or out.with_suffix(".png"))
+    for target in (out, out.with_suffix(".md"), plot):
+        if target is not None:
+            check_writable(target)
+    doc = study.run_study(Path(args.checkpoint), out, args.seeds, args.windows, args.rows, args.device, _log,
+                          command="gqa-lut " + " ".join(args.argv))
+    if plot is not None:
+        from plots.study_chart import study_chart
+        study_chart(doc["summary"], plot, f"RetNet quantization study ({doc['preset']} preset)")
+        _log(f"figures -> {plot}")
+    return 0

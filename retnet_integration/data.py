@@ -3,7 +3,9 @@
 Byte-level tokens (vocabulary 256). The corpus is every top-level fortune file in name order,
 split at the `%` lines into fortunes; fortune i goes to test if i % 20 == 0, to validation if
 i % 20 == 1, else to train: deterministic, interleaved across files so every split sees every
-topic. Each split is one byte stream of its fortunes joined by "\\n%\\n".
+topic. A fortune whose normalised text (lower case, runs of whitespace as one space) came
+earlier is dropped (121 of 15,218: the same quote in two files), so no text sits in two splits.
+Each split is one byte stream of its fortunes joined by "\\n%\\n".
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from gqa_lut.errors import UsageError
 
 FORTUNES_DIR = Path(os.environ.get("GQA_FORTUNES_DIR", "/usr/share/games/fortunes"))
 SEPARATOR = b"\n%\n"
-SPLIT_RULE = "fortune i: test if i % 20 == 0, validation if i % 20 == 1, else train"
+SPLIT_RULE = ("fortune i: test if i % 20 == 0, validation if i % 20 == 1, else train; "
+              "a repeat of an earlier fortune's normalised text is dropped")
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,26 @@ def read_fortunes(directory: Path = FORTUNES_DIR) -> list[bytes]:
     return out
 
 
+def normalised(fortune: bytes) -> bytes:
+    return b" ".join(fortune.lower().split())
+
+
 def load_corpus(directory: Path = FORTUNES_DIR) -> Corpus:
     fortunes = read_fortunes(directory)
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
+    seen: set[bytes] = set()
+    dropped = 0
     for i, f in enumerate(fortunes):
+        key = normalised(f)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
         parts["test" if i % 20 == 0 else "val" if i % 20 == 1 else "train"].append(f)
     streams = {k: torch.frombuffer(bytearray(SEPARATOR.join(v)), dtype=torch.uint8).long() for k, v in parts.items()}
     digest = hashlib.sha256(b"".join(fortunes)).hexdigest()[:16]
-    info = {"source": str(directory), "fortunes": len(fortunes), "split_rule": SPLIT_RULE, "sha256_16": digest,
+    info = {"source": str(directory), "fortunes": len(fortunes), "duplicates_dropped": dropped,
+            "split_rule": SPLIT_RULE, "sha256_16": digest,
             **{f"{k}_fortunes": len(v) for k, v in parts.items()},
             **{f"{k}_bytes": int(s.numel()) for k, s in streams.items()}}
     return Corpus(streams["train"], streams["val"], streams["test"], info)

@@ -383,8 +383,8 @@ class IntSim(nn.Module):
         residual stream, the retention output): the largest |x| with one bit of headroom.
         8-bit activations: of the scales from "holds the largest |x|" to 4 finer, the one
         with the least squared error on the observed values (a finer scale clips a few
-        outliers and resolves everything else better; on the gpu preset's out_proj input that
-        choice alone cut the integer graph's loss by a third)."""
+        outliers and resolves everything else better: before QAT it took one cpu checkpoint's
+        graph from +0.99% to +0.35% over float, another's from +1.14% to +1.06%)."""
         self.observing, self.samples = {}, {}
         try:
             for b in batches:

@@ -1,12 +1,12 @@
 """The RetNet's quantization points and its decay, as small modules that start switched off.
 
-ActQuant: per-tensor INT8 activations with a power-of-two scale and a learnable log2 threshold
-(TQT, Jain et al. 2020). Power-of-two scales are what an integer pipeline applies with shifts,
-and what our LUT inputs use, so requantizing between a matmul and a table is a shift; TQT
-learns that threshold in the log domain, where PACT would learn a real-valued clip that an
-integer pipeline cannot apply for free.
-QuantLinear: nn.Linear with INT8 weights per output channel (symmetric, max-abs scale) and an
-ActQuant on its input.
+ActQuant: by default per-tensor INT8 activations with a power-of-two scale and a learnable log2
+threshold (TQT, Jain et al. 2020). Power-of-two scales are what an integer pipeline applies
+with shifts, and what our LUT inputs use, so requantizing between a matmul and a table is a
+shift. A `QuantSpec` (quantizers.py) swaps in PACT, LSQ, min-max or percentile scales, per
+tensor or per channel, at 2 to 16 bits: the study's comparison.
+QuantLinear: nn.Linear with INT8 weights per output channel (symmetric, max-abs scale; LSQ
+or per tensor by spec) and an ActQuant on its input.
 Decay: the per-head retention decay; in LUT mode gamma_h comes from the decay table.
 """
 from __future__ import annotations
@@ -19,38 +19,98 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops.fake_quant import tqt_quantize, weight_fake_quant
+from retnet_integration.quantizers import PERCENTILE, QuantSpec, fake_quant, int_bounds, lsq, pact, tqt, weight_quant
 
 
 class ActQuant(nn.Module):
+    """An activation quantizer, off until calibrated. Without a spec (or with the default
+    one: TQT per tensor) it runs the fused TQT kernels of ops/fake_quant.py; a `QuantSpec`
+    picks another method or per-channel scales (retnet_integration/quantizers.py), whose
+    learned parameter (`qparam`) is created at calibration, so float checkpoints load."""
+
     def __init__(self, bits: int = 8):
         super().__init__()
         self.bits = bits
         self.enabled = False
         self.observing = False
+        self.spec: Optional[QuantSpec] = None
         self.log2_threshold = nn.Parameter(torch.zeros(()))
         self.register_buffer("amax", torch.zeros(()), persistent=False)
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+        self._abs_sum, self._count, self._samples = 0.0, 0, []
+
+    def _fused(self) -> bool:
+        return self.spec is None or (self.spec.act_method == "tqt" and self.spec.act_granularity == "tensor")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.amax = torch.maximum(self.amax, x.detach().abs().max().float())
+            self._observe(x.detach())
         if not self.enabled:
             return x
-        xq, _ = tqt_quantize(x, self.log2_threshold, self.bits, -40, 40)
-        return xq
+        if self._fused():
+            xq, _ = tqt_quantize(x, self.log2_threshold, self.bits, -40, 40)
+            return xq
+        method = self.spec.act_method
+        if method == "tqt":
+            return tqt(x, self.qparam, self.bits)
+        if method == "pact":
+            return pact(x, self.qparam, self.bits)
+        if method == "lsq":
+            n = x.numel() // (self.qparam.numel() or 1)
+            return lsq(x, self.qparam, self.bits, n)
+        return fake_quant(x, self.scale.to(x.dtype), self.bits)  # minmax, percentile
+
+    def _channel(self) -> bool:
+        return self.spec is not None and self.spec.act_granularity == "channel"
+
+    def _observe(self, x: torch.Tensor) -> None:
+        a = x.abs().float()
+        flat = a.reshape(-1, a.shape[-1]) if self._channel() else a.reshape(-1, 1)
+        m = flat.amax(0) if self._channel() else flat.max().reshape(())
+        self.amax = torch.maximum(self.amax, m) if self.amax.shape == m.shape else m
+        self._abs_sum += float(a.sum())
+        self._count += a.numel()
+        if self.spec is not None and self.spec.act_method == "percentile":
+            step = max(1, flat.shape[0] // (1 << 16))
+            self._samples.append(flat[::step].cpu())
 
     def start_observing(self) -> None:
-        self.amax.zero_()
+        self.amax = torch.zeros((), device=self.amax.device)
+        self._abs_sum, self._count, self._samples = 0.0, 0, []
         self.observing = True
 
     def finish_observing(self) -> None:
-        """The threshold from the largest |input| observed (ops.replace.observe), and quantize."""
+        """Each method's starting point from what was observed, then quantize."""
         self.observing = False
         self.enabled = True
+        amax = self.amax.clamp_min(1e-8)
+        _, qmax = int_bounds(self.bits)
         with torch.no_grad():
-            self.log2_threshold.fill_(math.log2(max(float(self.amax), 1e-8)))
+            if self._fused():
+                self.log2_threshold.fill_(math.log2(float(amax.max())))
+                return
+            method = self.spec.act_method
+            if method == "tqt":
+                init = torch.log2(amax)
+            elif method == "pact":
+                init = amax.clone()
+            elif method == "lsq":  # LSQ's initial step, 2 mean|x| / sqrt(qmax), per tensor
+                mean = self._abs_sum / max(self._count, 1)
+                init = torch.full_like(amax, max(2 * mean / math.sqrt(qmax), 1e-8))
+            else:
+                if method == "percentile":
+                    flat = torch.cat(self._samples).to(amax.device)
+                    top = torch.quantile(flat[:, 0] if flat.shape[1] == 1 and not self._channel() else flat,
+                                         PERCENTILE / 100, dim=0)
+                    amax = top.reshape(amax.shape).clamp_min(1e-8)
+                self.scale = (amax / qmax).to(self.scale.dtype)
+                self._samples = []
+                return
+        self.qparam = nn.Parameter(init.to(self.log2_threshold.dtype))
+        self._samples = []
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, enabled={self.enabled}"
+        return f"bits={self.bits}, enabled={self.enabled}, spec={None if self.spec is None else self.spec.label}"
 
 
 class QuantLinear(nn.Linear):
@@ -58,10 +118,28 @@ class QuantLinear(nn.Linear):
         super().__init__(*args, **kw)
         self.weight_bits = weight_bits
         self.quantize_weight = False
+        self.weight_spec: Optional[QuantSpec] = None
         self.input_quant = ActQuant()
 
+    def set_weight_spec(self, spec: Optional[QuantSpec]) -> None:
+        """The default spec (max-abs per output channel) keeps the fused kernel; LSQ gets its
+        learned step here, initialised at max |w| / qmax."""
+        self.weight_spec = None if spec is None or (spec.weight_method, spec.weight_granularity) == (
+            "minmax", "channel") else spec
+        self.weight_bits = spec.weight_bits if spec is not None else self.weight_bits
+        if self.weight_spec is not None and spec.weight_method == "lsq":
+            _, qmax = int_bounds(spec.weight_bits)
+            w = self.weight.detach().abs()
+            amax = w.amax(dim=1, keepdim=True) if spec.weight_granularity == "channel" else w.amax()
+            self.weight_step = nn.Parameter((amax / qmax).clamp_min(1e-8))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = weight_fake_quant(self.weight, self.weight_bits) if self.quantize_weight else self.weight
+        if not self.quantize_weight:
+            w = self.weight
+        elif self.weight_spec is None:
+            w = weight_fake_quant(self.weight, self.weight_bits)
+        else:
+            w = weight_quant(self.weight, self.weight_spec, getattr(self, "weight_step", None))
         return F.linear(self.input_quant(x), w, self.bias)
 
 

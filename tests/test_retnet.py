@@ -12,7 +12,7 @@ import torch
 
 from gqa_lut.errors import UsageError
 from gqa_lut.table import load_table
-from retnet_integration.data import FORTUNES_DIR, eval_windows, load_corpus
+from retnet_integration.data import FORTUNES_DIR, SEPARATOR, eval_windows, load_corpus, normalised
 from retnet_integration.layers import Decay
 from retnet_integration.model import RetNet, RetNetConfig, retention_chunkwise, retention_parallel, retention_recurrent
 from retnet_integration.pipeline import (form_agreement, get_preset, load_checkpoint, run_eval, run_train,
@@ -92,7 +92,8 @@ def test_lut_decay_within_the_tables_error():
 def test_modes_and_presets_bad_input(tmp_path):
     assert parse_mode("w8a8+gelu+decay").lut_ops == ("gelu", "decay")
     with pytest.raises(UsageError, match="not allowed"):
-        parse_mode("w4")
+        parse_mode("int4")
+    assert parse_mode("w4").weight_bits == 4 and not parse_mode("w4").activations
     with pytest.raises(UsageError, match="'relu'"):
         parse_mode("w8a8+relu")
     with pytest.raises(UsageError, match="unknown preset 'huge'"):
@@ -140,7 +141,13 @@ def test_checkpoint_round_trip_loads_in_eval_mode(tmp_path):
 def test_corpus_split_is_deterministic_and_disjoint():
     a, b = load_corpus(), load_corpus()
     assert a.info == b.info and torch.equal(a.test, b.test)
-    assert a.info["test_fortunes"] + a.info["val_fortunes"] + a.info["train_fortunes"] == a.info["fortunes"]
+    assert (a.info["test_fortunes"] + a.info["val_fortunes"] + a.info["train_fortunes"]
+            + a.info["duplicates_dropped"] == a.info["fortunes"])
+    # disjoint: no fortune's normalised text is in two splits
+    split = {k: {normalised(f) for f in v.numpy().astype("uint8").tobytes().split(SEPARATOR)}
+             for k, v in (("train", a.train), ("val", a.val), ("test", a.test))}
+    assert not split["test"] & split["train"] and not split["val"] & split["train"] and not split["test"] & split["val"]
+    assert a.info["duplicates_dropped"] > 0
     assert a.info["test_bytes"] > 50_000 and a.info["train_bytes"] > 1_000_000
     w = eval_windows(a.test, 64, limit=3)
     assert w.shape == (3, 65) and torch.equal(w[1, 0], a.test[64])
