@@ -138,6 +138,16 @@ def test_c_program_equals_the_reference_under_ubsan(tiny, tmp_path):
     assert bad.returncode == 2 and b"usage" in bad.stderr
 
 
+def test_export_refuses_what_the_c_step_cannot_hold(tiny, tmp_path):
+    import dataclasses
+
+    from gqa_lut.errors import UsageError
+    _, m, _ = tiny
+    with pytest.raises(UsageError, match=r"cannot export to C: shifts hold values outside \[-30, 62\]"):
+        write_program(dataclasses.replace(m, embed_shift=-40), tmp_path / "a")
+    assert not (tmp_path / "a" / "model.h").exists()
+
+
 @needs_cc
 @needs_fortunes
 def test_cli_train_qat_export_check_end_to_end(tmp_path):
