@@ -41,12 +41,19 @@ def code_values(codes: np.ndarray, d: int) -> np.ndarray:
     return np.ldexp(np.asarray(codes, dtype=np.float64), -d)
 
 
-def round_shift(a: np.ndarray, t: int) -> np.ndarray:
-    """floor((a + 2^(t-1)) / 2^t) for t > 0 (round half up), a * 2^-t otherwise."""
+def round_shift(a: np.ndarray, t) -> np.ndarray:
+    """floor((a + 2^(t-1)) / 2^t) for t > 0 (round half up), a * 2^-t otherwise. t: an int,
+    or int64 shifts broadcasting against a (one per channel, per row)."""
     a = np.asarray(a, dtype=np.int64)
-    if t > 0:
-        return (a + (1 << (t - 1))) >> t
-    return a << (-t)
+    if np.ndim(t) == 0:
+        t = int(t)
+        if t > 0:
+            return (a + (1 << (t - 1))) >> t
+        return a << (-t)
+    t = np.asarray(t, dtype=np.int64)
+    right = np.maximum(t, 0)
+    half = np.where(t > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    return np.where(t > 0, (a + half) >> right, a << np.maximum(-t, 0))
 
 
 def quantize_params(values: np.ndarray, frac_bits: int, param_bits: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from retnet_integration.pipeline import (
     get_preset,
     load_checkpoint,
     pick_device,
+    read_checkpoint,
     train_steps,
 )
 
@@ -39,8 +40,8 @@ CHECK_KEYS = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fake
 
 def load_sim(checkpoint: Path, device: torch.device) -> tuple[IntSim, RetNet, dict]:
     """(the integer graph's simulation, the float model before QAT, the checkpoint's extra)."""
-    net, extra = load_checkpoint(checkpoint, device)
-    ck = torch.load(checkpoint, map_location=device, weights_only=True)
+    net, ck = read_checkpoint(checkpoint, device)
+    extra = ck.get("extra", {})
     base = copy.deepcopy(net)
     if "float_state_dict" in ck:
         base.load_state_dict(ck["float_state_dict"])

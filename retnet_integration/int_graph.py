@@ -46,7 +46,6 @@ fixed-point gamma_q, so it follows the graph closely but not to the bit.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,11 +56,11 @@ from gqa_lut.evaluator import evaluate_codes, output_frac_bits
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, load_table
 from ops.modules import covering_scale
+from ops.tables import default_table
 from ops.torch_lut import lut_int
-from retnet_integration.model import RetNet
+from retnet_integration.model import RetNet, retention_parallel, rotate
+from retnet_integration.quantize import DECAY_TABLE
 
-OPS_TABLES = Path(__file__).resolve().parent.parent / "ops" / "tables"
-DECAY_TABLE = Path(__file__).resolve().parent / "tables" / "decay.json"
 NORM_FRAC = 12  # fractional bits of the normalised value inside the norms (|y| <= sqrt(N))
 ROT_FRAC = 14  # Q14 sine table
 SIN_ENTRIES = 4096  # one period
@@ -75,8 +74,8 @@ CALIB_SAMPLE = 1 << 15  # values kept per tensor per calibration batch for the M
 # --- integer helpers shared by the simulation and the reference -------------------------------
 
 def load_tables() -> dict[str, Table]:
-    return {"gelu": load_table(OPS_TABLES / "gelu.json"), "swish": load_table(OPS_TABLES / "swish.json"),
-            "rsqrt": load_table(OPS_TABLES / "rsqrt.json"), "decay": load_table(DECAY_TABLE)}
+    """The shipped gelu, swish and rsqrt tables and the RetNet's decay table."""
+    return {**{op: default_table(op) for op in ("gelu", "swish", "rsqrt")}, "decay": load_table(DECAY_TABLE)}
 
 
 def rsqrt_scale(table: Table) -> int:
@@ -191,6 +190,14 @@ def int_norm(X: torch.Tensor, eps: int, rsqrt: Table, d_t: int) -> torch.Tensor:
     return rshift(C * R, s + k - NORM_FRAC)
 
 
+def _int8_out(acc: torch.Tensor, frac: int, d_out: int, y_float: torch.Tensor) -> torch.Tensor:
+    """The graph's int8 output (acc with `frac` fractional bits, rounded onto the grid 2^-d_out
+    and saturated) as the forward value, `y_float`'s gradient as the backward one."""
+    lo, hi = int_range(ACT_BITS)
+    Y = rshift(acc, torch.full_like(acc, frac - d_out)).clamp(lo, hi)
+    return y_float + ((Y.double() * 2.0 ** -d_out).to(y_float.dtype) - y_float).detach()
+
+
 class IntSim(nn.Module):
     """The integer graph on a float RetNet's parameters, with straight-through gradients.
 
@@ -236,14 +243,10 @@ class IntSim(nn.Module):
             y = exact(x)
             self._observe(name, y)
             return y
-        d_in, d_out = self.exps[name + ".in"], self.exps[name]
+        d_in = self.exps[name + ".in"]
         xq = fq(x, d_in, table.input_bits)
         acc = lut_int(codes_of(xq, d_in), table, d_in).long()
-        t = output_frac_bits(table, d_in) - d_out
-        lo, hi = int_range(ACT_BITS)
-        Y = rshift(acc, torch.full_like(acc, t)).clamp(lo, hi)
-        y_float = exact(xq)
-        return y_float + ((Y.double() * 2.0 ** -d_out).to(x.dtype) - y_float).detach()
+        return _int8_out(acc, output_frac_bits(table, d_in), self.exps[name], exact(xq))
 
     def _norm(self, name: str, x: torch.Tensor, d_in: int, groups: int, weight, bias) -> torch.Tensor:
         """Integer LayerNorm (groups=1, affine) or per-head GroupNorm (no affine) of x, which
@@ -267,10 +270,7 @@ class IntSim(nn.Module):
             acc, frac = Yn * G + Bt, NORM_FRAC + self.exps[name + ".g"]
         else:
             acc, frac = Yn, NORM_FRAC
-        lo, hi = int_range(ACT_BITS)
-        Y = rshift(acc, torch.full_like(acc, frac - d_out)).clamp(lo, hi)
-        y_float = fq(y_float, d_out, ACT_BITS)
-        return y_float + ((Y.double() * 2.0 ** -d_out).to(x.dtype) - y_float).detach()
+        return _int8_out(acc, frac, d_out, fq(y_float, d_out, ACT_BITS))
 
     def _linear(self, x: torch.Tensor, d_x: int, lin: nn.Linear, out: str = "", bits: int = ACT_BITS,
                 scale: float = 1.0, per_channel: bool = True) -> torch.Tensor:
@@ -302,8 +302,8 @@ class IntSim(nn.Module):
         v = split(self._linear(a, d_a, ret.v_proj, p + "v"))
         cos, sin = (torch.as_tensor(t, dtype=x.dtype, device=x.device) * 2.0 ** -ROT_FRAC
                     for t in rotary_codes(dk, np.arange(offset, offset + L)))
-        q = self._act(p + "q", _rotate(q0, cos, sin))
-        k = self._act(p + "k", _rotate(k0, cos, sin))
+        q = self._act(p + "q", rotate(q0, cos, sin))
+        k = self._act(p + "k", rotate(k0, cos, sin))
         if form == "parallel":
             o, new_state = self._retention_parallel(q, k, v), None
         elif form == "recurrent":
@@ -331,12 +331,8 @@ class IntSim(nn.Module):
         return torch.tensor([g * 2.0 ** -f for g, f in self.gammas], dtype=torch.float64, device=device)
 
     def _retention_parallel(self, q, k, v):
-        L = q.shape[2]
-        n = torch.arange(L, device=q.device, dtype=torch.float64)
-        dist = n[:, None] - n[None, :]
-        lg = torch.log(self._gamma_q(q.device))
-        D = torch.where(dist >= 0, torch.exp(lg[:, None, None] * dist.clamp_min(0)), torch.zeros(()).double())
-        return ((q @ k.transpose(-1, -2)) * D.to(q.dtype)) @ v
+        """The model's parallel retention with the graph's fixed-point gamma_q."""
+        return retention_parallel(q, k, v, torch.log(self._gamma_q(q.device)))
 
     def _retention_recurrent(self, p, q, k, v, state):
         """The graph's own state update on codes, in float64 (exact: every value < 2^53)."""
@@ -412,8 +408,3 @@ def mse_exponent(x: torch.Tensor, d_max: int, finer: int = 4) -> int:
     reproduces x with the least squared error."""
     errs = [float(((fq(x, d, ACT_BITS) - x) ** 2).sum()) for d in range(d_max, d_max + finer + 1)]
     return d_max + min(range(len(errs)), key=errs.__getitem__)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gqa_lut.evaluator import evaluate_codes, output_frac_bits
-from gqa_lut.quantization import int_range
+from gqa_lut.quantization import int_range, round_shift
 from gqa_lut.table import Table
 from retnet_integration.int_graph import (
     ACT_BITS,
@@ -183,15 +183,6 @@ def export_integer(sim: IntSim) -> IntegerModel:
 
 
 # --- the recurrent step ---------------------------------------------------------------------------
-
-def round_shift(a: np.ndarray, t) -> np.ndarray:
-    """floor((a + 2^(t-1)) / 2^t) where t > 0, a * 2^-t where t <= 0; t per element allowed."""
-    a = np.asarray(a, dtype=np.int64)
-    t = np.broadcast_to(np.asarray(t, dtype=np.int64), a.shape)
-    right = np.maximum(t, 0)
-    half = np.where(t > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
-    return np.where(t > 0, (a + half) >> right, a << np.maximum(-t, 0))
-
 
 def sat(a: np.ndarray, bits: int) -> np.ndarray:
     lo, hi = int_range(bits)

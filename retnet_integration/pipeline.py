@@ -85,6 +85,12 @@ def save_checkpoint(model: RetNet, path: Path, extra: dict) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
+    model, doc = read_checkpoint(path, device)
+    return model, doc.get("extra", {})
+
+
+def read_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
+    """The model (in eval mode) and the whole checkpoint document, read once."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist: train one with `gqa-lut retnet train`")
     try:
@@ -93,7 +99,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
         model.load_state_dict(ck["state_dict"])
     except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as exc:
         raise UsageError(f"checkpoint {str(path)!r} is not a RetNet checkpoint: {str(exc).splitlines()[0]}") from None
-    return model.eval(), ck.get("extra", {})  # evaluated (and calibrated) without dropout
+    return model.eval(), ck  # evaluated (and calibrated) without dropout
 
 
 # --- training and evaluation ---------------------------------------------------------------------

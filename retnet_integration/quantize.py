@@ -102,23 +102,21 @@ def quantize_(model: nn.Module, mode: str | QuantMode, calib_batches: Iterable[t
             if isinstance(mod, Decay):
                 mod.use_table(table)
         swaps.append({"name": "*.decay", "old": "Decay", "new": "Decay(table)", "table": table.op})
-    accumulators = {id(a) for mod in model.modules() if hasattr(mod, "score_quant") and hasattr(mod, "state_quant")
-                    for a in (mod.score_quant, mod.state_quant)}
+    accumulators = [a for mod in model.modules() if hasattr(mod, "score_quant") and hasattr(mod, "state_quant")
+                    for a in (mod.score_quant, mod.state_quant)]
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.quantize_weight = m.weights
             mod.set_weight_spec(spec)
     acts = [mod for mod in model.modules() if isinstance(mod, ActQuant)]
     for a in acts:
-        if id(a) not in accumulators:  # the accumulators stay TQT at accumulator_bits
+        if not any(a is acc for acc in accumulators):  # the accumulators stay TQT at accumulator_bits
             a.spec, a.bits = spec, spec.act_bits
     if m.activations:
         observe(model, batches, acts, fwd)
-        for mod in model.modules():
-            if hasattr(mod, "score_quant") and hasattr(mod, "state_quant"):
-                for acc in (mod.score_quant, mod.state_quant):
-                    acc.enabled = accumulator_bits is not None
-                    acc.bits = accumulator_bits or acc.bits
+        for acc in accumulators:
+            acc.enabled = accumulator_bits is not None
+            acc.bits = accumulator_bits or acc.bits
     scales = calibrate(model, batches, fwd) if m.lut_ops else {}
     active = sum(a.enabled for a in acts)
     return {"mode": m.name, "swaps": swaps, "lut_scales": scales, "activation_quantizers": active,

@@ -44,18 +44,26 @@ def test_retention_forms_agree(L, chunk):
     assert rel(chk, par) < 1e-5 and rel(rec, par) < 1e-5 and rel(s_chk, state) < 1e-5
 
 
-def test_model_forms_agree_and_generate():
+@pytest.mark.parametrize("max_len, split, new", [(64, 25, 7), (16, 10, 30)])
+def test_model_forms_agree_stream_and_generate(max_len, split, new):
+    """The forms agree, the recurrent state carried across calls equals one long call, and
+    generation streams; max_len only says how many rotary angles are precomputed (16: the
+    second call and the generation cross it)."""
     torch.manual_seed(0)
-    m = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, max_len=64)).eval()
+    m = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, max_len=max_len)).eval()
     x = torch.randint(0, 256, (2, 40))
     p, _ = m(x, "parallel")
     assert rel(m(x, "recurrent")[0], p) < 1e-5 and rel(m(x, "chunkwise", chunk_size=16)[0], p) < 1e-5
-    # recurrent state carried across calls == one long call
-    a, st = m(x[:, :25], "recurrent")
-    b, _ = m(x[:, 25:], "recurrent", states=st, offset=25)
+    a, st = m(x[:, :split], "recurrent")
+    b, _ = m(x[:, split:], "recurrent", states=st, offset=split)
     assert rel(torch.cat([a, b], 1), p) < 1e-5
-    out = m.generate(x[:1, :5], 7, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 12) and torch.equal(out[:, :5], x[:1, :5])
+    out = m.generate(x[:1, :5], new, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 5 + new) and torch.equal(out[:, :5], x[:1, :5])
+    if max_len < 40:
+        from retnet_integration.model import rotary_angles
+        cos, sin = rotary_angles(m.blocks[0].retention.dk, 3, 13)  # the table's formula (float64, rounded once)
+        att = m.blocks[0].retention
+        assert torch.allclose(cos, att.cos[3:16], rtol=0, atol=1e-7) and torch.allclose(sin, att.sin[3:16], rtol=0, atol=1e-7)
 
 
 def test_quantized_forward_is_deterministic_and_swaps_everything():
@@ -103,25 +111,6 @@ def test_modes_and_presets_bad_input(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception):
         load_checkpoint(tmp_path / "bad.pt", torch.device("cpu"))
-
-
-def test_positions_past_max_len_stream_and_the_forms_still_agree():
-    """max_len only says how many rotary angles are precomputed: the recurrent form streams
-    past it (state carried across calls), and a long sequence's forms agree as before."""
-    torch.manual_seed(0)
-    m = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, max_len=16)).eval()
-    x = torch.randint(0, 256, (2, 40))
-    p, _ = m(x, "parallel")
-    assert rel(m(x, "recurrent")[0], p) < 1e-5 and rel(m(x, "chunkwise", chunk_size=16)[0], p) < 1e-5
-    a, st = m(x[:, :10], "recurrent")
-    b, _ = m(x[:, 10:], "recurrent", states=st, offset=10)  # crosses position 16 mid-call
-    assert rel(torch.cat([a, b], 1), p) < 1e-5
-    out = m.generate(x[:1, :5], 30, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 35)
-    from retnet_integration.model import rotary_angles
-    cos, sin = rotary_angles(m.blocks[0].retention.dk, 3, 13)  # the table's formula (float64, rounded once)
-    att = m.blocks[0].retention
-    assert torch.allclose(cos, att.cos[3:16], rtol=0, atol=1e-7) and torch.allclose(sin, att.sin[3:16], rtol=0, atol=1e-7)
 
 
 def test_checkpoint_round_trip_loads_in_eval_mode(tmp_path):
