@@ -42,6 +42,7 @@ SIGNATURES = {
     "lut_range_reduced_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I, _I]),
     "tqt_forward_f32": (None, [_P, _P, _N, _F, _F, _I, _I, _I]),
     "tqt_backward_f32": (ctypes.c_double, [_P, _P, _P, _N, _F, _F, _I, _I, _I]),
+    "group_stats_f32": (ctypes.c_int, [_P, _P, _P, _N, _N, _N, _N, _I, _I]),
 }
 
 _state: dict[str, object] = {}
@@ -235,3 +236,31 @@ def tqt_backward_cpu(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qma
     acc = dll.tqt_backward_f32(gc.data_ptr(), xc.data_ptr(), gx.data_ptr(), xc.numel(), 2.0 ** d, 2.0 ** -d, qmin,
                                qmax, torch.get_num_threads()) if xc.numel() else 0.0
     return gx, acc
+
+
+def group_stats_cpu(x: torch.Tensor, groups: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, biased variance) of each (sample, group) of a float32 CPU tensor (N, C, *spatial),
+    contiguous or channels-last, each (N, groups, 1) in float32 (computed in double, two passes),
+    or None where the kernel cannot run (no compiler, another dtype or layout): the caller then
+    uses torch ops. Why: torch reaches a channels-last group only through a copy and then makes
+    four more passes; on a MobileNet-size activation that was 3x the whole float GroupNorm."""
+    if not _plain_f32(x) or x.dim() < 3 or x.shape[1] % groups:
+        return None
+    if x.is_contiguous():
+        last = 0
+    elif x.dim() in (4, 5) and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
+                                               else torch.channels_last_3d):
+        last = 1
+    else:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    n, c = x.shape[:2]
+    s = x.numel() // max(n * c, 1)
+    mean = torch.empty(n, groups, 1)
+    var = torch.empty(n, groups, 1)
+    if x.numel() == 0 or dll.group_stats_f32(x.data_ptr(), mean.data_ptr(), var.data_ptr(), n, c, s, groups, last,
+                                             torch.get_num_threads()) != 0:
+        return None
+    return mean, var

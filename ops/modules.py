@@ -411,9 +411,19 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     own group_norm kernel computes it: one pass over x, in x's layout (channels-last stays)."""
     n, c = x.shape[:2]
     dt = compute_dtype(x)
-    xg = x.to(dt).reshape(n, num_groups, -1)
-    mean = xg.mean(-1, keepdim=True)  # two passes: torch.var_mean is 10x slower on the CPU
-    r = rsqrt((xg - mean).pow(2).mean(-1, keepdim=True) + eps)  # (n, groups, 1)
+    stats = None
+    if x.dim() > 2 and not tracing() and not (torch.is_grad_enabled() and x.requires_grad):
+        # images (N, C, H, W) in inference: one compiled pass per statistic in x's layout (2-D
+        # inputs, a RetNet's per-head norm, keep the torch ops: fast there, and their bits)
+        from ops import cpu_kernel
+        stats = cpu_kernel.group_stats_cpu(x, num_groups)
+    if stats is not None:
+        mean, var = stats
+    else:
+        xg = x.to(dt).reshape(n, num_groups, -1)
+        mean = xg.mean(-1, keepdim=True)  # two passes: torch.var_mean is 10x slower on the CPU
+        var = (xg - mean).pow(2).mean(-1, keepdim=True)
+    r = rsqrt(var + eps)  # (n, groups, 1)
     a = r.expand(n, num_groups, c // num_groups).reshape(n, c)
     b = -(mean.expand(n, num_groups, c // num_groups).reshape(n, c) * a)
     if weight is not None:

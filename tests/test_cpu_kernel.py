@@ -179,3 +179,37 @@ def test_tqt_kernel_equals_torch_ops(nbits, log2_t):
     assert torch.equal(gx, gx2)  # by value: the torch path's grad * False is -0.0 for a negative grad
     assert torch.allclose(gl, gl2, rtol=1e-5, atol=1e-3)
 
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler here: the torch ops run instead")
+@pytest.mark.parametrize("shape,groups", [((8, 16, 32, 32), 4), ((3, 12, 5, 7), 3), ((2, 6, 9), 2),
+                                          ((2, 8, 3, 4, 5), 8), ((1, 4, 1, 1), 1), ((5, 6, 70000), 2)])
+def test_group_statistics_kernel_in_both_layouts(shape, groups):
+    """The compiled GroupNorm statistics (double, two passes) against float64 torch, within
+    half a float32 ulp of the value plus the float64 sum's own error (stated: 2e-7 relative);
+    channels-last and contiguous give the same bits; the drop-in's output within one rsqrt-table
+    code of the torch-ops path (the same function with gradients on)."""
+    from ops.modules import RangeReducedLUT, group_norm
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3 + 5  # |mean| >> std stresses var
+    g = x.double().reshape(shape[0], groups, -1)
+    want_mean, want_var = g.mean(-1, keepdim=True), g.var(-1, correction=0, keepdim=True)
+    layouts = [x]
+    if x.dim() in (4, 5):
+        layouts.append(x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d))
+    got = [cpu_kernel.group_stats_cpu(xl, groups) for xl in layouts]
+    for mean, var in got:
+        assert mean.shape == (shape[0], groups, 1) and mean.dtype == torch.float32
+        assert torch.allclose(mean.double(), want_mean, rtol=2e-7, atol=1e-12)
+        assert torch.allclose(var.double(), want_var, rtol=2e-7, atol=1e-12)
+    for mean, var in got[1:]:
+        assert torch.equal(mean, got[0][0]) and torch.equal(var, got[0][1])
+    r = RangeReducedLUT("rsqrt")
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    with torch.no_grad():
+        fast = [group_norm(xl, groups, w, b, 1e-5, r) for xl in layouts]
+    plain = group_norm(x.clone().requires_grad_(), groups, w, b, 1e-5, r).detach()
+    assert all(torch.equal(f, fast[0]) for f in fast)
+    # a variance one ulp apart can take the next rsqrt code (relative step 2^-5 of the table's input)
+    assert ((fast[0] - plain).abs() <= 0.05 * (plain.abs() + 1)).all()
+    assert cpu_kernel.group_stats_cpu(x.double(), groups) is None  # float32 only: the caller uses torch
+    assert cpu_kernel.group_stats_cpu(torch.randn(2, 4, 6, 6)[:, :, ::2], 2) is None  # a layout it cannot walk

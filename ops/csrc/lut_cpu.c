@@ -10,6 +10,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -294,4 +295,97 @@ double tqt_backward_f32(const float *g, const float *x, float *gx, int64_t n, fl
     for (int k = 0; k < used; k++)
         acc += parts[k];
     return acc;
+}
+
+/* GroupNorm's statistics: the mean and the biased variance of every (sample, group) of a
+ * float32 tensor of n samples, c channels and s positions, stored (n, c, s) (contiguous) or
+ * (n, s, c) (channels-last), in double, two passes (the variance from the centred values).
+ * torch reaches a channels-last group only through a copy and five passes; this reads it
+ * twice. Eight (contiguous) or c (channels-last) independent sums per pass let the compiler
+ * vectorize without reassociating; each (sample, group) is one thread's, in a fixed order,
+ * so the result does not depend on the thread count. */
+static void chunk_stats(const float *restrict x, int64_t len, double *mean, double *var) {
+    double acc[8] = {0}, m = 0.0, q = 0.0;
+    int64_t k = 0;
+    for (; k + 8 <= len; k += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += (double)x[k + j];
+    for (int j = 0; j < 8; j++)
+        m += acc[j];
+    for (; k < len; k++)
+        m += (double)x[k];
+    m /= (double)len;
+    double sq[8] = {0};
+    for (k = 0; k + 8 <= len; k += 8)
+        for (int j = 0; j < 8; j++) {
+            double d = (double)x[k + j] - m;
+            sq[j] += d * d;
+        }
+    for (int j = 0; j < 8; j++)
+        q += sq[j];
+    for (; k < len; k++) {
+        double d = (double)x[k] - m;
+        q += d * d;
+    }
+    *mean = m;
+    *var = q / (double)len;
+}
+
+static void sample_stats_last(const float *restrict x, int64_t c, int64_t s, int64_t g, double *restrict acc,
+                              float *mean, float *var) {
+    int64_t per = c / g;
+    for (int64_t j = 0; j < c; j++)
+        acc[j] = 0.0;
+    for (int64_t p = 0; p < s; p++)
+        for (int64_t j = 0; j < c; j++)
+            acc[j] += (double)x[p * c + j];
+    double *mu = acc + c;
+    for (int64_t h = 0; h < g; h++) {
+        double t = 0.0;
+        for (int64_t j = 0; j < per; j++)
+            t += acc[h * per + j];
+        t /= (double)(per * s);
+        for (int64_t j = 0; j < per; j++)
+            mu[h * per + j] = t;
+        mean[h] = (float)t;
+    }
+    for (int64_t j = 0; j < c; j++)
+        acc[j] = 0.0;
+    for (int64_t p = 0; p < s; p++)
+        for (int64_t j = 0; j < c; j++) {
+            double d = (double)x[p * c + j] - mu[j];
+            acc[j] += d * d;
+        }
+    for (int64_t h = 0; h < g; h++) {
+        double t = 0.0;
+        for (int64_t j = 0; j < per; j++)
+            t += acc[h * per + j];
+        var[h] = (float)(t / (double)(per * s));
+    }
+}
+
+/* Returns 0, or -1 where the working memory (2 c doubles per thread) cannot be had. */
+int group_stats_f32(const float *x, float *mean, float *var, int64_t n, int64_t c, int64_t s, int64_t g,
+                    int32_t channels_last, int32_t threads) {
+    int64_t total = n * c * s;
+    int nt = (total < PARALLEL_MIN || threads <= 1) ? 1 : threads;
+    if (!channels_last) {
+        int64_t len = (c / g) * s;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < n * g; i++) {
+            double m, v;
+            chunk_stats(x + i * len, len, &m, &v);
+            mean[i] = (float)m;
+            var[i] = (float)v;
+        }
+        return 0;
+    }
+    double *work = malloc(sizeof(double) * 2 * (size_t)c * (size_t)nt);
+    if (work == NULL)
+        return -1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        sample_stats_last(x + i * s * c, c, s, g, work + 2 * c * omp_get_thread_num(), mean + i * g, var + i * g);
+    free(work);
+    return 0;
 }
