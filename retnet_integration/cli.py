@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = rsub.add_parser("train", help="train a float RetNet on the fortunes corpus",
                         epilog=examples("gqa-lut retnet train --preset tiny --out runs/tiny.pt",
                                         "gqa-lut retnet train --preset gpu --out runs/retnet_gpu.pt --device cuda"))
-    r.add_argument("--preset", default="cpu", help="tiny, cpu or gpu")
+    r.add_argument("--preset", default="cpu", help="tiny, cpu, gpu or gpu10 (~10 minutes on one H100)")
     r.add_argument("--out", default="runs/retnet_cpu.pt", help="checkpoint file")
     r.add_argument("--steps", type=int, help="override the preset's training steps")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")

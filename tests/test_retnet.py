@@ -16,7 +16,7 @@ from retnet_integration.data import FORTUNES_DIR, SEPARATOR, eval_windows, load_
 from retnet_integration.layers import Decay
 from retnet_integration.model import RetNet, RetNetConfig, retention_chunkwise, retention_parallel, retention_recurrent
 from retnet_integration.pipeline import (form_agreement, get_preset, load_checkpoint, run_eval, run_train,
-                                         save_checkpoint)
+                                         save_checkpoint, train_steps)
 from retnet_integration.quantize import DECAY_TABLE, parse_mode, quantize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,23 @@ def test_modes_and_presets_bad_input(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception):
         load_checkpoint(tmp_path / "bad.pt", torch.device("cpu"))
+
+
+def test_training_stops_when_the_check_says_so():
+    """Early stopping (the gpu10 preset's patience): train_steps ends at the first check that
+    returns True, with one loss per step taken; presets are powers of two where the integer
+    graph needs them (d_model and head width)."""
+    mcfg, tcfg = get_preset("tiny")
+    model = RetNet(mcfg)
+    data = torch.randint(0, 256, (4096,))
+    checks = []
+    losses = train_steps(model, data, tcfg, 40, 1e-3, torch.device("cpu"), 0,
+                         every=(5, lambda step: checks.append(step) or step >= 15))
+    assert checks == [5, 10, 15] and len(losses) == 15 and not model.training
+    for name in ("tiny", "cpu", "gpu", "gpu10"):
+        m, _ = get_preset(name)
+        for v in (m.d_model, m.d_model // m.n_heads):
+            assert v & (v - 1) == 0, (name, v)
 
 
 def test_checkpoint_round_trip_loads_in_eval_mode(tmp_path):
