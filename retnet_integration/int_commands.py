@@ -35,7 +35,9 @@ from retnet_integration.pipeline import (
 )
 
 CHECK_KEYS = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
-              "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")
+              "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes",
+              "forms_vs_int_argmax_agree")
+CHUNK = 16  # the chunkwise form's chunk in check-int
 
 
 def load_sim(checkpoint: Path, device: torch.device) -> tuple[IntSim, RetNet, dict]:
@@ -144,6 +146,8 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     with torch.no_grad():
         fake = torch.cat([sim(x[i:i + 64], "recurrent")[0] for i in range(0, x.shape[0], 64)]).double().numpy()
         par = torch.cat([sim(x[i:i + 64], "parallel")[0] for i in range(0, x.shape[0], 64)]).double().numpy()
+        chunked = torch.cat([sim(x[i:i + 64], f"chunkwise{CHUNK}")[0]
+                             for i in range(0, x.shape[0], 64)]).double().numpy()
     ints = np.concatenate([ref.run(m, x[i:i + 64].numpy()) for i in range(0, x.shape[0], 64)])
     t0 = time.perf_counter()
     ref.run(m, x[:1].numpy())  # one stream, one token at a time: what the C program does
@@ -153,7 +157,10 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
            "bpc_int": _bpc(ints * scale, y),
            "int_vs_fakequant_argmax_agree": float((ints.argmax(-1) == fake.argmax(-1)).mean()),
            "c_vs_int_logits_equal": None, "c_tokens_per_s": None, "int_tokens_per_s": int_tps,
-           "weights_bytes": m.weights_bytes(), "state_bytes": m.state_bytes()}
+           "weights_bytes": m.weights_bytes(), "state_bytes": m.state_bytes(),
+           "forms_vs_int_argmax_agree": {"recurrent": float((ints.argmax(-1) == fake.argmax(-1)).mean()),
+                                         f"chunkwise{CHUNK}": float((ints.argmax(-1) == chunked.argmax(-1)).mean()),
+                                         "parallel": float((ints.argmax(-1) == par.argmax(-1)).mean())}}
     if c_dir is not None:
         c_logits, seconds = _run_c(Path(c_dir), x.numpy(), m.vocab)
         if c_logits.shape != ints.shape:
@@ -164,8 +171,10 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     log(f"{doc['positions']} positions: bpc float {doc['bpc_float']:.4f}, fake-quant {doc['bpc_fakequant']:.4f} "
         f"(parallel form {_bpc(par, y):.4f}), integer {doc['bpc_int']:.4f} "
         f"({100 * (doc['bpc_int'] / doc['bpc_float'] - 1):+.2f}% vs float)")
+    forms = doc["forms_vs_int_argmax_agree"]
     log(f"argmax agreement integer vs fake-quant {100 * doc['int_vs_fakequant_argmax_agree']:.3f}% "
-        f"(parallel form vs integer {100 * float((ints.argmax(-1) == par.argmax(-1)).mean()):.3f}%)")
+        f"(chunkwise form, {CHUNK}-token chunks, vs integer {100 * forms[f'chunkwise{CHUNK}']:.3f}%; "
+        f"parallel form vs integer {100 * forms['parallel']:.3f}%)")
     if c_dir is not None:
         log(f"C logits equal to the integer reference's at {100 * doc['c_vs_int_logits_equal']:.3f}% of positions; "
             f"C {doc['c_tokens_per_s']:.0f} tokens/s, reference {int_tps:.0f} tokens/s (one stream, this machine)")

@@ -41,7 +41,9 @@ exactly the integers of the graph: every matmul (int8 x int8 sums in float32 are
 recurrent state (float64: G_h * S < 2^53, `accumulator_bounds`), the tables and the norms (int64). The recurrent
 form of `IntSim` is therefore the integer graph itself; its parallel form (for training)
 replaces the state's per-token rounding by the exact decay gamma_q^(n-m) of the same
-fixed-point gamma_q, so it follows the graph closely but not to the bit.
+fixed-point gamma_q, so it follows the graph closely but not to the bit. Its chunkwise form
+("chunkwise<size>", inference) carries the state on its integer grid across chunks and rounds
+it once per chunk: with 1-token chunks it is the graph exactly, with longer ones it follows.
 """
 from __future__ import annotations
 
@@ -308,8 +310,10 @@ class IntSim(nn.Module):
             o, new_state = self._retention_parallel(q, k, v), None
         elif form == "recurrent":
             o, new_state = self._retention_recurrent(p, q, k, v, state)
+        elif form.startswith("chunkwise"):
+            o, new_state = self._retention_chunkwise(p, q, k, v, state, int(form[len("chunkwise"):] or 16))
         else:
-            raise ValueError(f"form {form!r} is not parallel or recurrent")
+            raise ValueError(f"form {form!r} is not parallel, recurrent or chunkwise<size>")
         o = self._act(p + "o", o, RES_BITS).to(x.dtype)  # (the recurrent o comes in float64, exact)
         n = self._norm(p + "gn", o.transpose(1, 2).reshape(B, L, D), e(p + "o", 0), H, None, None)
         gate = self._table(p + "gate", "swish", self._linear(a, d_a, ret.g_proj), F.silu)
@@ -349,6 +353,45 @@ class IntSim(nn.Module):
             S = torch.floor(G * S * torch.exp2(-f) + 0.5) + K[:, :, t, :, None] * V[:, :, t, None, :] * 2.0 ** sf
             outs.append((Q[:, :, t, None, :] @ S).squeeze(-2))
         return torch.stack(outs, 2) * 2.0 ** -(dq + dk_ + dv + sf), S  # float64, no gradient: for inference
+
+    def _retention_chunkwise(self, p, q, k, v, state, chunk: int):
+        """Parallel within chunks of `chunk` tokens, the graph's int32 state across them, on
+        codes in float64 (inference, like the recurrent form). The state crosses a chunk
+        boundary on its integer grid, rounded half up as the recurrent form rounds it every
+        token; inside a chunk the decay is the fixed-point gamma_q's exact power (rounded
+        once where it meets the carried state: round(gamma_q^(i+1) S) for the i-th token, and
+        round(gamma_q^c S) + round(sum_j gamma_q^(c-1-j) k_j v_j 2^sf) for the next state).
+        Chunks of one token are the recurrent form bit for bit; one chunk over the window is
+        the parallel form on codes (up to float64 rounding of the powers)."""
+        if self.observing is not None:
+            return self._retention_parallel(q, k, v), None
+        if chunk < 1:
+            raise ValueError(f"chunk size {chunk} is not allowed: use 1 or more")
+        dq, dk_, dv, sf = self.exps[p + "q"], self.exps[p + "k"], self.exps[p + "v"], self.state_frac
+        Q, K, V = (codes_of(t, d).double() for t, d in ((q, dq), (k, dk_), (v, dv)))
+        B, H, L, Dk = Q.shape
+        S = torch.zeros(B, H, Dk, V.shape[-1], dtype=torch.float64, device=q.device) if state is None else state
+        G = torch.tensor([g for g, _ in self.gammas], dtype=torch.float64, device=q.device)
+        f = torch.tensor([f for _, f in self.gammas], dtype=torch.float64, device=q.device)
+
+        def power(n: torch.Tensor) -> torch.Tensor:  # gamma_q^n per head, (H, *n.shape); n = 1 exact
+            return G.reshape(-1, *([1] * n.dim())) ** n * torch.exp2(-f.reshape(-1, *([1] * n.dim())) * n)
+
+        outs = []
+        for s in range(0, L, chunk):
+            Qc, Kc, Vc = Q[:, :, s:s + chunk], K[:, :, s:s + chunk], V[:, :, s:s + chunk]
+            c = Qc.shape[2]
+            i = torch.arange(c, dtype=torch.float64, device=q.device)
+            carried = torch.floor(S[:, :, None] * power(i + 1)[None, :, :, None, None] + 0.5)  # (B, H, c, Dk, Dv)
+            cross = torch.einsum("bhcd,bhcde->bhce", Qc, carried)
+            lag = i[:, None] - i[None, :]
+            decay = torch.where(lag >= 0, power(lag.clamp_min(0)), torch.zeros((), dtype=torch.float64,
+                                                                                device=q.device))
+            outs.append(cross + ((Qc @ Kc.transpose(-1, -2)) * decay[None]) @ Vc * 2.0 ** sf)
+            to_end = power(c - 1 - i)[None, :, :, None]  # (1, H, c, 1)
+            S = torch.floor(power(torch.tensor(float(c), dtype=torch.float64, device=q.device))[None, :, None, None]
+                            * S + 0.5) + torch.floor((Kc * to_end).transpose(-1, -2) @ Vc * 2.0 ** sf + 0.5)
+        return torch.cat(outs, 2) * 2.0 ** -(dq + dk_ + dv + sf), S
 
     def forward(self, tokens: torch.Tensor, form: str = "parallel", states: list | None = None,
                 offset: int = 0) -> tuple[torch.Tensor, list]:

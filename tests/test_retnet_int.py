@@ -69,6 +69,40 @@ def test_parallel_form_follows_the_graph(tiny):
     assert (par.argmax(-1).numpy() == ints.argmax(-1)).mean() >= 0.9
 
 
+def test_chunkwise_form_is_recurrent_at_one_token_and_follows_at_any_chunk(tiny):
+    """The quantized retention's chunkwise form, on random q, k, v codes (the model's own
+    retention outputs are requantized to 16 bits, which hides differences this small): chunks
+    of one token are the graph's recurrent retention bit for bit, outputs and int32 state;
+    longer chunks round the carried state once per chunk instead of per token, so they follow
+    within a few units of the state's last place (stated: 1e-6 relative on the outputs, 1e-6 of
+    the state's size), the state staying on its integer grid; the parallel form alike. Through
+    the whole model: chunkwise logits, and a state carried from one call into the next, give
+    the reference's next-byte argmax."""
+    sim, m, tokens = tiny
+    e = sim.exps
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randint(-128, 128, (2, 2, 40, 16), generator=g).float() * 2.0 ** -e[f"0.{n}"] for n in "qkv")
+    with torch.no_grad():
+        rec, state = sim._retention_recurrent("0.", q, k, v, None)
+        one, one_state = sim._retention_chunkwise("0.", q, k, v, None, 1)
+        assert torch.equal(one, rec) and torch.equal(one_state, state)
+        scale = rec.abs().max()
+        differs = 0
+        for chunk in (2, 5, 16, 40):
+            o, s = sim._retention_chunkwise("0.", q, k, v, None, chunk)
+            differs += not torch.equal(o, rec)
+            assert (o - rec).abs().max() <= 1e-6 * scale, chunk
+            assert torch.equal(s, torch.round(s)) and (s - state).abs().max() <= 1e-6 * state.abs().max(), chunk
+        assert differs  # the chunks' single rounding is not the recurrent one: the test can tell them apart
+        assert (sim._retention_parallel(q, k, v).double() - rec).abs().max() <= 1e-6 * scale
+        ints = ref.run(m, tokens.numpy())
+        first, carried = sim(tokens[:, :7], "chunkwise4")
+        rest, _ = sim(tokens[:, 7:], "chunkwise4", states=carried, offset=7)
+        assert (torch.cat([first, rest], 1).argmax(-1).numpy() == ints.argmax(-1)).mean() >= 0.9
+    with pytest.raises(ValueError, match="chunk size 0"):
+        sim(tokens, "chunkwise0")
+
+
 def test_accumulator_bounds_fit_their_types_and_the_simulation_is_exact(tiny):
     _, m, _ = tiny
     rows = ref.accumulator_bounds(m)
