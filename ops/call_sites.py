@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import types
 import weakref
 from dataclasses import dataclass
@@ -427,12 +428,17 @@ class _LUTCallMode(TorchFunctionMode):
         return _inside(self, func, args, kwargs or {})
 
 
-def _unchecked(func: types.FunctionType, **rebind: Callable) -> types.FunctionType:
+def _unchecked(func: types.FunctionType, name: str, **rebind: Callable) -> types.FunctionType:
     """A copy of a torch.nn.functional composite whose own entry check never hands the call to
     a mode (its globals say `has_torch_function` is False), with some of the functions it calls
-    by global name rebound. A copy, not a patch of F: nothing global changes."""
-    scope = dict(func.__globals__, has_torch_function=lambda *a: False, **rebind)
-    copy = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    by global name rebound. A copy, not a patch of F: nothing global changes. Its globals are a
+    module of their own, registered as `name`: torch.compile finds a frame's globals by module
+    name, and under F's name it guarded the rebound functions as F's (an internal error)."""
+    scope = types.ModuleType(name)
+    scope.__dict__.update(func.__globals__)
+    scope.__dict__.update(has_torch_function=lambda *a: False, __name__=name, **rebind)
+    sys.modules[name] = scope
+    copy = types.FunctionType(func.__code__, scope.__dict__, func.__name__, func.__defaults__, func.__closure__)
     copy.__kwdefaults__ = func.__kwdefaults__
     return copy
 
@@ -458,6 +464,7 @@ def _inside(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) 
         def softmax_site(*a: Any, **k: Any) -> Any:
             return ref().handle(F.softmax, a, k)
 
-        copy = _unchecked(func, scaled_dot_product_attention=sdpa_site, softmax=softmax_site)
+        copy = _unchecked(func, f"{__name__}._composite_{id(router):x}", scaled_dot_product_attention=sdpa_site,
+                          softmax=softmax_site)
         _COMPOSITES[router] = copy
     return copy(*args, **kwargs)
