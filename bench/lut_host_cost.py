@@ -1,0 +1,52 @@
+"""Host time of one LUT call on CUDA: what a call costs the CPU, which bounds a small tensor's
+time. Run: python -m bench.lut_host_cost (CUDA only)
+
+Times many back-to-back calls on a 4096-element tensor (the GPU is never the bottleneck there)
+with the host clock, synchronizing only before and after: microseconds per call, LUTGELU
+against F.gelu, no-grad forward and forward+backward, float32 and bfloat16. JSON to
+bench/results/lut_host_cost.json.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench._common import machine, print_table, write_results
+from ops.modules import LUTGELU
+
+
+def host_us(fn, n: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("lut_host_cost needs CUDA")
+    lut = LUTGELU().cuda()
+    rows, recs = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4096, device="cuda").to(dtype)
+        xr = x.detach().requires_grad_(True)
+        g = torch.ones_like(x)
+        with torch.no_grad():
+            fwd = (host_us(lambda: F.gelu(x)), host_us(lambda: lut(x)))
+        both = (host_us(lambda: F.gelu(xr).backward(g), 500), host_us(lambda: lut(xr).backward(g), 500))
+        for mode, (nat, lu) in (("forward", fwd), ("forward+backward", both)):
+            recs.append({"dtype": str(dtype).replace("torch.", ""), "mode": mode, "native_us": nat, "lut_us": lu})
+            rows.append([recs[-1]["dtype"], mode, f"{nat:.1f}", f"{lu:.1f}"])
+    print_table(["dtype", "mode", "native us/call", "LUT us/call"], rows)
+    print(f"wrote {write_results('lut_host_cost.json', {'machine': machine(), 'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'rows': recs})}")
+
+
+if __name__ == "__main__":
+    main()
