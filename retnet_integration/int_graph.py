@@ -310,8 +310,8 @@ class IntSim(nn.Module):
             o, new_state = self._retention_parallel(q, k, v), None
         elif form == "recurrent":
             o, new_state = self._retention_recurrent(p, q, k, v, state)
-        elif form.startswith("chunkwise"):
-            o, new_state = self._retention_chunkwise(p, q, k, v, state, int(form[len("chunkwise"):] or 16))
+        elif form.startswith("chunkwise") and (form[9:] or "16").isdigit():
+            o, new_state = self._retention_chunkwise(p, q, k, v, state, int(form[9:] or 16))
         else:
             raise ValueError(f"form {form!r} is not parallel, recurrent or chunkwise<size>")
         o = self._act(p + "o", o, RES_BITS).to(x.dtype)  # (the recurrent o comes in float64, exact)

@@ -101,6 +101,8 @@ def test_chunkwise_form_is_recurrent_at_one_token_and_follows_at_any_chunk(tiny)
         assert (torch.cat([first, rest], 1).argmax(-1).numpy() == ints.argmax(-1)).mean() >= 0.9
     with pytest.raises(ValueError, match="chunk size 0"):
         sim(tokens, "chunkwise0")
+    with pytest.raises(ValueError, match="'chunkwise-4' is not parallel, recurrent or chunkwise<size>"):
+        sim(tokens, "chunkwise-4")
 
 
 def test_accumulator_bounds_fit_their_types_and_the_simulation_is_exact(tiny):
