@@ -244,15 +244,9 @@ def group_stats_cpu(x: torch.Tensor, groups: int) -> Optional[tuple[torch.Tensor
     or None where the kernel cannot run (no compiler, another dtype or layout): the caller then
     uses torch ops. Why: torch reaches a channels-last group only through a copy and then makes
     four more passes; on a MobileNet-size activation that was 3x the whole float GroupNorm."""
-    if not _plain_f32(x) or x.dim() < 3 or x.shape[1] % groups:
+    if not _plain_f32(x) or x.dim() < 3 or x.shape[1] % groups or not walkable(x):
         return None
-    if x.is_contiguous():
-        last = 0
-    elif x.dim() in (4, 5) and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
-                                               else torch.channels_last_3d):
-        last = 1
-    else:
-        return None
+    last = 0 if x.is_contiguous() else 1  # else walkable means channels-last
     dll = load()
     if dll is None:
         return None

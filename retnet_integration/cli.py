@@ -1,12 +1,12 @@
-"""`gqa-lut retnet train|eval|report` (registered by gqa_lut.cli; `python -m retnet_integration`
-runs the same). torch is imported only when a command runs."""
+"""`gqa-lut retnet train|eval|report|study|qat-int|export-c|check-int` (registered by gqa_lut.cli;
+`python -m retnet_integration` runs the same). torch is imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from gqa_lut.cli_support import Parser, examples
-from gqa_lut.table import check_writable
+from gqa_lut.table import check_writable, write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--preset", default="cpu", help="tiny, cpu, gpu or gpu10 (~10 minutes on one H100)")
     r.add_argument("--out", default="runs/retnet_cpu.pt", help="checkpoint file")
     r.add_argument("--steps", type=int, help="override the preset's training steps")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _device(r)
     r.set_defaults(handler=cmd_train)
     r = rsub.add_parser("eval", help="test bits per character of every quantization step",
                         epilog=examples("gqa-lut retnet eval",
                                         "gqa-lut retnet eval --checkpoint runs/tiny.pt --out tiny.json"))
     r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="checkpoint from `retnet train`")
     r.add_argument("--out", default="bench/results/retnet_cpu.json", help="results file")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _device(r)
     r.set_defaults(handler=cmd_eval)
     r = rsub.add_parser("report", help="combine results into bench/results/retnet.json and a table",
                         epilog=examples("gqa-lut retnet report bench/results/retnet_cpu.json",
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="float checkpoint from `retnet train`")
     r.add_argument("--out", default="runs/retnet_cpu_int.pt", help="integer checkpoint")
     r.add_argument("--steps", type=int, help="QAT steps (default: the preset's qat_steps)")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _device(r)
     r.set_defaults(handler=cmd_qat_int)
     r = rsub.add_parser("export-c", help="write the integer RetNet as a self-contained C99 program",
                         epilog=examples("gqa-lut retnet export-c --checkpoint runs/retnet_cpu_int.pt --out retnet_c",
@@ -73,9 +73,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--windows", type=int, default=256, help="test windows (default 256)")
     r.add_argument("--rows", nargs="*", help="row names or groups (quantizer, bits, schedule, retention, sensitivity); "
                    "default: all")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _device(r)
     r.add_argument("--plot", nargs="?", const="", help="also draw the figures (PNG; default: beside --out)")
     r.set_defaults(handler=cmd_study)
+
+
+def _device(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
 
 def _log(line: str) -> None:
     print(line, flush=True)
@@ -129,7 +134,6 @@ def cmd_export_c(args: argparse.Namespace) -> int:
 
 def cmd_check_int(args: argparse.Namespace) -> int:
     from retnet_integration import int_commands
-    from gqa_lut.table import write_json_atomic
 
     if args.json:
         check_writable(args.json, "--json")

@@ -143,24 +143,24 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     test = eval_windows(load_corpus().test, tcfg.seq_len, windows or tcfg.eval_windows)
     x, y = test[:, :-1], test[:, 1:].numpy()
     bpc_float = bits_per_char(base, test, device)
-    with torch.no_grad():
-        fake = torch.cat([sim(x[i:i + 64], "recurrent")[0] for i in range(0, x.shape[0], 64)]).double().numpy()
-        par = torch.cat([sim(x[i:i + 64], "parallel")[0] for i in range(0, x.shape[0], 64)]).double().numpy()
-        chunked = torch.cat([sim(x[i:i + 64], f"chunkwise{CHUNK}")[0]
-                             for i in range(0, x.shape[0], 64)]).double().numpy()
-    ints = np.concatenate([ref.run(m, x[i:i + 64].numpy()) for i in range(0, x.shape[0], 64)])
+    batches = range(0, x.shape[0], 64)
+    with torch.no_grad():  # every form of the simulation: recurrent (the graph), chunkwise, parallel
+        forms = {form: torch.cat([sim(x[i:i + 64], form)[0] for i in batches]).double().numpy()
+                 for form in ("recurrent", f"chunkwise{CHUNK}", "parallel")}
+    fake, par = forms["recurrent"], forms["parallel"]
+    ints = np.concatenate([ref.run(m, x[i:i + 64].numpy()) for i in batches])
+    best = ints.argmax(-1)
+    agree = {form: float((best == logits.argmax(-1)).mean()) for form, logits in forms.items()}
     t0 = time.perf_counter()
     ref.run(m, x[:1].numpy())  # one stream, one token at a time: what the C program does
     int_tps = x.shape[1] / (time.perf_counter() - t0)
     scale = 2.0 ** -m.logit_frac
     doc = {"positions": int(x.numel()), "bpc_float": bpc_float, "bpc_fakequant": _bpc(fake, y),
            "bpc_int": _bpc(ints * scale, y),
-           "int_vs_fakequant_argmax_agree": float((ints.argmax(-1) == fake.argmax(-1)).mean()),
+           "int_vs_fakequant_argmax_agree": agree["recurrent"],
            "c_vs_int_logits_equal": None, "c_tokens_per_s": None, "int_tokens_per_s": int_tps,
            "weights_bytes": m.weights_bytes(), "state_bytes": m.state_bytes(),
-           "forms_vs_int_argmax_agree": {"recurrent": float((ints.argmax(-1) == fake.argmax(-1)).mean()),
-                                         f"chunkwise{CHUNK}": float((ints.argmax(-1) == chunked.argmax(-1)).mean()),
-                                         "parallel": float((ints.argmax(-1) == par.argmax(-1)).mean())}}
+           "forms_vs_int_argmax_agree": agree}
     if c_dir is not None:
         c_logits, seconds = _run_c(Path(c_dir), x.numpy(), m.vocab)
         if c_logits.shape != ints.shape:
@@ -171,10 +171,9 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     log(f"{doc['positions']} positions: bpc float {doc['bpc_float']:.4f}, fake-quant {doc['bpc_fakequant']:.4f} "
         f"(parallel form {_bpc(par, y):.4f}), integer {doc['bpc_int']:.4f} "
         f"({100 * (doc['bpc_int'] / doc['bpc_float'] - 1):+.2f}% vs float)")
-    forms = doc["forms_vs_int_argmax_agree"]
-    log(f"argmax agreement integer vs fake-quant {100 * doc['int_vs_fakequant_argmax_agree']:.3f}% "
-        f"(chunkwise form, {CHUNK}-token chunks, vs integer {100 * forms[f'chunkwise{CHUNK}']:.3f}%; "
-        f"parallel form vs integer {100 * forms['parallel']:.3f}%)")
+    log(f"argmax agreement integer vs fake-quant {100 * agree['recurrent']:.3f}% "
+        f"(chunkwise form, {CHUNK}-token chunks, vs integer {100 * agree[f'chunkwise{CHUNK}']:.3f}%; "
+        f"parallel form vs integer {100 * agree['parallel']:.3f}%)")
     if c_dir is not None:
         log(f"C logits equal to the integer reference's at {100 * doc['c_vs_int_logits_equal']:.3f}% of positions; "
             f"C {doc['c_tokens_per_s']:.0f} tokens/s, reference {int_tps:.0f} tokens/s (one stream, this machine)")

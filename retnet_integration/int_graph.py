@@ -342,17 +342,25 @@ class IntSim(nn.Module):
         """The graph's own state update on codes, in float64 (exact: every value < 2^53)."""
         if self.observing is not None:
             return self._retention_parallel(q, k, v), None
-        dq, dk_, dv, sf = self.exps[p + "q"], self.exps[p + "k"], self.exps[p + "v"], self.state_frac
-        Q, K, V = (codes_of(t, d).double() for t, d in ((q, dq), (k, dk_), (v, dv)))
-        B, H, L, Dk = Q.shape
-        S = torch.zeros(B, H, Dk, V.shape[-1], dtype=torch.float64, device=q.device) if state is None else state
-        G = torch.tensor([g for g, _ in self.gammas], dtype=torch.float64, device=q.device)[None, :, None, None]
-        f = torch.tensor([f for _, f in self.gammas], dtype=torch.float64, device=q.device)[None, :, None, None]
+        Q, K, V, S, G, f, out_exp = self._state_codes(p, q, k, v, state)
+        G, f, sf = G[None, :, None, None], f[None, :, None, None], self.state_frac
         outs = []
-        for t in range(L):
+        for t in range(Q.shape[2]):
             S = torch.floor(G * S * torch.exp2(-f) + 0.5) + K[:, :, t, :, None] * V[:, :, t, None, :] * 2.0 ** sf
             outs.append((Q[:, :, t, None, :] @ S).squeeze(-2))
-        return torch.stack(outs, 2) * 2.0 ** -(dq + dk_ + dv + sf), S  # float64, no gradient: for inference
+        return torch.stack(outs, 2) * 2.0 ** -out_exp, S  # float64, no gradient: for inference
+
+    def _state_codes(self, p, q, k, v, state):
+        """What the recurrent and chunkwise forms start from: q, k, v as integer codes in
+        float64, the state (zeros when none is carried), G_h and f_h per head (gamma_q =
+        G_h / 2^f_h) and the exponent of Q . S's grid."""
+        dq, dk_, dv, sf = self.exps[p + "q"], self.exps[p + "k"], self.exps[p + "v"], self.state_frac
+        Q, K, V = (codes_of(t, d).double() for t, d in ((q, dq), (k, dk_), (v, dv)))
+        B, H, _, Dk = Q.shape
+        S = torch.zeros(B, H, Dk, V.shape[-1], dtype=torch.float64, device=q.device) if state is None else state
+        G = torch.tensor([g for g, _ in self.gammas], dtype=torch.float64, device=q.device)
+        f = torch.tensor([f for _, f in self.gammas], dtype=torch.float64, device=q.device)
+        return Q, K, V, S, G, f, dq + dk_ + dv + sf
 
     def _retention_chunkwise(self, p, q, k, v, state, chunk: int):
         """Parallel within chunks of `chunk` tokens, the graph's int32 state across them, on
@@ -367,12 +375,8 @@ class IntSim(nn.Module):
             return self._retention_parallel(q, k, v), None
         if chunk < 1:
             raise ValueError(f"chunk size {chunk} is not allowed: use 1 or more")
-        dq, dk_, dv, sf = self.exps[p + "q"], self.exps[p + "k"], self.exps[p + "v"], self.state_frac
-        Q, K, V = (codes_of(t, d).double() for t, d in ((q, dq), (k, dk_), (v, dv)))
-        B, H, L, Dk = Q.shape
-        S = torch.zeros(B, H, Dk, V.shape[-1], dtype=torch.float64, device=q.device) if state is None else state
-        G = torch.tensor([g for g, _ in self.gammas], dtype=torch.float64, device=q.device)
-        f = torch.tensor([f for _, f in self.gammas], dtype=torch.float64, device=q.device)
+        Q, K, V, S, G, f, out_exp = self._state_codes(p, q, k, v, state)
+        L, sf = Q.shape[2], self.state_frac
 
         def power(n: torch.Tensor) -> torch.Tensor:  # gamma_q^n per head, (H, *n.shape); n = 1 exact
             return G.reshape(-1, *([1] * n.dim())) ** n * torch.exp2(-f.reshape(-1, *([1] * n.dim())) * n)
@@ -391,7 +395,7 @@ class IntSim(nn.Module):
             to_end = power(c - 1 - i)[None, :, :, None]  # (1, H, c, 1)
             S = torch.floor(power(torch.tensor(float(c), dtype=torch.float64, device=q.device))[None, :, None, None]
                             * S + 0.5) + torch.floor((Kc * to_end).transpose(-1, -2) @ Vc * 2.0 ** sf + 0.5)
-        return torch.cat(outs, 2) * 2.0 ** -(dq + dk_ + dv + sf), S
+        return torch.cat(outs, 2) * 2.0 ** -out_exp, S
 
     def forward(self, tokens: torch.Tensor, form: str = "parallel", states: list | None = None,
                 offset: int = 0) -> tuple[torch.Tensor, list]:

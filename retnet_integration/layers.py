@@ -18,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gqa_lut.quantization import int_range
 from ops.fake_quant import tqt_quantize, weight_fake_quant
-from retnet_integration.quantizers import PERCENTILE, QuantSpec, fake_quant, int_bounds, lsq, pact, tqt, weight_quant
+from retnet_integration.quantizers import (PERCENTILE, QuantSpec, fake_quant, lsq, pact, tqt, weight_amax,
+                                             weight_quant)
 
 
 class ActQuant(nn.Module):
@@ -84,7 +86,7 @@ class ActQuant(nn.Module):
         self.observing = False
         self.enabled = True
         amax = self.amax.clamp_min(1e-8)
-        _, qmax = int_bounds(self.bits)
+        _, qmax = int_range(self.bits)
         with torch.no_grad():
             if self._fused():
                 self.log2_threshold.fill_(math.log2(float(amax.max())))
@@ -128,10 +130,8 @@ class QuantLinear(nn.Linear):
             "minmax", "channel") else spec
         self.weight_bits = spec.weight_bits if spec is not None else self.weight_bits
         if self.weight_spec is not None and spec.weight_method == "lsq":
-            _, qmax = int_bounds(spec.weight_bits)
-            w = self.weight.detach().abs()
-            amax = w.amax(dim=1, keepdim=True) if spec.weight_granularity == "channel" else w.amax()
-            self.weight_step = nn.Parameter((amax / qmax).clamp_min(1e-8))
+            _, qmax = int_range(spec.weight_bits)
+            self.weight_step = nn.Parameter((weight_amax(self.weight, spec) / qmax).clamp_min(1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_weight:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gqa_lut.errors import UsageError
+from gqa_lut.quantization import int_range
 
 ACT_METHODS = ("tqt", "pact", "lsq", "minmax", "percentile")
 WEIGHT_METHODS = ("minmax", "lsq")
@@ -80,10 +81,6 @@ def parse_spec(text: str) -> QuantSpec:
     return QuantSpec(**kw)
 
 
-def int_bounds(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -95,7 +92,7 @@ def ceil_ste(x: torch.Tensor) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """clamp(round(x / s)) * s with straight-through rounding; the gradient reaches `scale`
     as LSQ's does (round(v) - v inside the range, the bound outside)."""
-    lo, hi = int_bounds(bits)
+    lo, hi = int_range(bits)
     return torch.clamp(round_ste(x / scale), lo, hi) * scale
 
 
@@ -109,7 +106,7 @@ def tqt(x: torch.Tensor, log2_t: torch.Tensor, bits: int) -> torch.Tensor:
 def pact(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """Clip to [-alpha, alpha] (alpha learns from the clipped values), then round at
     alpha / qmax with the scale held constant in the backward pass, as PACT does."""
-    _, hi = int_bounds(bits)
+    _, hi = int_range(bits)
     a = alpha.to(x.dtype).abs()
     y = torch.maximum(torch.minimum(x, a), -a)
     s = (a / hi).detach().clamp_min(1e-12)
@@ -118,7 +115,7 @@ def pact(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
 
 def lsq(x: torch.Tensor, step: torch.Tensor, bits: int, per_element: int) -> torch.Tensor:
     """LSQ: the step's gradient scaled by 1/sqrt(n qmax), n the elements per step."""
-    _, hi = int_bounds(bits)
+    _, hi = int_range(bits)
     g = 1.0 / math.sqrt(max(per_element, 1) * hi)
     s = step.abs().clamp_min(1e-12)
     s = s * g + (s - s * g).detach()
@@ -127,9 +124,13 @@ def lsq(x: torch.Tensor, step: torch.Tensor, bits: int, per_element: int) -> tor
 
 def weight_quant(w: torch.Tensor, spec: QuantSpec, step: torch.Tensor | None = None) -> torch.Tensor:
     """Weights (out, in): max-abs scale per output channel or tensor, or LSQ's learned step."""
-    _, hi = int_bounds(spec.weight_bits)
+    _, hi = int_range(spec.weight_bits)
     if spec.weight_method == "lsq" and step is not None:
         return lsq(w, step, spec.weight_bits, w.shape[1] if spec.weight_granularity == "channel" else w.numel())
-    amax = w.detach().abs().amax(dim=1, keepdim=True) if spec.weight_granularity == "channel" \
-        else w.detach().abs().amax()
-    return fake_quant(w, (amax / hi).clamp_min(1e-12), spec.weight_bits)
+    return fake_quant(w, (weight_amax(w, spec) / hi).clamp_min(1e-12), spec.weight_bits)
+
+
+def weight_amax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """max |w| per output channel (out, 1) or per tensor, as the spec's granularity says."""
+    a = w.detach().abs()
+    return a.amax(dim=1, keepdim=True) if spec.weight_granularity == "channel" else a.amax()

@@ -210,6 +210,7 @@ def run_study(checkpoint: Path, out: Path, seeds: int = 3, windows: Optional[int
             log(f"{row.name:<52} seed {seed}: {r['test_bpc']:.4f} bpc ({r['seconds']:.0f}s)")
     doc["summary"] = summarise(doc)
     write_json_atomic(out, doc)
-    write_text_atomic(out.with_suffix(".md"), markdown(doc["summary"], doc))
-    log(markdown(doc["summary"], doc))
+    table = markdown(doc["summary"], doc)
+    write_text_atomic(out.with_suffix(".md"), table)
+    log(table)
     return doc
