@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from gqa_lut.cli_support import Parser, examples
@@ -99,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     pipeline.run_eval(Path(args.checkpoint), Path(args.out), args.device, _log,
-                      command="gqa-lut " + " ".join(args.argv))
+                      command=shlex.join(["gqa-lut", *args.argv]))
     return 0
 
 
@@ -153,7 +154,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         if target is not None:
             check_writable(target)
     doc = study.run_study(Path(args.checkpoint), out, args.seeds, args.windows, args.rows, args.device, _log,
-                          command="gqa-lut " + " ".join(args.argv))
+                          command=shlex.join(["gqa-lut", *args.argv]))
     if plot is not None:
         from plots.study_chart import study_chart
         study_chart(doc["summary"], plot, f"RetNet quantization study ({doc['preset']} preset)")

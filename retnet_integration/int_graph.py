@@ -35,7 +35,10 @@ normalised value C * R * 2^-(s + k), kept with NORM_FRAC fractional bits, then t
 and bias and the output's int8 grid.
 
 The simulation (`IntSim`) runs that graph on a float RetNet's parameters with
-straight-through gradients, so QAT trains what the integer graph runs. Where it computes
+straight-through gradients, so QAT trains what the integer graph runs. In training mode it
+applies the float model's dropout where the float model does (the embedding, each block's
+retention and FFN outputs, before they join the residual stream): fine-tuned without the
+dropout it was trained with, a model fits the training text closer and loses on test. Where it computes
 exactly the integers of the graph: every matmul (int8 x int8 sums in float32 are exact below
 2^24; `accumulator_bounds` shows they are), every requantization (done in float64), the
 recurrent state (float64: G_h * S < 2^53, `accumulator_bounds`), the tables and the norms (int64). The recurrent
@@ -318,10 +321,10 @@ class IntSim(nn.Module):
         n = self._norm(p + "gn", o.transpose(1, 2).reshape(B, L, D), e(p + "o", 0), H, None, None)
         gate = self._table(p + "gate", "swish", self._linear(a, d_a, ret.g_proj), F.silu)
         prod = self._act(p + "p", gate * n)
-        x = self._residual(x, self._linear(prod, e(p + "p", 0), ret.out_proj))
+        x = self._residual(x, blk.drop(self._linear(prod, e(p + "p", 0), ret.out_proj)))
         b = self._norm(p + "ln2", x, e("res", 0), 1, blk.norm2.weight, blk.norm2.bias)
         h = self._table(p + "gelu", "gelu", self._linear(b, e(p + "ln2", 0), blk.ffn.up), F.gelu)
-        x = self._residual(x, self._linear(h, e(p + "gelu", 0), blk.ffn.down))
+        x = self._residual(x, blk.ffn.drop(self._linear(h, e(p + "gelu", 0), blk.ffn.down)))
         return x, new_state
 
     def _residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -405,8 +408,7 @@ class IntSim(nn.Module):
             e = fq(e, self.exps["embed"], ACT_BITS)
         else:
             self.observing["embed"] = float(e.detach().abs().max())
-        x = F.embedding(tokens, e)
-        x = self._act("res", x, RES_BITS)
+        x = self._act("res", net.embed_drop(F.embedding(tokens, e)), RES_BITS)
         new_states = []
         for i in range(len(net.blocks)):
             x, s = self._block(i, x, form, None if states is None else states[i], offset)
@@ -429,12 +431,15 @@ class IntSim(nn.Module):
         outliers and resolves everything else better: before QAT it took one cpu checkpoint's
         graph from +0.99% to +0.35% over float, another's from +1.14% to +1.06%)."""
         self.observing, self.samples = {}, {}
+        was_training = self.training
+        self.eval()  # the float model's activations without dropout
         try:
             for b in batches:
                 self(b, "parallel")
             seen, samples = self.observing, self.samples
         finally:
             self.observing, self.samples = None, {}
+            self.train(was_training)
         exps: dict[str, int] = {}
         for name, amax in seen.items():
             if name.endswith(".in"):

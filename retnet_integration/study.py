@@ -15,6 +15,7 @@ it stopped; the markdown table and the figures are written from that file.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -159,14 +160,30 @@ def summarise(doc: dict) -> list[dict]:
 
 
 def markdown(summary: list[dict], doc: dict) -> str:
+    calls = [c for c in doc.get("calls", []) if c["runs_added"]]
+    ran = "; ".join(f"`{c['command']}` on {c['device']} ({c['runs_added']} runs)" for c in calls)
     lines = [f"Study on `{doc['checkpoint']}` ({doc['preset']} preset, {doc['test_windows']} test windows, "
-             f"{doc['qat_steps']} QAT steps, `{doc['command']}`)", "",
+             f"{doc['qat_steps']} QAT steps; {ran or 'no runs'})", "",
              "| row | seeds | bpc (mean) | spread (max-min) | vs float | vs float fine-tuned as long |",
              "|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['row']} | {s['seeds']} | {s['mean_bpc']:.4f} | {s['spread']:.4f} | "
                      f"{100 * s['vs_float']:+.2f}% | {100 * s['vs_float_finetuned']:+.2f}% |")
     return "\n".join(lines) + "\n"
+
+
+def file_sha256(path: Path) -> str:
+    """What a results file resumes against: the checkpoint's bytes, not its name (retraining
+    to the same path must not mix two models' runs in one table)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def device_name_of(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_study(checkpoint: Path, out: Path, seeds: int = 3, windows: Optional[int] = 256,
@@ -190,15 +207,20 @@ def run_study(checkpoint: Path, out: Path, seeds: int = 3, windows: Optional[int
     _, tcfg = get_preset(preset)
     corpus = load_corpus()
     test = eval_windows(corpus.test, tcfg.seq_len, windows or tcfg.eval_windows)
-    doc = {"benchmark": "retnet-study", "checkpoint": str(checkpoint), "preset": preset, "device": str(device),
-           "test_windows": int(test.shape[0]), "qat_steps": tcfg.qat_steps, "command": command, "runs": []}
-    if out.is_file():  # resume: keep the runs of the same checkpoint and test set
+    doc = {"benchmark": "retnet-study", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+           "preset": preset, "test_windows": int(test.shape[0]), "qat_steps": tcfg.qat_steps, "calls": [], "runs": []}
+    if out.is_file():  # resume: keep the runs of the same checkpoint (by content) and test set
         try:
             old = json.loads(out.read_text())
         except json.JSONDecodeError as exc:
             raise UsageError(f"results file {str(out)!r} is not JSON ({exc.msg}): move it away to start afresh") from None
-        if old.get("checkpoint") == doc["checkpoint"] and old.get("test_windows") == doc["test_windows"]:
-            doc["runs"] = old.get("runs", [])
+        same = all(old.get(k) == doc[k] for k in ("checkpoint_sha256", "test_windows", "qat_steps"))
+        if old.get("runs") and not same:
+            raise UsageError(f"results file {str(out)!r} holds runs of another checkpoint or test set "
+                             f"({old.get('checkpoint')!r}): move it away or name another --out")
+        doc["runs"], doc["calls"] = old.get("runs", []), old.get("calls", [])
+    call = {"command": command, "device": device_name_of(device), "runs_added": 0}
+    doc["calls"].append(call)
     done = {(r["row"], r["seed"]) for r in doc["runs"]}
     for row in chosen:
         for seed in range(1 if row.kind == "ptq" else seeds):
@@ -206,6 +228,7 @@ def run_study(checkpoint: Path, out: Path, seeds: int = 3, windows: Optional[int
                 continue
             r = run_row(row, seed, base, corpus, tcfg, device, test)
             doc["runs"].append(r)
+            call["runs_added"] += 1
             write_json_atomic(out, doc)
             log(f"{row.name:<52} seed {seed}: {r['test_bpc']:.4f} bpc ({r['seconds']:.0f}s)")
     doc["summary"] = summarise(doc)

@@ -1,6 +1,7 @@
 """The integer RetNet: the fake-quant simulation, the numpy integer reference and the exported C
 program compute the same integers; every accumulator's bound fits its type; the CLI runs
 train -> qat-int -> export-c -> check-int end to end; bad input gets one line and exit 2."""
+import copy
 import json
 import os
 import shutil
@@ -225,3 +226,25 @@ def test_shapes_the_integer_graph_refuses():
     net = RetNet(RetNetConfig(d_model=48, n_layers=1, n_heads=2))
     with pytest.raises(ValueError, match="d_model 48 must be a power of two"):
         IntSim(net)
+
+
+def test_qat_through_the_graph_keeps_the_float_models_dropout():
+    """The simulation drops out where the float model does, in training only: calibration and
+    evaluation stay deterministic, and a model without dropout trains on the graph unchanged."""
+    torch.manual_seed(0)
+    net = RetNet(RetNetConfig(d_model=32, n_layers=1, n_heads=2, ffn_mult=2, max_len=64, dropout=0.5))
+    calib = [torch.randint(0, 256, (2, 16))]
+    tokens = torch.randint(0, 256, (2, 16))
+    sim = IntSim(net).train()
+    exps = sim.calibrate(calib)
+    assert sim.training and exps == IntSim(copy.deepcopy(net)).eval().calibrate(calib)  # without dropout
+    with torch.no_grad():
+        a, b = sim(tokens)[0], sim(tokens)[0]
+        sim.eval()
+        c, d = sim(tokens)[0], sim(tokens)[0]
+    assert not torch.equal(a, b) and torch.equal(c, d)
+    still = RetNet(RetNetConfig(d_model=32, n_layers=1, n_heads=2, ffn_mult=2, max_len=64))
+    plain = IntSim(still)
+    plain.calibrate(calib)
+    with torch.no_grad():
+        assert torch.equal(plain.train()(tokens)[0], plain.eval()(tokens)[0])

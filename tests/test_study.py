@@ -30,6 +30,11 @@ def test_study_runs_resumes_and_plots(tmp_path):
     lines = []
     again = run_study(tmp_path / "t.pt", out, seeds=2, windows=2, rows=["bits"], device_name="cpu", log=lines.append)
     assert len(again["runs"]) == runs and not any(" seed " in line for line in lines)  # nothing ran again
+    assert [c["runs_added"] for c in again["calls"]] == [runs, 0] and again["calls"][0]["device"] == "cpu"
+    run_train("tiny", tmp_path / "t.pt", "cpu", steps=5, log=lambda s: None)  # another model, same path
+    with pytest.raises(UsageError, match="holds runs of another checkpoint"):
+        run_study(tmp_path / "t.pt", out, seeds=2, windows=2, rows=["bits"], device_name="cpu")
+    assert len(json.loads(out.read_text())["runs"]) == runs  # left as it was
     from plots.study_chart import study_chart
     study_chart(doc["summary"], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
