@@ -16,6 +16,7 @@ quantized in float64, narrower floats in float32.
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
@@ -155,13 +156,15 @@ class LUTActivation(nn.Module):
                                  min(self.table.scales), max(self.table.scales))
             index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
             return self._lut(xq, index, self.scales[index])
-        return self._lut(x, self.scale_index, self.d_current)
+        buf = self._buffers
+        return self._lut(x, buf["scale_index"], buf["d_current"])
 
     def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        table = self.table_real64 if x.dtype == torch.float64 else self.table_real
         if self.bypass:  # the probe of ops.replace: the drop-in's own arithmetic with exact functions
             return self.fn(x)
-        return lut_apply(x, table, self.slopes_real, self.breakpoints, index, d, self.table.input_bits,
+        buf = self._buffers  # not self.<buffer>: nn.Module's __getattr__ costs host time on every call
+        table = buf["table_real64"] if x.dtype == torch.float64 else buf["table_real"]
+        return lut_apply(x, table, buf["slopes_real"], buf["breakpoints"], index, d, self.table.input_bits,
                          self.derivative if self.grad == "exact" else "")
 
     def start_observing(self) -> None:
@@ -385,9 +388,22 @@ class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
 # F.rms_norm and F.group_norm (ops/call_sites.py): statistics in float32 (float64 stays), the
 # 1/sqrt through the range-reduced rsqrt table, the result in the input's dtype.
 
+def _fused_norm(x: torch.Tensor, groups: int, size: int, rsqrt: RangeReducedLUT):
+    """ops.triton_norm where it computes what the torch ops below do (else None)."""
+    from ops import triton_norm
+    if triton_norm.usable(x, groups, size) and triton_norm.fusable(rsqrt):
+        return triton_norm
+    return None
+
+
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float, rsqrt: RangeReducedLUT) -> torch.Tensor:
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    if x.is_cuda and not tracing():  # one Triton pass each way (ops/triton_norm.py)
+        size = math.prod(x.shape[d] for d in dims)
+        fused = _fused_norm(x, 1, size, rsqrt)
+        if fused is not None:
+            return fused.layer_norm(x, size, weight, bias, eps, rsqrt)
     # contiguous, as torch's layer_norm makes its input and so its output: a permuted input
     # (timm's LayerNorm2d) then comes back channels-last, as from the float op, and the
     # convolutions after it keep their fast layout
@@ -410,6 +426,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     y = x * A + B with A = r * weight and B = bias - mean * A per (sample, channel), as torch's
     own group_norm kernel computes it: one pass over x, in x's layout (channels-last stays)."""
     n, c = x.shape[:2]
+    if x.dim() == 2 and x.is_cuda and not tracing():  # one Triton pass each way (ops/triton_norm.py)
+        fused = _fused_norm(x, num_groups, c, rsqrt)
+        if fused is not None:
+            return fused.group_norm_2d(x, num_groups, weight, bias, eps, rsqrt)
     dt = compute_dtype(x)
     stats = None
     if x.dim() > 2 and not tracing() and not (torch.is_grad_enabled() and x.requires_grad):

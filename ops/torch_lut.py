@@ -20,6 +20,7 @@ import torch
 from gqa_lut.evaluator import output_frac_bits, runtime_bits
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table
+from ops import cuda_kernel
 
 
 def acc_dtype(table: Table) -> torch.dtype:
@@ -198,6 +199,12 @@ CLOSED_FORM: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The derivatives the GPU kernels compute in registers (ops/triton_lut.py, ops/csrc/lut_cuda.cu),
+# by CLOSED_FORM name; "" is the active segment's slope
+KINDS = {"": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3, "hswish": 4, "hsigmoid": 5, "sigmoid": 6, "tanh": 7,
+         "softplus": 8, "exp": 9, "decay": 10, "rsqrt": 11, "reciprocal": 12}
+
+
 # On the CPU, the derivatives torch itself has as one vectorized backward kernel: grad * f'(x)
 # in one pass where CLOSED_FORM's formula takes five to ten (same function, rounding may differ
 # in the last bit). The straight-through mask follows in one more pass (ops/cpu_kernel.py).
@@ -323,13 +330,24 @@ class _LUTFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None, None
 
 
+_CUDA_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
               scale_index: torch.Tensor, d: torch.Tensor, input_bits: int,
               derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The table's value with its straight-through backward, by the cheapest path that gives it:
+    eager on CUDA, the C++ operator with its own autograd node where it is built
+    (ops/cuda_kernel.py: a Python autograd.Function cost more host time than the kernels);
     eager with no gradient to carry, or a jit trace, calls `lookup` itself; eager training and
     torch.compile use the autograd function (`_LUTFunction`); torch.export (and the ONNX export
     built on it) gets the custom op, one node per table with its own ONNX translation."""
+    if x.is_cuda and isinstance(derivative, str) and not tracing() and not exporting():
+        fast = cuda_kernel.op()
+        kind = KINDS.get(derivative)
+        if fast is not None and kind is not None and x.dtype in _CUDA_OP_DTYPES:
+            half = 1 << (input_bits - 1)  # int_range(input_bits), inline: this path is about host time
+            return fast(x, table_real, slopes_real, breakpoints, scale_index, d, -half, half - 1, kind)
     path = call_path(x)
     if path == "plain":
         return lookup(x, table_real, scale_index, d, input_bits)

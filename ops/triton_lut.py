@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ops.torch_lut import KINDS  # the derivatives the backward kernel knows (and their numbers)
+
 try:
     import triton
     import triton.language as tl
@@ -35,10 +37,6 @@ except Exception:  # no Triton (CPU-only installs): the torch path is used
     AVAILABLE = False
 
 BLOCK = 4096
-
-# the derivatives the backward kernel knows, by CLOSED_FORM name; "" is the segment's slope
-KINDS = {"": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3, "hswish": 4, "hsigmoid": 5, "sigmoid": 6, "tanh": 7,
-         "softplus": 8, "exp": 9, "decay": 10, "rsqrt": 11, "reciprocal": 12}
 
 if AVAILABLE:
     # every kernel: input pointers, the output pointer, the element count, then the rest

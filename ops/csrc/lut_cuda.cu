@@ -1,0 +1,300 @@
+// The LUT op on CUDA as one C++ operator with its own autograd: gqa_lut_cuda::lut.
+//
+// Why C++ and not only the Triton kernels (ops/triton_lut.py): at 2^24 bfloat16 elements a
+// kernel takes ~20 us of GPU time, less than the host spends on one Python autograd.Function
+// call plus a Triton launch (~30-50 us forward, ~250 us forward+backward, bench/lut_host_cost.py).
+// Here the forward, the saved tensors and the backward are C++: one pybind11 call from Python
+// (`lut`, for eager calls: cheaper than the dispatcher's boxed call), a C++ autograd node where
+// a gradient is wanted, two kernel launches. The same function is also the operator
+// gqa_lut_cuda::lut (dispatcher, autograd and inference mode). The arithmetic is the Triton kernels',
+// operation for operation, so the forward is bit-identical to them and to the CPU path, and the
+// backward uses the same CUDA math library (erff, expf, tanhf, rsqrtf).
+//
+// Forward: x * 2^d in float32 (exact), NaN -> 0, round half to even, clamp to [qmin, qmax],
+// then the expanded table's real (row `index`). Backward: grad * g(x) inside the representable
+// range and 0 outside it; g is the exact function's derivative named by `kind`
+// (ops.triton_lut.KINDS) or, for kind 0, the slope of the code's segment.
+//
+// Memory access: 16 bytes per thread per load/store (4 float32 or 8 half/bfloat16) when every
+// pointer is 16-byte aligned, element by element otherwise. Strided (non-dense) inputs are
+// made contiguous first; dense ones in any layout (channels-last) keep it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int THREADS = 256;
+
+// float32, float16 and bfloat16 only: float64 keeps its own (float64) torch path
+#define GQA_DISPATCH(TYPE, NAME, ...)                                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+__device__ __forceinline__ float quantized(float x, float scale, int qmin, int qmax) {
+  float v = x * scale;
+  v = (v == v) ? v : 0.0f;
+  return fminf(fmaxf(rintf(v), static_cast<float>(qmin)), static_cast<float>(qmax));
+}
+
+__device__ __forceinline__ float lut_value(float x, float scale, const float* __restrict__ row, int qmin, int qmax) {
+  return __ldg(row + static_cast<int>(quantized(x, scale, qmin, qmax) - static_cast<float>(qmin)));
+}
+
+// ops.triton_lut._derivative, case for case
+__device__ __forceinline__ float derivative(int kind, float xi, float xs, const int32_t* __restrict__ bp, int nbp,
+                                            const float* __restrict__ slopes, int qmin, int qmax) {
+  switch (kind) {
+    case 0: {
+      const int code = static_cast<int>(quantized(xs, 1.0f, qmin, qmax));
+      int seg = 0;
+      for (int j = 0; j < nbp; ++j) seg += (__ldg(bp + j) < code) ? 1 : 0;
+      return __ldg(slopes + seg);
+    }
+    case 1:
+      return 0.5f * (1.0f + erff(xi * 0.7071067811865476f)) + xi * expf(-0.5f * xi * xi) * 0.3989422804014327f;
+    case 2: {
+      const float t = tanhf(0.7978845608028654f * (xi + 0.044715f * xi * xi * xi));
+      return 0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * xi * xi);
+    }
+    case 3: {
+      const float sg = 1.0f / (1.0f + expf(-xi));
+      return sg * (1.0f + xi * (1.0f - sg));
+    }
+    case 4:
+      return xi <= -3.0f ? 0.0f : (xi >= 3.0f ? 1.0f : (2.0f * xi + 3.0f) / 6.0f);
+    case 5:
+      return (xi > -3.0f && xi < 3.0f) ? 1.0f / 6.0f : 0.0f;
+    case 6: {
+      const float sg = 1.0f / (1.0f + expf(-xi));
+      return sg * (1.0f - sg);
+    }
+    case 7: {
+      const float th = tanhf(xi);
+      return 1.0f - th * th;
+    }
+    case 8:
+      return 1.0f / (1.0f + expf(-xi));
+    case 9:
+      return expf(xi);
+    case 10:
+      return -expf(-xi);
+    case 11:
+      return -0.5f * rsqrtf(xi) / xi;
+    default:
+      return -1.0f / (xi * xi);
+  }
+}
+
+__device__ __forceinline__ float grad_value(float g, float x, float scale, int kind, const int32_t* __restrict__ bp,
+                                            int nbp, const float* __restrict__ slopes, int qmin, int qmax) {
+  const float xs = x * scale;
+  const bool inside = (xs >= static_cast<float>(qmin) - 0.5f) && (xs <= static_cast<float>(qmax) + 0.5f);
+  const float der = derivative(kind, inside ? x : 0.0f, xs, bp, nbp, slopes, qmin, qmax);
+  return inside ? g * der : 0.0f;
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// one thread: VEC consecutive elements (VEC = 1 is the unaligned path)
+template <typename T, int VEC>
+__global__ void lut_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
+                                   const float* __restrict__ table, const int64_t* __restrict__ index,
+                                   const int64_t* __restrict__ d, int qmin, int qmax) {
+  const float* row = table + index[0] * static_cast<int64_t>(qmax - qmin + 1);
+  const float scale = ldexpf(1.0f, static_cast<int>(d[0]));
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
+  if (i + VEC <= n) {
+    Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p.v[j] = static_cast<T>(lut_value(to_float(p.v[j]), scale, row, qmin, qmax));
+    *reinterpret_cast<Pack<T, VEC>*>(y + i) = p;
+  } else {
+    for (int64_t k = i; k < n; ++k) y[k] = static_cast<T>(lut_value(to_float(x[k]), scale, row, qmin, qmax));
+  }
+}
+
+template <typename T, int VEC>
+__global__ void lut_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ gx, int64_t n,
+                                    const int64_t* __restrict__ index, const int64_t* __restrict__ d,
+                                    const int32_t* __restrict__ breakpoints, int nbp,
+                                    const float* __restrict__ slopes, int qmin, int qmax, int kind) {
+  const int32_t* bp = breakpoints + index[0] * static_cast<int64_t>(nbp);
+  const float scale = ldexpf(1.0f, static_cast<int>(d[0]));
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
+  if (i + VEC <= n) {
+    const Pack<T, VEC> pg = *reinterpret_cast<const Pack<T, VEC>*>(g + i);
+    Pack<T, VEC> px = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      px.v[j] = static_cast<T>(grad_value(to_float(pg.v[j]), to_float(px.v[j]), scale, kind, bp, nbp, slopes, qmin,
+                                          qmax));
+    *reinterpret_cast<Pack<T, VEC>*>(gx + i) = px;
+  } else {
+    for (int64_t k = i; k < n; ++k)
+      gx[k] = static_cast<T>(grad_value(to_float(g[k]), to_float(x[k]), scale, kind, bp, nbp, slopes, qmin, qmax));
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+int64_t blocks_for(int64_t n, int vec) { return (n + static_cast<int64_t>(THREADS) * vec - 1) / (THREADS * vec); }
+
+// dense in some layout: elementwise work may walk its memory as a flat array
+at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
+void check_scalars(const at::Tensor& x, const at::Tensor& index, const at::Tensor& d) {
+  TORCH_CHECK(x.is_cuda(), "gqa_lut_cuda::lut: x must be a CUDA tensor, got ", x.device());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "gqa_lut_cuda::lut: x must be float32, float16 or bfloat16, got ", t);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.numel() == 1 && index.device() == x.device(),
+              "gqa_lut_cuda::lut: index must be one int64 on x's device");
+  TORCH_CHECK(d.scalar_type() == at::kLong && d.numel() == 1 && d.device() == x.device(),
+              "gqa_lut_cuda::lut: d must be one int64 on x's device");
+}
+
+at::Tensor lut_forward_cuda(const at::Tensor& x_in, const at::Tensor& table, const at::Tensor& index,
+                            const at::Tensor& d, int64_t qmin, int64_t qmax) {
+  check_scalars(x_in, index, d);
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.device() == x_in.device(),
+              "gqa_lut_cuda::lut: table must be contiguous float32 on x's device");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = dense(x_in);
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_forward", [&] {
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (aligned16(x) && aligned16(y)) {
+      lut_forward_kernel<scalar_t, VEC><<<blocks_for(n, VEC), THREADS, 0, stream>>>(
+          xp, yp, n, table.data_ptr<float>(), index.data_ptr<int64_t>(), d.data_ptr<int64_t>(),
+          static_cast<int>(qmin), static_cast<int>(qmax));
+    } else {
+      lut_forward_kernel<scalar_t, 1><<<blocks_for(n, 1), THREADS, 0, stream>>>(
+          xp, yp, n, table.data_ptr<float>(), index.data_ptr<int64_t>(), d.data_ptr<int64_t>(),
+          static_cast<int>(qmin), static_cast<int>(qmax));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor lut_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& slopes,
+                             const at::Tensor& breakpoints, const at::Tensor& index, const at::Tensor& d,
+                             int64_t qmin, int64_t qmax, int64_t kind) {
+  check_scalars(x_in, index, d);
+  TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.is_contiguous(), "gqa_lut_cuda::lut: slopes float32");
+  TORCH_CHECK(breakpoints.scalar_type() == at::kInt && breakpoints.is_contiguous() && breakpoints.dim() == 2,
+              "gqa_lut_cuda::lut: breakpoints must be contiguous int32 (scales, count)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = dense(x_in);
+  at::Tensor g = grad.to(x.scalar_type());
+  if (g.strides() != x.strides() || !g.is_non_overlapping_and_dense()) {  // walk both in one layout
+    x = x.contiguous();
+    g = g.contiguous();
+  }
+  at::Tensor gx = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return gx;
+  const int nbp = static_cast<int>(breakpoints.size(1));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_backward", [&] {
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = gx.data_ptr<scalar_t>();
+    if (aligned16(g) && aligned16(x) && aligned16(gx)) {
+      lut_backward_kernel<scalar_t, VEC><<<blocks_for(n, VEC), THREADS, 0, stream>>>(
+          gp, xp, op, n, index.data_ptr<int64_t>(), d.data_ptr<int64_t>(), breakpoints.data_ptr<int32_t>(), nbp,
+          slopes.data_ptr<float>(), static_cast<int>(qmin), static_cast<int>(qmax), static_cast<int>(kind));
+    } else {
+      lut_backward_kernel<scalar_t, 1><<<blocks_for(n, 1), THREADS, 0, stream>>>(
+          gp, xp, op, n, index.data_ptr<int64_t>(), d.data_ptr<int64_t>(), breakpoints.data_ptr<int32_t>(), nbp,
+          slopes.data_ptr<float>(), static_cast<int>(qmin), static_cast<int>(qmax), static_cast<int>(kind));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gx;
+}
+
+class LutFunction : public torch::autograd::Function<LutFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& table,
+                            const at::Tensor& slopes, const at::Tensor& breakpoints, const at::Tensor& index,
+                            const at::Tensor& d, int64_t qmin, int64_t qmax, int64_t kind) {
+    ctx->save_for_backward({x, slopes, breakpoints, index, d});
+    ctx->saved_data["qmin"] = qmin;
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["kind"] = kind;
+    return lut_forward_cuda(x, table, index, d, qmin, qmax);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    at::Tensor gx = lut_backward_cuda(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["qmin"].toInt(),
+                                      ctx->saved_data["qmax"].toInt(), ctx->saved_data["kind"].toInt());
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor lut_autograd(const at::Tensor& x, const at::Tensor& table, const at::Tensor& slopes,
+                        const at::Tensor& breakpoints, const at::Tensor& index, const at::Tensor& d, int64_t qmin,
+                        int64_t qmax, int64_t kind) {
+  return LutFunction::apply(x, table, slopes, breakpoints, index, d, qmin, qmax, kind);
+}
+
+at::Tensor lut_no_autograd(const at::Tensor& x, const at::Tensor& table, const at::Tensor& slopes,
+                           const at::Tensor& breakpoints, const at::Tensor& index, const at::Tensor& d, int64_t qmin,
+                           int64_t qmax, int64_t kind) {
+  return lut_forward_cuda(x, table, index, d, qmin, qmax);
+}
+
+// the eager entry: the autograd node only where a gradient will be asked for
+at::Tensor lut_eager(const at::Tensor& x, const at::Tensor& table, const at::Tensor& slopes,
+                     const at::Tensor& breakpoints, const at::Tensor& index, const at::Tensor& d, int64_t qmin,
+                     int64_t qmax, int64_t kind) {
+  if (x.requires_grad() && at::GradMode::is_enabled())
+    return LutFunction::apply(x, table, slopes, breakpoints, index, d, qmin, qmax, kind);
+  return lut_forward_cuda(x, table, index, d, qmin, qmax);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lut", &lut_eager, "table value of x with the straight-through backward (ops/cuda_kernel.py)");
+}
+
+TORCH_LIBRARY(gqa_lut_cuda, m) {
+  m.def("lut(Tensor x, Tensor table, Tensor slopes, Tensor breakpoints, Tensor index, Tensor d, int qmin, int qmax, "
+        "int kind) -> Tensor");
+  m.def("lut_backward(Tensor grad, Tensor x, Tensor slopes, Tensor breakpoints, Tensor index, Tensor d, int qmin, "
+        "int qmax, int kind) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gqa_lut_cuda, CUDA, m) {
+  m.impl("lut", &lut_no_autograd);
+  m.impl("lut_backward", &lut_backward_cuda);
+}
+
+TORCH_LIBRARY_IMPL(gqa_lut_cuda, Autograd, m) { m.impl("lut", &lut_autograd); }

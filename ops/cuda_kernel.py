@@ -1,0 +1,101 @@
+"""The LUT op on CUDA as a C++ operator with a C++ autograd node (ops/csrc/lut_cuda.cu), built
+on first use.
+
+Why: in eager mode a table call on a mid-sized tensor is bound by its host side, not the GPU.
+Through the Python autograd.Function and Triton's launcher a LUT forward cost ~30 us of host
+time and a forward+backward ~200 us, against ~6 and ~65 us for `F.gelu` (bench/lut_host_cost.py
+on an H200), so at 2^24 bfloat16 elements (~15 us of GPU time) the table ran 1.3-2.5x native.
+The C++ operator is one dispatcher call from Python; its autograd node saves the input and
+runs the backward kernel without returning to Python.
+
+Built like the CPU kernel (ops/cpu_kernel.py), at first use rather than at install time, with
+`torch.utils.cpp_extension.load` (nvcc and ninja, for the GPU in the machine) into the cache
+folder, keyed by the source, torch's version and the GPU's compute capability. The first call
+on a machine waits for the compiler (about a minute); later processes load the cached library.
+Without nvcc, with a failed build or with `GQA_LUT_CUDA_KERNEL=0`, `op()` returns None and the
+Triton kernels (ops/triton_lut.py) run, with the same forward bits; `status()` says which.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ops.cpu_kernel import cache_dir
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cuda.cu"
+CUDA_FLAGS = ["-O3"]  # no fast math: erff/expf/tanhf as libdevice has them, like Triton's
+
+_state: dict[str, object] = {}
+
+
+def _nvcc() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return None
+
+
+def _build() -> tuple[Optional[Callable[..., torch.Tensor]], str]:
+    if os.environ.get("GQA_LUT_CUDA_KERNEL", "1") == "0":
+        return None, "switched off by GQA_LUT_CUDA_KERNEL=0: the Triton kernels run"
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return None, "no CUDA device: the Triton kernels or the CPU path run"
+    if _nvcc() is None:
+        return None, "no nvcc (set CUDA_HOME): the Triton kernels run"
+    major, minor = torch.cuda.get_device_capability()
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} sm_{major}{minor} {CUDA_FLAGS}".encode()
+                         ).hexdigest()[:16]
+    folder = cache_dir() / f"lut_cuda-{key}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, f"cache folder {str(folder)!r} cannot be made ({exc.strerror}): set GQA_LUT_CACHE"
+    from torch.utils import cpp_extension
+    if not any(folder.glob("*.so")):
+        print(f"gqa-lut: compiling the CUDA LUT operator once for this machine (about a minute) into {folder}",
+              file=sys.stderr)
+    try:
+        ext = cpp_extension.load(name="gqa_lut_cuda", sources=[str(SOURCE)], extra_cuda_cflags=CUDA_FLAGS,
+                                 build_directory=str(folder), is_python_module=True, verbose=False)
+    except Exception as exc:  # a compiler or linker failure: the Triton kernels still work
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        return None, f"nvcc could not build {SOURCE.name} ({first}): the Triton kernels run"
+    return ext.lut, f"C++ operator gqa_lut_cuda::lut from {folder}"
+
+
+def op() -> Optional[Callable[..., torch.Tensor]]:
+    """lut(x, table, slopes, breakpoints, index, d, qmin, qmax, kind): the operator's eager entry
+    (a pybind11 function; the same computation is torch.ops.gqa_lut_cuda.lut), built on the
+    first call of this process, or None where it cannot be."""
+    if "op" not in _state:
+        _state["op"], _state["status"] = _build()
+    return _state["op"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """How the CUDA LUT op runs here: the C++ operator, or why the Triton kernels do."""
+    op()
+    return str(_state["status"])
+
+
+@contextmanager
+def switched_off():
+    """Eager CUDA calls through the Triton kernels for a while, as without the operator (for
+    benchmarks that compare the two in one process)."""
+    op()
+    saved = _state["op"]  # ops.torch_lut asks op() on every call: this takes effect at once
+    _state["op"] = None
+    try:
+        yield
+    finally:
+        _state["op"] = saved
