@@ -11,7 +11,9 @@ One AdamW training step (forward, loss, backward, gradient clipping, update) of
 Each step is timed as median of --reps steps after warm-up, the ratio taken against float in
 the same process. Ways of running a step: `eager`; on CUDA `graph` (the whole step captured
 once as a CUDA graph and replayed: it only captures if the step has no host sync, which this
-checks) and, with --compile, `compile` (torch.compile of the model). Kernel launches per step
+checks) and, with --compile, `compile` (torch.compile of the model); on CUDA also
+`eager-triton`, the eager step with the C++ operators of ops/cuda_kernel.py switched off (the
+Triton kernels behind Python autograd functions), as a baseline in the same process. Kernel launches per step
 come from the profiler. JSON merged into bench/results/qat_speed.json under the device.
 
     python -m bench.qat_speed [--device cpu|cuda] [--reps 20] [--compile] [--quick]
@@ -157,6 +159,16 @@ def captured(step, batch: Callable[[], torch.Tensor]) -> Callable[[], object]:
     return replay
 
 
+def without_cpp_ops(run: Callable[[], object]) -> Callable[[], object]:
+    from ops import cuda_kernel
+
+    def plain() -> object:
+        with cuda_kernel.switched_off():
+            return run()
+
+    return plain
+
+
 def measure(name: str, build, batch, loss_fn, modes: list[str], device: str, reps: int, ways: list[str],
             profile: int = 0) -> list[dict]:
     recs = []
@@ -171,6 +183,8 @@ def measure(name: str, build, batch, loss_fn, modes: list[str], device: str, rep
                     model = torch.compile(model)
                 step = make_step(model, loss_fn, device, capturable=(device == "cuda"))
                 run = captured(step, batch) if way == "graph" else (lambda s=step: s(batch()))
+                if way == "eager-triton":  # the same eager step without the C++ operators
+                    run = without_cpp_ops(run)
                 rec["step_ms"] = time_steps(device, run, reps) * 1e3
                 if device == "cuda" and way != "graph":
                     rec["kernels_per_step"] = kernels_per_step(run, profile if mode == "all-lut" else 0)
@@ -199,7 +213,7 @@ def main() -> None:
     dev = args.device
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    ways = ["eager"] + (["graph"] if dev == "cuda" else []) + (["compile"] if args.compile else [])
+    ways = ["eager"] + (["eager-triton", "graph"] if dev == "cuda" else []) + (["compile"] if args.compile else [])
     reps = 3 if args.quick else args.reps
     recs = []
     if "retnet" in args.models:

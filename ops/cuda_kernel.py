@@ -1,5 +1,5 @@
-"""The LUT op on CUDA as a C++ operator with a C++ autograd node (ops/csrc/lut_cuda.cu), built
-on first use.
+"""The LUT op and the fake quantizers on CUDA as C++ operators with C++ autograd nodes
+(ops/csrc/lut_cuda.cu), built on first use.
 
 Why: in eager mode a table call on a mid-sized tensor is bound by its host side, not the GPU.
 Through the Python autograd.Function and Triton's launcher a LUT forward cost ~30 us of host
@@ -13,7 +13,8 @@ Built like the CPU kernel (ops/cpu_kernel.py), at first use rather than at insta
 folder, keyed by the source, torch's version and the GPU's compute capability. The first call
 on a machine waits for the compiler (about a minute); later processes load the cached library.
 Without nvcc, with a failed build or with `GQA_LUT_CUDA_KERNEL=0`, `op()` returns None and the
-Triton kernels (ops/triton_lut.py) run, with the same forward bits; `status()` says which.
+Triton kernels (ops/triton_lut.py, ops/triton_quant.py) run, with the same forward bits;
+`status()` says which.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -45,7 +47,7 @@ def _nvcc() -> Optional[str]:
     return None
 
 
-def _build() -> tuple[Optional[Callable[..., torch.Tensor]], str]:
+def _build() -> tuple[Optional[ModuleType], str]:
     if os.environ.get("GQA_LUT_CUDA_KERNEL", "1") == "0":
         return None, "switched off by GQA_LUT_CUDA_KERNEL=0: the Triton kernels run"
     if not torch.cuda.is_available() or torch.version.cuda is None:
@@ -70,21 +72,29 @@ def _build() -> tuple[Optional[Callable[..., torch.Tensor]], str]:
     except Exception as exc:  # a compiler or linker failure: the Triton kernels still work
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         return None, f"nvcc could not build {SOURCE.name} ({first}): the Triton kernels run"
-    return ext.lut, f"C++ operator gqa_lut_cuda::lut from {folder}"
+    return ext, f"C++ operator gqa_lut_cuda::lut from {folder}"
+
+
+def extension() -> Optional[ModuleType]:
+    """The built extension (its pybind11 functions `lut`, `tqt`, `weight_fake_quant`), built on
+    the first call of this process, or None where it cannot be."""
+    if "ext" not in _state:
+        _state["ext"], _state["status"] = _build()
+        _state["op"] = getattr(_state["ext"], "lut", None)
+    return _state["ext"]  # type: ignore[return-value]
 
 
 def op() -> Optional[Callable[..., torch.Tensor]]:
     """lut(x, table, slopes, breakpoints, index, d, qmin, qmax, kind): the operator's eager entry
-    (a pybind11 function; the same computation is torch.ops.gqa_lut_cuda.lut), built on the
-    first call of this process, or None where it cannot be."""
+    (a pybind11 function; the same computation is torch.ops.gqa_lut_cuda.lut), or None."""
     if "op" not in _state:
-        _state["op"], _state["status"] = _build()
+        extension()
     return _state["op"]  # type: ignore[return-value]
 
 
 def status() -> str:
     """How the CUDA LUT op runs here: the C++ operator, or why the Triton kernels do."""
-    op()
+    extension()
     return str(_state["status"])
 
 
@@ -92,10 +102,10 @@ def status() -> str:
 def switched_off():
     """Eager CUDA calls through the Triton kernels for a while, as without the operator (for
     benchmarks that compare the two in one process)."""
-    op()
-    saved = _state["op"]  # ops.torch_lut asks op() on every call: this takes effect at once
-    _state["op"] = None
+    extension()
+    saved = _state["ext"], _state["op"]  # asked on every call: this takes effect at once
+    _state["ext"] = _state["op"] = None
     try:
         yield
     finally:
-        _state["op"] = saved
+        _state["ext"], _state["op"] = saved

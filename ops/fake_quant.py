@@ -1,8 +1,10 @@
 """Fake quantizers: TQT (learned power-of-two threshold) and per-channel weights.
 
-On CUDA in eager mode each direction is one Triton kernel (ops/triton_quant.py) instead of
-six to ten elementwise torch ops with full-size temporaries saved for backward: the backward
-recomputes what it needs from the saved input and the scale d. The torch ops here are the
+On CUDA in eager mode each direction is one kernel instead of six to ten elementwise torch ops
+with full-size temporaries saved for backward: the backward recomputes what it needs from the
+saved input and the scale d. The kernels are C++ operators with their own autograd nodes
+where ops/cuda_kernel.py builds them (a Python autograd.Function and a Triton launch cost more
+host time than the kernels' GPU time in a training step), else Triton (ops/triton_quant.py). The torch ops here are the
 reference: the CPU path, what torch.compile traces (and fuses with the neighbouring ops), and
 what the kernels are tested against. Three ways in, picked per call as for the tables
 (`ops.torch_lut.call_path`): the plain function, an autograd.Function (eager training,
@@ -15,7 +17,10 @@ import math
 import torch
 
 from gqa_lut.quantization import int_range
-from ops.torch_lut import call_path, compute_dtype, tracing
+from ops import cuda_kernel
+from ops.torch_lut import call_path, compute_dtype, exporting, tracing
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _eager_cuda(x: torch.Tensor) -> bool:
@@ -137,6 +142,10 @@ def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin:
     """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
     [dmin, dmax] (TQT, Jain et al. 2020); returns (x_q, d). Gradients: straight-through for x,
     TQT's for the threshold."""
+    if x.is_cuda and x.dtype in _CUDA_DTYPES and not tracing() and not exporting():
+        ext = cuda_kernel.extension()  # one C++ call with its own autograd node (ops/cuda_kernel.py)
+        if ext is not None:
+            return ext.tqt(x, log2_threshold, bits, dmin, dmax)
     path = call_path(x, log2_threshold)
     if path == "plain":
         return _tqt_forward(x, log2_threshold, bits, dmin, dmax)
@@ -180,6 +189,10 @@ class _WeightFQFunction(torch.autograd.Function):
 def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel (dim 0) fake quantization at max |w| / (2^(bits-1) - 1),
     straight-through gradient; one kernel on CUDA."""
+    if w.is_cuda and w.dtype == torch.float32 and w.dim() == 2 and not tracing() and not exporting():
+        ext = cuda_kernel.extension()
+        if ext is not None:
+            return ext.weight_fake_quant(w, bits)
     path = call_path(w)
     if path == "plain":
         return _weight_fq(w, bits)

@@ -301,3 +301,35 @@ def test_fused_norm_kernels_follow_the_torch_ops(case, dtype, monkeypatch):
         tol = 2e-3 if dtype == torch.float32 else 8e-3
         for a, b in zip(fused, torch_ops):
             assert _rel(a, b) < tol, (case, grad, dtype, _rel(a, b))
+
+
+def test_cuda_fake_quant_operators_equal_the_triton_kernels():
+    """The C++ TQT and weight fake-quant (ops/csrc/lut_cuda.cu) against ops/triton_quant.py: the
+    same y, d, input gradient and weight bits; the threshold's gradient within float32 rounding
+    of a sum in another order. Aligned, unaligned (a view one element in) and empty inputs."""
+    from ops import cuda_kernel, triton_quant
+    if cuda_kernel._nvcc() is None:
+        pytest.skip("no nvcc: the Triton kernels serve CUDA")
+    ext = cuda_kernel.extension()
+    assert ext is not None, cuda_kernel.status()
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        base = (torch.randn(70_001, device="cuda") * 3).to(dtype)
+        base[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")], device="cuda").to(dtype)
+        for x in (base, base[1:], base[:0]):
+            for bits in (8, 4):
+                lt = torch.tensor(1.3, device="cuda", requires_grad=True)
+                xr = x.detach().requires_grad_(True)
+                y, d = ext.tqt(xr, lt, bits, -40, 40)
+                yw, dw = triton_quant.tqt_forward(x, lt.detach(), bits, -40, 40)
+                assert torch.equal(y, yw) and torch.equal(d, dw) and y.dtype == dtype
+                g = torch.randn(x.shape, device="cuda").to(dtype)
+                y.backward(g)
+                gxw, glw = triton_quant.tqt_backward(g, x, dw, bits)
+                assert torch.equal(xr.grad, gxw)
+                assert torch.allclose(lt.grad, glw, rtol=1e-4, atol=1e-3)
+    w = torch.randn(96, 300, device="cuda", requires_grad=True)
+    for bits in (8, 4):
+        assert torch.equal(ext.weight_fake_quant(w, bits), triton_quant.weight_fake_quant(w.detach(), bits))
+    ext.weight_fake_quant(w, 8).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through

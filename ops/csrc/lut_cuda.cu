@@ -1,4 +1,5 @@
-// The LUT op on CUDA as one C++ operator with its own autograd: gqa_lut_cuda::lut.
+// The LUT op on CUDA as one C++ operator with its own autograd (gqa_lut_cuda::lut), and the
+// fake quantizers of ops/fake_quant.py likewise (`tqt`, `weight_fake_quant`, below the LUT's).
 //
 // Why C++ and not only the Triton kernels (ops/triton_lut.py): at 2^24 bfloat16 elements a
 // kernel takes ~20 us of GPU time, less than the host spends on one Python autograd.Function
@@ -26,7 +27,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 namespace {
 
@@ -270,6 +273,228 @@ at::Tensor lut_no_autograd(const at::Tensor& x, const at::Tensor& table, const a
   return lut_forward_cuda(x, table, index, d, qmin, qmax);
 }
 
+// --- TQT activation fake-quant (ops/triton_quant.py's kernels, operation for operation) --------
+//
+// Forward: d = clamp((bits - 1) - ceil(log2 t), dmin, dmax) read on the device (no host sync),
+// y = clamp(rint(x * 2^d)) * 2^-d with NaN -> 0; d is an output too. Backward: the input's
+// straight-through gradient (grad inside [qmin, qmax] after scaling, 0 outside) and, in the same
+// pass, each block's share of the threshold's gradient, sum(grad * 2^-d * ln 2 * (inside ? q - v : q)),
+// summed after by torch (another order of additions than the CPU path: equal within rounding).
+
+__device__ __forceinline__ float tqt_d(const float* __restrict__ log2t, int bits, int dmin, int dmax) {
+  const float d = static_cast<float>(bits - 1) - ceilf(log2t[0]);
+  return fminf(fmaxf(d, static_cast<float>(dmin)), static_cast<float>(dmax));
+}
+
+template <typename T, int VEC>
+__global__ void tqt_forward_kernel(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ d_out, int64_t n,
+                                   const float* __restrict__ log2t, int bits, int dmin, int dmax) {
+  const float d = tqt_d(log2t, bits, dmin, dmax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) d_out[0] = d;
+  const float up = ldexpf(1.0f, static_cast<int>(d)), down = ldexpf(1.0f, -static_cast<int>(d));
+  const float qmin = -static_cast<float>(1 << (bits - 1)), qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
+  auto fq = [&](float v) {
+    v = (v == v) ? v : 0.0f;
+    return fminf(fmaxf(rintf(v * up), qmin), qmax) * down;
+  };
+  if (i + VEC <= n) {
+    Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p.v[j] = static_cast<T>(fq(to_float(p.v[j])));
+    *reinterpret_cast<Pack<T, VEC>*>(y + i) = p;
+  } else {
+    for (int64_t k = i; k < n; ++k) y[k] = static_cast<T>(fq(to_float(x[k])));
+  }
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[THREADS / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = 0.0f;
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < THREADS / 32 ? warp_sums[threadIdx.x] : 0.0f;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;  // the block's sum, in thread 0
+}
+
+template <typename T, int VEC>
+__global__ void tqt_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ gx,
+                                    const float* __restrict__ d_ptr, float* __restrict__ part, int64_t n, int bits) {
+  const float d = d_ptr[0];
+  const float up = ldexpf(1.0f, static_cast<int>(d)), down = ldexpf(1.0f, -static_cast<int>(d));
+  const float qmin = -static_cast<float>(1 << (bits - 1)), qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
+  float share = 0.0f;
+  auto one = [&](T gv, T xv) -> T {
+    float xf = to_float(xv);
+    const float v = ((xf == xf) ? xf : 0.0f) * up;
+    const float q = fminf(fmaxf(rintf(v), qmin), qmax);
+    const bool inside = (v >= qmin) && (v <= qmax);
+    share += to_float(gv) * down * 0.6931471805599453f * (inside ? q - v : q);
+    return inside ? gv : static_cast<T>(0.0f);
+  };
+  if (i + VEC <= n) {
+    const Pack<T, VEC> pg = *reinterpret_cast<const Pack<T, VEC>*>(g + i);
+    Pack<T, VEC> px = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) px.v[j] = one(pg.v[j], px.v[j]);
+    *reinterpret_cast<Pack<T, VEC>*>(gx + i) = px;
+  } else {
+    for (int64_t k = i; k < n; ++k) gx[k] = one(g[k], x[k]);
+  }
+  const float total = block_sum(share);
+  if (threadIdx.x == 0) part[blockIdx.x] = total;
+}
+
+std::tuple<at::Tensor, at::Tensor> tqt_forward_cuda(const at::Tensor& x_in, const at::Tensor& log2t_in, int64_t bits,
+                                                    int64_t dmin, int64_t dmax) {
+  TORCH_CHECK(x_in.is_cuda() && log2t_in.numel() == 1 && log2t_in.device() == x_in.device(),
+              "gqa_lut_cuda::tqt: x on CUDA, one log2 threshold on its device");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = dense(x_in);
+  const at::Tensor log2t = log2t_in.scalar_type() == at::kFloat ? log2t_in : log2t_in.to(at::kFloat);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor d = at::empty({}, x.options().dtype(at::kFloat));
+  const int64_t n = x.numel();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_tqt_forward", [&] {
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const bool vec = aligned16(x) && aligned16(y);
+    const int v = vec ? VEC : 1;
+    const int64_t blocks = std::max<int64_t>(1, blocks_for(n, v));
+    if (vec)
+      tqt_forward_kernel<scalar_t, VEC><<<blocks, THREADS, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), d.data_ptr<float>(), n, log2t.data_ptr<float>(),
+          static_cast<int>(bits), static_cast<int>(dmin), static_cast<int>(dmax));
+    else
+      tqt_forward_kernel<scalar_t, 1><<<blocks, THREADS, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), d.data_ptr<float>(), n, log2t.data_ptr<float>(),
+          static_cast<int>(bits), static_cast<int>(dmin), static_cast<int>(dmax));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, d};
+}
+
+std::tuple<at::Tensor, at::Tensor> tqt_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in,
+                                                     const at::Tensor& d, int64_t bits) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = dense(x_in);
+  at::Tensor g = grad.to(x.scalar_type());
+  if (g.strides() != x.strides() || !g.is_non_overlapping_and_dense()) {
+    x = x.contiguous();
+    g = g.contiguous();
+  }
+  at::Tensor gx = at::empty_like(x);
+  const int64_t n = x.numel();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor part;
+  GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_tqt_backward", [&] {
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const bool vec = aligned16(g) && aligned16(x) && aligned16(gx);
+    const int v = vec ? VEC : 1;
+    const int64_t blocks = std::max<int64_t>(1, blocks_for(n, v));
+    part = at::empty({blocks}, x.options().dtype(at::kFloat));
+    if (vec)
+      tqt_backward_kernel<scalar_t, VEC><<<blocks, THREADS, 0, stream>>>(
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), d.data_ptr<float>(),
+          part.data_ptr<float>(), n, static_cast<int>(bits));
+    else
+      tqt_backward_kernel<scalar_t, 1><<<blocks, THREADS, 0, stream>>>(
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), d.data_ptr<float>(),
+          part.data_ptr<float>(), n, static_cast<int>(bits));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, part.sum()};
+}
+
+class TqtFunction : public torch::autograd::Function<TqtFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& log2t, int64_t bits, int64_t dmin, int64_t dmax) {
+    auto [y, d] = tqt_forward_cuda(x, log2t, bits, dmin, dmax);
+    ctx->save_for_backward({x, d});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["log2_dtype"] = static_cast<int64_t>(log2t.scalar_type());
+    ctx->mark_non_differentiable({d});
+    return {y, d};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    at::Tensor gy = grads[0].defined() ? grads[0] : at::zeros_like(s[0]);
+    auto [gx, gt] = tqt_backward_cuda(gy, s[0], s[1], ctx->saved_data["bits"].toInt());
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["log2_dtype"].toInt());
+    return {gx, gt.to(dtype), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> tqt_eager(const at::Tensor& x, const at::Tensor& log2t, int64_t bits, int64_t dmin,
+                                             int64_t dmax) {
+  if (at::GradMode::is_enabled() && (x.requires_grad() || log2t.requires_grad())) {
+    auto out = TqtFunction::apply(x, log2t, bits, dmin, dmax);
+    return {out[0], out[1]};
+  }
+  return tqt_forward_cuda(x, log2t, bits, dmin, dmax);
+}
+
+// --- per-output-channel weight fake-quant: max |w| / qmax per row, IEEE division, straight-through
+
+__global__ void weight_fq_kernel_f32(const float* __restrict__ w, float* __restrict__ y, int64_t k, float qmax) {
+  const float* row = w + static_cast<int64_t>(blockIdx.x) * k;
+  float* out = y + static_cast<int64_t>(blockIdx.x) * k;
+  float amax = 0.0f;
+  for (int64_t j = threadIdx.x; j < k; j += THREADS) amax = fmaxf(amax, fabsf(row[j]));
+  __shared__ float warp_max[THREADS / 32];
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_down_sync(0xffffffffu, amax, off));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  __shared__ float scale_s;
+  if (threadIdx.x == 0) {
+    float m = 0.0f;
+    for (int i = 0; i < THREADS / 32; ++i) m = fmaxf(m, warp_max[i]);
+    scale_s = __fdiv_rn(fmaxf(m, 1e-12f), qmax);
+  }
+  __syncthreads();
+  const float scale = scale_s;
+  for (int64_t j = threadIdx.x; j < k; j += THREADS)
+    out[j] = fminf(fmaxf(rintf(__fdiv_rn(row[j], scale)), -qmax - 1.0f), qmax) * scale;
+}
+
+at::Tensor weight_fq_cuda(const at::Tensor& w_in, int64_t bits) {
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  const at::Tensor w = w_in.contiguous();
+  at::Tensor y = at::empty_like(w);
+  const int64_t rows = w.size(0), k = rows ? w.numel() / rows : 0;
+  if (rows && k)
+    weight_fq_kernel_f32<<<rows, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<float>(), y.data_ptr<float>(), k, static_cast<float>((1 << (bits - 1)) - 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+class WeightFqFunction : public torch::autograd::Function<WeightFqFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& w, int64_t bits) {
+    return weight_fq_cuda(w, bits);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], at::Tensor()};  // straight-through
+  }
+};
+
+at::Tensor weight_fq_eager(const at::Tensor& w, int64_t bits) {
+  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kFloat && w.dim() == 2,
+              "gqa_lut_cuda::weight_fake_quant: a 2-D float32 CUDA weight");
+  if (at::GradMode::is_enabled() && w.requires_grad()) return WeightFqFunction::apply(w, bits);
+  return weight_fq_cuda(w, bits);
+}
+
 // the eager entry: the autograd node only where a gradient will be asked for
 at::Tensor lut_eager(const at::Tensor& x, const at::Tensor& table, const at::Tensor& slopes,
                      const at::Tensor& breakpoints, const at::Tensor& index, const at::Tensor& d, int64_t qmin,
@@ -283,6 +508,8 @@ at::Tensor lut_eager(const at::Tensor& x, const at::Tensor& table, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut", &lut_eager, "table value of x with the straight-through backward (ops/cuda_kernel.py)");
+  m.def("tqt", &tqt_eager, "(x fake-quantized at 2^-d, d) with TQT's gradients (ops/fake_quant.py)");
+  m.def("weight_fake_quant", &weight_fq_eager, "per-output-channel weight fake-quant, straight-through");
 }
 
 TORCH_LIBRARY(gqa_lut_cuda, m) {
