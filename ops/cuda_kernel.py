@@ -1,18 +1,19 @@
 """The LUT op and the fake quantizers on CUDA as C++ operators with C++ autograd nodes
 (ops/csrc/lut_cuda.cu), built on first use.
 
-Why: in eager mode a table call on a mid-sized tensor is bound by its host side, not the GPU.
-Through the Python autograd.Function and Triton's launcher a LUT forward cost ~30 us of host
-time and a forward+backward ~200 us, against ~6 and ~65 us for `F.gelu` (bench/lut_host_cost.py
-on an H200), so at 2^24 bfloat16 elements (~15 us of GPU time) the table ran 1.3-2.5x native.
-The C++ operator is one dispatcher call from Python; its autograd node saves the input and
-runs the backward kernel without returning to Python.
+Why: in eager mode a table or quantizer call on a mid-sized tensor is bound by its host side,
+not the GPU. Through the Python autograd.Function and Triton's launcher a LUT forward cost ~30
+us of host time and a forward+backward ~200-280 us, against ~7 and ~70 us for `F.gelu`
+(bench/lut_host_cost.py), so at 2^24 bfloat16 elements (~20 us of GPU time) the table ran
+1.3-2.5x native, and the fake quantizers doubled an eager W8A8 training step. Each operator here
+is one pybind11 call from Python; its autograd node saves the input and runs the backward
+kernel without returning to Python.
 
 Built like the CPU kernel (ops/cpu_kernel.py), at first use rather than at install time, with
 `torch.utils.cpp_extension.load` (nvcc and ninja, for the GPU in the machine) into the cache
 folder, keyed by the source, torch's version and the GPU's compute capability. The first call
 on a machine waits for the compiler (about a minute); later processes load the cached library.
-Without nvcc, with a failed build or with `GQA_LUT_CUDA_KERNEL=0`, `op()` returns None and the
+Without nvcc, with a failed build or with `GQA_LUT_CUDA_KERNEL=0`, `extension()` returns None and the
 Triton kernels (ops/triton_lut.py, ops/triton_quant.py) run, with the same forward bits;
 `status()` says which.
 """
