@@ -49,8 +49,6 @@ def main() -> None:
         x = torch.randn(4096, device="cuda").to(dtype)
         xr = x.detach().requires_grad_(True)
         g = torch.ones_like(x)
-
-
         with torch.no_grad():
             nat_fwd = host_us(lambda: F.gelu(x))
         nat_both = host_us(lambda: F.gelu(xr).backward(g), 500)

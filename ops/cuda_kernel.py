@@ -33,6 +33,7 @@ import torch
 from ops.cpu_kernel import cache_dir
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cuda.cu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the operators take (float64 keeps torch's path)
 CUDA_FLAGS = ["-O3"]  # no fast math: erff/expf/tanhf as libdevice has them, like Triton's
 
 _state: dict[str, object] = {}

@@ -20,8 +20,6 @@ from gqa_lut.quantization import int_range
 from ops import cuda_kernel
 from ops.torch_lut import call_path, compute_dtype, exporting, tracing
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _eager_cuda(x: torch.Tensor) -> bool:
     if not x.is_cuda or tracing():
@@ -142,7 +140,7 @@ def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin:
     """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
     [dmin, dmax] (TQT, Jain et al. 2020); returns (x_q, d). Gradients: straight-through for x,
     TQT's for the threshold."""
-    if x.is_cuda and x.dtype in _CUDA_DTYPES and not tracing() and not exporting():
+    if x.is_cuda and x.dtype in cuda_kernel.DTYPES and not tracing() and not exporting():
         ext = cuda_kernel.extension()  # one C++ call with its own autograd node (ops/cuda_kernel.py)
         if ext is not None:
             return ext.tqt(x, log2_threshold, bits, dmin, dmax)

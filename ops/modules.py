@@ -256,14 +256,20 @@ class RangeReducedLUT(nn.Module):
         m = vf * torch.exp2(-(2 * k if self.op == "rsqrt" else k))
         return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
 
-    def _fused(self, v: torch.Tensor) -> Optional[torch.Tensor]:
-        """One pass where it computes exactly what the torch ops of `forward` do (eager, a fixed
-        scale, the table's own derivative or the slope, not probing or observing): Triton on
-        CUDA (with its own backward), compiled C on the CPU for float32 without autograd. None
-        elsewhere: the torch ops run."""
+    def fusable(self) -> bool:
+        """Whether one-pass kernels compute what the torch ops of `forward` do: a fixed scale,
+        the table's own derivative or the slope, not probing or observing (here and in the
+        norms' kernels, ops/triton_norm.py)."""
         lut = self.lut
-        if tracing() or lut.bypass or lut.observing or lut.scale_mode != "fixed" or not (
-                lut.grad == "slope" or lut.derivative == self.op):
+        return (not lut.bypass and not lut.observing and lut.scale_mode == "fixed"
+                and (lut.grad == "slope" or lut.derivative == self.op))
+
+    def _fused(self, v: torch.Tensor) -> Optional[torch.Tensor]:
+        """One pass where it computes exactly what the torch ops of `forward` do (eager and
+        `fusable`): Triton on CUDA (with its own backward), compiled C on the CPU for float32
+        without autograd. None elsewhere: the torch ops run."""
+        lut = self.lut
+        if tracing() or not self.fusable():
             return None
         qmin, qmax = int_range(lut.table.input_bits)
         rsqrt = self.op == "rsqrt"
@@ -388,12 +394,10 @@ class LUTGroupNorm(_RsqrtTable, nn.GroupNorm):
 # F.rms_norm and F.group_norm (ops/call_sites.py): statistics in float32 (float64 stays), the
 # 1/sqrt through the range-reduced rsqrt table, the result in the input's dtype.
 
-def _fused_norm(x: torch.Tensor, groups: int, size: int, rsqrt: RangeReducedLUT):
-    """ops.triton_norm where it computes what the torch ops below do (else None)."""
+def _norm_kernels_serve(x: torch.Tensor, groups: int, size: int, rsqrt: RangeReducedLUT) -> bool:
+    """Whether ops.triton_norm computes what the torch ops below do for this (eager CUDA) call."""
     from ops import triton_norm
-    if triton_norm.usable(x, groups, size) and triton_norm.fusable(rsqrt):
-        return triton_norm
-    return None
+    return triton_norm.usable(x, groups, size) and rsqrt.fusable()
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -401,9 +405,9 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor]
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     if x.is_cuda and not tracing():  # one Triton pass each way (ops/triton_norm.py)
         size = math.prod(x.shape[d] for d in dims)
-        fused = _fused_norm(x, 1, size, rsqrt)
-        if fused is not None:
-            return fused.layer_norm(x, size, weight, bias, eps, rsqrt)
+        if _norm_kernels_serve(x, 1, size, rsqrt):
+            from ops import triton_norm
+            return triton_norm.layer_norm(x, size, weight, bias, eps, rsqrt)
     # contiguous, as torch's layer_norm makes its input and so its output: a permuted input
     # (timm's LayerNorm2d) then comes back channels-last, as from the float op, and the
     # convolutions after it keep their fast layout
@@ -426,10 +430,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     y = x * A + B with A = r * weight and B = bias - mean * A per (sample, channel), as torch's
     own group_norm kernel computes it: one pass over x, in x's layout (channels-last stays)."""
     n, c = x.shape[:2]
-    if x.dim() == 2 and x.is_cuda and not tracing():  # one Triton pass each way (ops/triton_norm.py)
-        fused = _fused_norm(x, num_groups, c, rsqrt)
-        if fused is not None:
-            return fused.group_norm_2d(x, num_groups, weight, bias, eps, rsqrt)
+    if x.dim() == 2 and x.is_cuda and not tracing() and _norm_kernels_serve(x, num_groups, c, rsqrt):
+        from ops import triton_norm
+        return triton_norm.group_norm_2d(x, num_groups, weight, bias, eps, rsqrt)
     dt = compute_dtype(x)
     stats = None
     if x.dim() > 2 and not tracing() and not (torch.is_grad_enabled() and x.requires_grad):

@@ -330,9 +330,6 @@ class _LUTFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None, None
 
 
-_CUDA_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
               scale_index: torch.Tensor, d: torch.Tensor, input_bits: int,
               derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -345,9 +342,8 @@ def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tens
     if x.is_cuda and isinstance(derivative, str) and not tracing() and not exporting():
         fast = cuda_kernel.op()
         kind = KINDS.get(derivative)
-        if fast is not None and kind is not None and x.dtype in _CUDA_OP_DTYPES:
-            half = 1 << (input_bits - 1)  # int_range(input_bits), inline: this path is about host time
-            return fast(x, table_real, slopes_real, breakpoints, scale_index, d, -half, half - 1, kind)
+        if fast is not None and kind is not None and x.dtype in cuda_kernel.DTYPES:
+            return fast(x, table_real, slopes_real, breakpoints, scale_index, d, *int_range(input_bits), kind)
     path = call_path(x)
     if path == "plain":
         return lookup(x, table_real, scale_index, d, input_bits)

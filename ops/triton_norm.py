@@ -23,10 +23,12 @@ of K = C / G channels, the weight indexed by channel. Other inputs take the torc
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
+from gqa_lut.quantization import int_range
 from ops import triton_lut
 from ops.torch_lut import KINDS
 
@@ -131,11 +133,15 @@ if triton_lut.AVAILABLE:
             tl.store(db_ptr + pid * (G * K) + col, db, mask=inside)
 
 
-def _plan(m: int, g: int, k: int) -> tuple[int, int, int, int]:
+@lru_cache(maxsize=None)
+def _sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plan(m: int, g: int, k: int, device: int) -> tuple[int, int, int, int]:
     """(programs, rows per program, BG, BK): about 8 programs per SM, each walking its rows."""
     bg, bk = triton.next_power_of_2(g), triton.next_power_of_2(k)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    rows = max(1, triton.cdiv(m, 8 * sms))
+    rows = max(1, triton.cdiv(m, 8 * _sms(device)))
     return triton.cdiv(m, rows), rows, bg, bk
 
 
@@ -144,8 +150,7 @@ def _warps(bg: int, bk: int) -> int:
 
 
 def usable(x: torch.Tensor, groups: int, size: int) -> bool:
-    return (ENABLED and triton_lut.AVAILABLE and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and size % groups == 0 and triton.next_power_of_2(groups) * triton.next_power_of_2(size // groups)
+    return (ENABLED and triton_lut.usable(x) and size % groups == 0 and triton.next_power_of_2(groups) * triton.next_power_of_2(size // groups)
             <= MAX_TILE)
 
 
@@ -156,9 +161,10 @@ class _FusedNorm(torch.autograd.Function):
         x2 = x.contiguous()
         m = x2.numel() // size
         k = size // groups
-        qmin, qmax = -(1 << (lut.table.input_bits - 1)), (1 << (lut.table.input_bits - 1)) - 1
+        qmin, qmax = int_range(lut.table.input_bits)
         y = torch.empty_like(x2)
-        p, rows, bg, bk = _plan(m, groups, k)
+        plan = _plan(m, groups, k, x2.device.index)
+        p, rows, bg, bk = plan
         if m:
             _norm_fwd[(p,)](x2, y, weight if weight is not None else x2, bias if bias is not None else x2, m, eps,
                             lut.table_real, lut.scale_index.reshape(1), lut.d_current.reshape(1), QMIN=qmin,
@@ -166,16 +172,15 @@ class _FusedNorm(torch.autograd.Function):
                             HAS_B=bias is not None, num_warps=_warps(bg, bk))
         ctx.save_for_backward(x2, weight, bias, lut.table_real, lut.scale_index, lut.d_current,
                               lut.breakpoints.to(torch.int32).contiguous(), lut.slopes_real.float().contiguous())
-        ctx.args = (groups, k, m, float(eps), qmin, qmax, KINDS["" if lut.grad == "slope" else "rsqrt"])
+        ctx.args = (groups, k, m, float(eps), qmin, qmax, KINDS["" if lut.grad == "slope" else "rsqrt"], plan)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, bias, table, index, d, bp, slopes = ctx.saved_tensors
-        groups, k, m, eps, qmin, qmax, kind = ctx.args
+        groups, k, m, eps, qmin, qmax, kind, (p, rows, bg, bk) = ctx.args
         dy = dy.to(x2.dtype).contiguous()
         dx = torch.empty_like(x2)
-        p, rows, bg, bk = _plan(m, groups, k)
         dw = torch.empty(p, groups * k, device=x2.device, dtype=torch.float32) if weight is not None else None
         db = torch.empty(p, groups * k, device=x2.device, dtype=torch.float32) if bias is not None else None
         if m:
@@ -183,19 +188,10 @@ class _FusedNorm(torch.autograd.Function):
                             db if db is not None else dx, m, eps, table, index.reshape(1), d.reshape(1), bp, slopes,
                             QMIN=qmin, QMAX=qmax, KIND=kind, NBP=bp.shape[-1], G=groups, K=k, BG=bg, BK=bk,
                             ROWS=rows, HAS_W=weight is not None, HAS_B=bias is not None, num_warps=_warps(bg, bk))
-        gw = dw.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None and m else (
-            torch.zeros_like(weight) if weight is not None else None)
-        gb = db.sum(0).reshape(bias.shape).to(bias.dtype) if bias is not None and m else (
-            torch.zeros_like(bias) if bias is not None else None)
+        # the programs' partial sums (none for an empty input: zeros)
+        gw = dw.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
+        gb = db.sum(0).reshape(bias.shape).to(bias.dtype) if bias is not None else None
         return dx, gw, gb, None, None, None, None
-
-
-def fusable(rsqrt) -> bool:
-    """Whether the rsqrt module computes what the kernels do: a fixed scale, its table's own
-    derivative or the slope, not probing or observing (RangeReducedLUT._fused's conditions)."""
-    lut = rsqrt.lut
-    return (not lut.bypass and not lut.observing and lut.scale_mode == "fixed"
-            and (lut.grad == "slope" or lut.derivative == "rsqrt"))
 
 
 def layer_norm(x: torch.Tensor, size: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -30,6 +30,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -161,6 +163,25 @@ int64_t blocks_for(int64_t n, int vec) { return (n + static_cast<int64_t>(THREAD
 // dense in some layout: elementwise work may walk its memory as a flat array
 at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
 
+// a backward's two inputs in one layout (x's, where the gradient has it; else both contiguous),
+// the gradient in x's dtype
+std::pair<at::Tensor, at::Tensor> one_layout(const at::Tensor& grad, const at::Tensor& x_in) {
+  at::Tensor x = dense(x_in);
+  at::Tensor g = grad.to(x.scalar_type());
+  if (g.strides() != x.strides() || !g.is_non_overlapping_and_dense()) return {x.contiguous(), g.contiguous()};
+  return {x, g};
+}
+
+// launch(std::integral_constant<int, V>{}): V = the elements of T in 16 bytes where every
+// pointer is 16-byte aligned, 1 (element by element) otherwise
+template <typename T, typename Launch>
+void by_width(bool aligned, Launch&& launch) {
+  if (aligned)
+    launch(std::integral_constant<int, static_cast<int>(16 / sizeof(T))>{});
+  else
+    launch(std::integral_constant<int, 1>{});
+}
+
 void check_scalars(const at::Tensor& x, const at::Tensor& index, const at::Tensor& d) {
   TORCH_CHECK(x.is_cuda(), "gqa_lut_cuda::lut: x must be a CUDA tensor, got ", x.device());
   const auto t = x.scalar_type();
@@ -184,18 +205,12 @@ at::Tensor lut_forward_cuda(const at::Tensor& x_in, const at::Tensor& table, con
   if (n == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_forward", [&] {
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    if (aligned16(x) && aligned16(y)) {
-      lut_forward_kernel<scalar_t, VEC><<<blocks_for(n, VEC), THREADS, 0, stream>>>(
-          xp, yp, n, table.data_ptr<float>(), index.data_ptr<int64_t>(), d.data_ptr<int64_t>(),
-          static_cast<int>(qmin), static_cast<int>(qmax));
-    } else {
-      lut_forward_kernel<scalar_t, 1><<<blocks_for(n, 1), THREADS, 0, stream>>>(
-          xp, yp, n, table.data_ptr<float>(), index.data_ptr<int64_t>(), d.data_ptr<int64_t>(),
-          static_cast<int>(qmin), static_cast<int>(qmax));
-    }
+    by_width<scalar_t>(aligned16(x) && aligned16(y), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      lut_forward_kernel<scalar_t, V><<<blocks_for(n, V), THREADS, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n, table.data_ptr<float>(), index.data_ptr<int64_t>(),
+          d.data_ptr<int64_t>(), static_cast<int>(qmin), static_cast<int>(qmax));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -209,31 +224,21 @@ at::Tensor lut_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, con
   TORCH_CHECK(breakpoints.scalar_type() == at::kInt && breakpoints.is_contiguous() && breakpoints.dim() == 2,
               "gqa_lut_cuda::lut: breakpoints must be contiguous int32 (scales, count)");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = dense(x_in);
-  at::Tensor g = grad.to(x.scalar_type());
-  if (g.strides() != x.strides() || !g.is_non_overlapping_and_dense()) {  // walk both in one layout
-    x = x.contiguous();
-    g = g.contiguous();
-  }
+  at::Tensor x, g;
+  std::tie(x, g) = one_layout(grad, x_in);
   at::Tensor gx = at::empty_like(x);
   const int64_t n = x.numel();
   if (n == 0) return gx;
   const int nbp = static_cast<int>(breakpoints.size(1));
   auto stream = at::cuda::getCurrentCUDAStream();
   GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_backward", [&] {
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = gx.data_ptr<scalar_t>();
-    if (aligned16(g) && aligned16(x) && aligned16(gx)) {
-      lut_backward_kernel<scalar_t, VEC><<<blocks_for(n, VEC), THREADS, 0, stream>>>(
-          gp, xp, op, n, index.data_ptr<int64_t>(), d.data_ptr<int64_t>(), breakpoints.data_ptr<int32_t>(), nbp,
-          slopes.data_ptr<float>(), static_cast<int>(qmin), static_cast<int>(qmax), static_cast<int>(kind));
-    } else {
-      lut_backward_kernel<scalar_t, 1><<<blocks_for(n, 1), THREADS, 0, stream>>>(
-          gp, xp, op, n, index.data_ptr<int64_t>(), d.data_ptr<int64_t>(), breakpoints.data_ptr<int32_t>(), nbp,
-          slopes.data_ptr<float>(), static_cast<int>(qmin), static_cast<int>(qmax), static_cast<int>(kind));
-    }
+    by_width<scalar_t>(aligned16(g) && aligned16(x) && aligned16(gx), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      lut_backward_kernel<scalar_t, V><<<blocks_for(n, V), THREADS, 0, stream>>>(
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), n, index.data_ptr<int64_t>(),
+          d.data_ptr<int64_t>(), breakpoints.data_ptr<int32_t>(), nbp, slopes.data_ptr<float>(),
+          static_cast<int>(qmin), static_cast<int>(qmax), static_cast<int>(kind));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return gx;
@@ -362,18 +367,12 @@ std::tuple<at::Tensor, at::Tensor> tqt_forward_cuda(const at::Tensor& x_in, cons
   const int64_t n = x.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_tqt_forward", [&] {
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const bool vec = aligned16(x) && aligned16(y);
-    const int v = vec ? VEC : 1;
-    const int64_t blocks = std::max<int64_t>(1, blocks_for(n, v));
-    if (vec)
-      tqt_forward_kernel<scalar_t, VEC><<<blocks, THREADS, 0, stream>>>(
+    by_width<scalar_t>(aligned16(x) && aligned16(y), [&](auto width) {
+      constexpr int V = decltype(width)::value;  // at least one block: it writes d
+      tqt_forward_kernel<scalar_t, V><<<std::max<int64_t>(1, blocks_for(n, V)), THREADS, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), d.data_ptr<float>(), n, log2t.data_ptr<float>(),
           static_cast<int>(bits), static_cast<int>(dmin), static_cast<int>(dmax));
-    else
-      tqt_forward_kernel<scalar_t, 1><<<blocks, THREADS, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), d.data_ptr<float>(), n, log2t.data_ptr<float>(),
-          static_cast<int>(bits), static_cast<int>(dmin), static_cast<int>(dmax));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, d};
@@ -382,30 +381,21 @@ std::tuple<at::Tensor, at::Tensor> tqt_forward_cuda(const at::Tensor& x_in, cons
 std::tuple<at::Tensor, at::Tensor> tqt_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in,
                                                      const at::Tensor& d, int64_t bits) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = dense(x_in);
-  at::Tensor g = grad.to(x.scalar_type());
-  if (g.strides() != x.strides() || !g.is_non_overlapping_and_dense()) {
-    x = x.contiguous();
-    g = g.contiguous();
-  }
+  at::Tensor x, g;
+  std::tie(x, g) = one_layout(grad, x_in);
   at::Tensor gx = at::empty_like(x);
   const int64_t n = x.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor part;
   GQA_DISPATCH(x.scalar_type(), "gqa_lut_cuda_tqt_backward", [&] {
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const bool vec = aligned16(g) && aligned16(x) && aligned16(gx);
-    const int v = vec ? VEC : 1;
-    const int64_t blocks = std::max<int64_t>(1, blocks_for(n, v));
-    part = at::empty({blocks}, x.options().dtype(at::kFloat));
-    if (vec)
-      tqt_backward_kernel<scalar_t, VEC><<<blocks, THREADS, 0, stream>>>(
+    by_width<scalar_t>(aligned16(g) && aligned16(x) && aligned16(gx), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const int64_t blocks = std::max<int64_t>(1, blocks_for(n, V));  // one per share of the sum
+      part = at::empty({blocks}, x.options().dtype(at::kFloat));
+      tqt_backward_kernel<scalar_t, V><<<blocks, THREADS, 0, stream>>>(
           g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), d.data_ptr<float>(),
           part.data_ptr<float>(), n, static_cast<int>(bits));
-    else
-      tqt_backward_kernel<scalar_t, 1><<<blocks, THREADS, 0, stream>>>(
-          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), d.data_ptr<float>(),
-          part.data_ptr<float>(), n, static_cast<int>(bits));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, part.sum()};
