@@ -34,11 +34,12 @@ def acc_bound(slopes: Iterable[int], intercepts: Iterable[int], input_bits: int,
 def intermediate_bound(acc: int, frac_bits: int, d: int, output: Optional[tuple[int, int]]) -> int:
     """Largest |value| a runtime holds at scale d: ACC, and with output quantization ACC plus
     the rounding half before a right shift (and 2^t itself, which a portable floor division
-    forms), or ACC shifted left (before the clamp)."""
+    forms), or ACC shifted left (before the clamp) and the factor 2^-t itself (a table whose
+    ACC is always 0 still multiplies by it: 1 << 48 is undefined in 32 bits)."""
     if output is None:
         return acc
     t = frac_bits + max(d, 0) - output[1]
-    return max(acc + (1 << (t - 1)), 1 << t) if t > 0 else acc << (-t)
+    return max(acc + (1 << (t - 1)), 1 << t) if t > 0 else max(acc << (-t), 1 << (-t))
 
 
 def shifted_bound(acc: int, frac_bits: int, d: int, output_frac_bits: int) -> int:

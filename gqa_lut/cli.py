@@ -23,7 +23,7 @@ from gqa_lut.cli_support import EXIT_USAGE, Parser, examples
 from gqa_lut.config import FitConfig, validate_config
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import check_int
-from gqa_lut.table import OutputFormat, Table, check_writable, load_table, save_table
+from gqa_lut.table import OutputFormat, Table, check_readable, check_writable, load_table, save_table
 
 
 def add_fit_args(p: argparse.ArgumentParser) -> None:
@@ -147,15 +147,19 @@ def default_fit_name(file_op: str, param_bits: int, input_bits: int, segments: i
 def _load_weights(path: Optional[str]) -> Optional[np.ndarray]:
     if path is None:
         return None
+    check_readable(path, "weights file")
     try:
         arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"weights file {path!r} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"weights file {path!r} is not a numpy .npy array: {exc}") from None
-    arr = np.asarray(arr, dtype=np.float64) if np.issubdtype(np.asarray(arr).dtype, np.number) else None
-    if arr is None or not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 2)) or arr.size == 0:
-        raise UsageError(f"weights file {path!r}: expected a 1-D array of samples or (value, weight) rows")
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, EOFError, BadZipFile...: one line
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"weights file {path!r} is not a numpy .npy array: {why}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise UsageError(f"weights file {path!r} is not a numpy .npy array (an .npz archive?)")
+    real = np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)
+    if not real or not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 2)) or arr.size == 0:
+        raise UsageError(f"weights file {path!r}: expected a 1-D array of real samples or (value, weight) rows, "
+                         f"got {arr.dtype} of shape {arr.shape}")
+    arr = np.asarray(arr, dtype=np.float64)
     if not np.all(np.isfinite(arr)) or (arr.ndim == 2 and np.any(arr[:, 1] < 0)):
         raise UsageError(f"weights file {path!r}: values must be finite and weights >= 0")
     return arr
@@ -221,8 +225,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     ibits = args.input_bits if args.input_bits is not None else bits
     extra = {}
     if args.expr is not None:
-        if not args.name.replace("_", "").replace("-", "").isalnum():
-            raise UsageError(f"name {args.name!r} is not allowed: use letters, digits, - and _")
         fn = Expression(args.expr)
         op = custom_op(args.name, fn, *(args.range or (-4.0, 4.0)))
         extra["expr"] = fn.text
@@ -239,8 +241,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     population=args.population, generations=args.generations, patience=args.patience,
                     seed=args.seed, objective=args.objective, weights=_load_weights(args.weights),
                     output=output, chunks=args.workers, extra=extra)
+    check_int("workers", args.workers, 1)
     validate_config(op, cfg)  # every mistake reported before the target is even looked at
-    out = check_writable(args.out or default_fit_name(file_op, pbits, ibits, args.segments, args.objective, output))
+    out = check_writable(args.out if args.out is not None else
+                         default_fit_name(file_op, pbits, ibits, args.segments, args.objective, output))
     bar = ProgressBar(f"fit {op.name}", enabled=None if not (args.quiet or args.json) else False)
     with fitness_map(args.workers) as map_fn:
         table = fit(op, cfg, map_fn=map_fn, progress=bar)
@@ -257,15 +261,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_refit(args: argparse.Namespace) -> int:
-    from gqa_lut.refit import refit
+    from gqa_lut.refit import recorded_request, refit
     from gqa_lut.table import differences
 
     weights = _load_weights(args.weights)
     tables = [(path, load_table(path)) for path in args.tables]
-    if not args.check:
-        for path, _ in tables:
+    # every file, its request and its target checked before the first fit, and every file
+    # written only after the last: one bad file among many changes none of them
+    for path, table in tables:
+        try:
+            validate_config(*recorded_request(table, weights))
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+        if not args.check:
             check_writable(path)
     differ = 0
+    fitted = []
     for path, table in tables:
         new = refit(table, weights)
         if args.check:
@@ -273,9 +284,11 @@ def cmd_refit(args: argparse.Namespace) -> int:
             differ += bool(diff)
             print(f"{path}: reproduced" if not diff else f"{path}: DIFFERS at " + "; ".join(diff[:3]))
         else:
-            save_table(new, path)
-            print(f"{path}: mse {new.metrics['mse']:.4e}, max_abs_err {new.metrics['max_abs_err']:.4e} "
-                  f"({new.search['seconds']:.2f}s)")
+            fitted.append((path, new))
+    for path, new in fitted:
+        save_table(new, path)
+        print(f"{path}: mse {new.metrics['mse']:.4e}, max_abs_err {new.metrics['max_abs_err']:.4e} "
+              f"({new.search['seconds']:.2f}s)")
     return 1 if differ else 0
 
 
@@ -325,7 +338,7 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     check_bits("input bits", args.input_bits)
     check_bits("param bits", args.param_bits)
     op = get_op(args.op)
-    out = check_writable(args.out or Path(args.file).stem + ".gqa.json")
+    out = check_writable(args.out if args.out is not None else Path(args.file).stem + ".gqa.json")
     lo, hi = args.range
     if not lo < hi:
         raise UsageError(f"range [{lo:g}, {hi:g}] is empty or reversed: LO must be below HI")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -15,9 +16,12 @@ import numpy as np
 
 from gqa_lut import bounds
 from gqa_lut.errors import UsageError
-from gqa_lut.functions import Op, custom_op, get_op
+from gqa_lut.functions import CUSTOM_NAME, Op, custom_op, get_op
 from gqa_lut.quantization import check_bits, check_int
 from gqa_lut.table import OutputFormat
+
+
+SEED_MAX = 2 ** 32 - 1  # what numpy's and DEAP's random generators take
 
 
 @dataclass
@@ -55,16 +59,34 @@ class FitConfig:
             "weights": None if self.weights is None else weights_digest(self.weights),
         }
 
+    _RECORDED = ("segments", "param_bits", "input_bits", "frac_bits", "range", "scale_range", "population",
+                 "generations", "seed", "objective", "patience", "cxpb", "mutpb")
+
     @classmethod
     def from_json(cls, doc: dict[str, Any], weights: Optional[np.ndarray] = None) -> "FitConfig":
         """The request recorded by `to_json`; a weighted fit needs its weights back (checked)."""
+        if not isinstance(doc, dict):
+            raise UsageError("search.config: expected an object")
         want = doc.get("weights")
+        if want is not None and not (isinstance(want, dict) and isinstance(want.get("sha256"), str)
+                                     and isinstance(want.get("samples"), int)):
+            raise UsageError("search.config.weights: expected null or {\"sha256\": ..., \"samples\": N}")
         if want is not None and weights is None:
             raise UsageError(f"the table was fitted with weights ({want['samples']} samples, sha256 "
                              f"{want['sha256'][:12]}...): pass the same --weights")
         if want is not None and weights_digest(weights) != want:
             raise UsageError("the weights given are not the ones the table was fitted with (sha256 differs)")
+        missing = [k for k in cls._RECORDED if k not in doc]
+        if missing:
+            raise UsageError(f"search.config: key {missing[0]!r} is missing")
         out = doc.get("output")
+        if out is not None and not (isinstance(out, dict) and {"bits", "frac_bits"} <= set(out)):
+            raise UsageError("search.config.output: expected null or {\"bits\": R, \"frac_bits\": e}")
+        for key in ("range", "scale_range"):
+            v = doc[key]
+            if v is not None and not (isinstance(v, list) and len(v) == 2
+                                      and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)):
+                raise UsageError(f"search.config.{key}: {v!r} is not null or a pair of numbers")
         return cls(segments=doc["segments"], param_bits=doc["param_bits"], input_bits=doc["input_bits"],
                    frac_bits=doc["frac_bits"], range=None if doc["range"] is None else tuple(doc["range"]),
                    scale_range=None if doc["scale_range"] is None else tuple(doc["scale_range"]),
@@ -114,8 +136,9 @@ def resolve_op(op: Op | str | Callable[[np.ndarray], np.ndarray], cfg: FitConfig
     if callable(op):
         if cfg.range is None:
             raise UsageError("a custom function needs a range: pass FitConfig(range=(lo, hi))")
-        name = getattr(op, "__name__", "fn")
-        return custom_op(name if name != "<lambda>" else "fn", op, *cfg.range)
+        name = getattr(op, "__name__", "fn")  # a lambda's "<lambda>", or any odd name: "fn"
+        return custom_op(name if isinstance(name, str) and re.fullmatch(CUSTOM_NAME, name) else "fn", op,
+                         *cfg.range)
     raise UsageError(f"op {op!r} is neither an op name nor a callable")
 
 
@@ -125,8 +148,8 @@ def validate_config(op: Op, cfg: FitConfig) -> FitSpec:
     check_bits("input bits", cfg.input_bits, *bounds.INPUT_BITS)
     check_int("segments", cfg.segments, *bounds.SEGMENTS)
     lo, hi = cfg.range if cfg.range is not None else op.range
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise UsageError(f"range [{lo}, {hi}] is not finite")
+    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)):
+        raise UsageError(f"range [{lo}, {hi}] is not finite: its ends and its width must be finite floats")
     if not lo < hi:
         raise UsageError(f"range [{lo:g}, {hi:g}] is empty or reversed: LO must be below HI")
     op.check_range(lo, hi)
@@ -139,6 +162,11 @@ def validate_config(op: Op, cfg: FitConfig) -> FitSpec:
     if cfg.frac_bits is not None:
         check_int("frac bits", cfg.frac_bits, *bounds.FRAC_BITS)
     check_int("patience", cfg.patience, 1)
+    check_int("seed", cfg.seed, 0, SEED_MAX)
+    for key in ("cxpb", "mutpb"):
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise UsageError(f"{key} {v!r} is not allowed: use a probability from 0 to 1")
     if cfg.output is not None:
         check_output(op, lo, hi, cfg.output)
     if cfg.weights is not None:

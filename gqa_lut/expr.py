@@ -164,4 +164,7 @@ def target_function(table: "Table", expr: str | None = None) -> Callable[[np.nda
             raise UsageError(f"table op {table.op!r} is a custom function and the file carries no "
                              "expression: pass --expr")
         return Expression(text)
+    if expr is not None:
+        raise UsageError(f"--expr is for custom tables: this is a table of the registry op {table.op!r}, "
+                         "evaluated against its own function")
     return get_op(table.op).fn

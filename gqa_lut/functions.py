@@ -10,6 +10,7 @@ that asymptote instead of letting the search bend them to the fitted range.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -185,8 +186,21 @@ def get_op(name: str) -> Op:
         ) from None
 
 
+# A user function's name, the <name> of its table's op custom:<name>: it reaches file names and
+# C/Verilog identifiers and comments, so nothing else (gqa_lut.table.OP_NAME checks files).
+CUSTOM_NAME = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}"
+
+
+def check_custom_name(name: object) -> str:
+    if not isinstance(name, str) or not re.fullmatch(CUSTOM_NAME, name):
+        raise UsageError(f"name {name!r} is not allowed: use 1 to 64 letters, digits, - and _ "
+                         "(not starting with -)")
+    return name
+
+
 def custom_op(name: str, fn: ArrayFn, lo: float, hi: float,
               scale_range: tuple[int, int] = (0, 6)) -> Op:
     """A user function: no known asymptotes, so both outer segments are fitted freely."""
+    check_custom_name(name)
     return Op(f"custom:{name}", fn, (float(lo), float(hi)), scale_range,
               description="user-given function")

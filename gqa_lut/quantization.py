@@ -31,9 +31,18 @@ def check_bits(name: str, bits: int, lo: int = 2, hi: int = 16) -> None:
 def input_codes(lo: float, hi: float, d: int, input_bits: int) -> np.ndarray:
     """G_d of the spec: every input code X in the Q-bit range with lo <= X*2^-d <= hi."""
     qmin, qmax = int_range(input_bits)
-    a = max(math.ceil(math.ldexp(lo, d)), qmin)
-    b = min(math.floor(math.ldexp(hi, d)), qmax)
+    a = max(math.ceil(_on_code_grid(lo, d, qmin, qmax)), qmin)
+    b = min(math.floor(_on_code_grid(hi, d, qmin, qmax)), qmax)
     return np.arange(a, b + 1, dtype=np.int64)
+
+
+def _on_code_grid(v: float, d: int, qmin: int, qmax: int) -> float:
+    """v * 2^d, held within one past the Q-bit range (an end like 1e308 overflows ldexp)."""
+    try:
+        s = math.ldexp(v, d)
+    except OverflowError:
+        s = math.copysign(math.inf, v)
+    return min(max(s, qmin - 1.0), qmax + 1.0)
 
 
 def code_values(codes: np.ndarray, d: int) -> np.ndarray:

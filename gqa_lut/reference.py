@@ -8,7 +8,6 @@ reports how many input codes changed, so nobody believes a lossy conversion is e
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import accumulate
 from gqa_lut.quantization import int_range
 from gqa_lut.segmentation import place
-from gqa_lut.table import Table
+from gqa_lut.table import MAX_TABLE_BYTES, Table, parse_json, read_text_capped
 
 REFERENCE_FRAC_BITS = 6
 
@@ -58,12 +57,7 @@ def _on_grid(values: list, exp: int, what: str) -> np.ndarray:
 
 def read_reference(path: str | Path, op: str | None = None) -> ReferenceTable:
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"reference file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"reference file {str(p)!r} is not readable JSON: {exc}") from None
+    doc = parse_json(read_text_capped(p, "reference file", MAX_TABLE_BYTES), f"reference file {str(p)!r}")
     if not isinstance(doc, dict) or not doc:
         raise UsageError(f"reference file {str(p)!r}: expected an object keyed by op name")
     if op is None:

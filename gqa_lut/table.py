@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -14,9 +15,14 @@ import numpy as np
 
 from gqa_lut import bounds
 from gqa_lut.errors import UsageError
+from gqa_lut.functions import CUSTOM_NAME
 from gqa_lut.quantization import int_range
 
 FORMAT = "gqa-lut/1"
+# What `op` may hold: a registry name, or custom:<name> (lut-format.md section 5). Strict, because
+# the name reaches C and Verilog comments, identifiers and file names: nothing that could end a
+# comment or a string there ("*/", quotes, newlines) can pass.
+OP_NAME = re.compile(rf"(?:[A-Za-z_][A-Za-z0-9_]{{0,63}}|custom:{CUSTOM_NAME})")
 REQUIRED_KEYS = ("format", "op", "range", "segments", "param_bits", "frac_bits", "input_bits",
                  "slopes", "intercepts", "breakpoints")
 
@@ -62,6 +68,7 @@ class Table:
 
     def validate(self) -> "Table":
         """Raise UsageError naming the first field outside the spec (sections 5 and 6); return self."""
+        check_op_name(self.op)
         _check_int("param_bits", self.param_bits, bounds.PARAM_BITS)
         _check_int("input_bits", self.input_bits, bounds.INPUT_BITS)
         _check_int("frac_bits", self.frac_bits, bounds.FRAC_BITS)
@@ -124,6 +131,14 @@ class Table:
         }
 
 
+def check_op_name(op: Any) -> str:
+    """The table's `op` as OP_NAME allows it, else one line naming the value."""
+    if not isinstance(op, str) or not OP_NAME.fullmatch(op):
+        raise UsageError(f"key 'op': {op!r} is not allowed: use a registry name (letters, digits, _; "
+                         "at most 64) or custom:<name> (letters, digits, _ and -; at most 64)")
+    return op
+
+
 def _check_int(key: str, v: Any, allowed: tuple[int, int]) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not allowed[0] <= v <= allowed[1]:
         raise UsageError(f"key '{key}': {v!r} is not an integer from {allowed[0]} to {allowed[1]}")
@@ -162,8 +177,7 @@ def table_from_json(doc: Any) -> Table:
         raise UsageError(f"key 'range': {rng!r} is not [lo, hi]")
     if not all(abs(v) < 1e300 for v in rng):
         raise UsageError(f"key 'range': {rng!r} is not a finite range")
-    if not isinstance(doc["op"], str) or not doc["op"]:
-        raise UsageError(f"key 'op': {doc['op']!r} is not a name")
+    check_op_name(doc["op"])
     bps = doc["breakpoints"]
     if not isinstance(bps, dict):
         raise UsageError("key 'breakpoints': expected an object keyed by scale")
@@ -173,7 +187,7 @@ def table_from_json(doc: Any) -> Table:
             d = int(k)
         except (TypeError, ValueError):
             raise UsageError(f"key 'breakpoints': scale key {k!r} is not an integer") from None
-        if str(d) != k.strip():
+        if str(d) != k:
             raise UsageError(f"key 'breakpoints': scale key {k!r} is not an integer")
         parsed[d] = _int_list(f"breakpoints.{k}", v, bounds.BREAKPOINT)
     out = doc.get("output")
@@ -182,6 +196,9 @@ def table_from_json(doc: Any) -> Table:
         if not isinstance(out, dict) or "bits" not in out or "frac_bits" not in out:
             raise UsageError("key 'output': expected null or {\"bits\": R, \"frac_bits\": e}")
         output = OutputFormat(_int("output.bits", out["bits"]), _int("output.frac_bits", out["frac_bits"]))
+    for key in ("metrics", "search"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise UsageError(f"key '{key}': expected null or an object")
     param_bits = _int("param_bits", doc["param_bits"])
     _check_int("param_bits", param_bits, bounds.PARAM_BITS)
     params = int_range(param_bits)
@@ -202,20 +219,67 @@ def table_from_json(doc: Any) -> Table:
     return table.validate()
 
 
+MAX_TABLE_BYTES = 64 << 20  # a 256-segment table of 16-bit codes at 49 scales is under 1 MB
+
+
+def check_readable(path: str | os.PathLike, what: str, max_bytes: Optional[int] = None) -> Path:
+    """A regular file that exists (never a FIFO, a device or a folder: reading those can block
+    forever or never end), at most `max_bytes` long; one-line UsageError otherwise."""
+    p = Path(path)
+    if str(path) == "":
+        raise UsageError(f"{what} '' is not a file name")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {str(p)!r} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or a device?)"
+        raise UsageError(f"{what} {str(p)!r} is {kind}: give a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UsageError(f"{what} {str(p)!r} is {st.st_size} bytes: at most {max_bytes} are read")
+    return p
+
+
+def read_text_capped(path: str | os.PathLike, what: str, max_bytes: int) -> str:
+    """A regular file's UTF-8 text, refusing more than max_bytes (also if it grows while read)."""
+    p = check_readable(path, what, max_bytes)
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UsageError(f"{what} {str(p)!r} is over {max_bytes} bytes")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {str(p)!r} cannot be read: {exc}") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice is an error (the last one silently won)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise UsageError(f"key {k!r} is given twice in one object")
+        out[k] = v
+    return out
+
+
+def parse_json(text: str, what: str) -> Any:
+    """JSON with one-line errors: syntax, nesting too deep, keys given twice."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise UsageError(f"{what} nests JSON too deeply") from None
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
 def load_table(path: str | os.PathLike) -> Table:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"table file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"table file {str(p)!r} cannot be read: {exc}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"table file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    except RecursionError:
-        raise UsageError(f"table file {str(p)!r} nests JSON too deeply to be a table") from None
+    doc = parse_json(read_text_capped(p, "table file", MAX_TABLE_BYTES), f"table file {str(p)!r}")
     try:
         return table_from_json(doc)
     except UsageError as exc:
@@ -254,13 +318,29 @@ def differences(a: dict, b: dict, rel_tol: float = FLOAT_REL_TOL, path: str = ""
     return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} against {b!r}"]
 
 
+NAME_MAX = 255  # bytes of one file name and of a whole path on Linux (and less on most others)
+PATH_MAX = 4096
+# Temporaries of an atomic write: hidden, beside the target, named by the writing process. A
+# write killed by SIGKILL leaves one; the next write into that folder removes those whose
+# process is gone (and anyone may delete them: nothing reads them).
+TMP_PREFIX = ".gqa-lut-tmp-"
+
+
 def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
     """Refuse, before any work is done, a target that cannot be written or must not be replaced.
 
     A target that exists must be a regular file (never a symlink, device or folder: writing
     through them would replace or clobber something else), and its folder must exist or be
     creatable and be writable. Returns the path."""
+    if str(path) == "":
+        raise UsageError(f"{what} '' is not a file name")
     p = Path(path)
+    too_long = [part for part in p.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise UsageError(f"{what} {str(p)[:60]!r}...: the name {too_long[0][:40]!r}... is "
+                         f"{len(os.fsencode(too_long[0]))} bytes, at most {NAME_MAX} are allowed")
+    if len(os.fsencode(str(p.absolute()))) > PATH_MAX:
+        raise UsageError(f"{what} {str(p)[:60]!r}...: the path is over {PATH_MAX} bytes")
     try:
         st = os.lstat(p)
     except OSError:  # absent, or a path through a file: the folder checks below say which
@@ -315,7 +395,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: st
     p = check_writable(path, what)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        _remove_stale_temporaries(p.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".tmp", dir=p.parent)
     except OSError as exc:
         raise UsageError(f"{what} {str(p)!r} cannot be written: {exc.strerror or exc}") from None
     os.close(fd)
@@ -331,6 +412,32 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: st
         if isinstance(exc, OSError):
             raise UsageError(f"{what} {str(p)!r} cannot be written: {exc.strerror or exc}") from None
         raise
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporaries left in `folder` by writes whose process no longer runs."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            os.unlink(folder / name)
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _write_atomic(path: str | os.PathLike, write: Any) -> None:

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,7 @@ SIGNATURES = {
 }
 
 _state: dict[str, object] = {}
+_BUILD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -114,9 +116,14 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
 
 
 def load() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, built on the first call of this process (None where it cannot be)."""
+    """The compiled kernel, built on the first call of this process (None where it cannot be);
+    threads that ask at once wait for one build."""
     if "dll" not in _state:
-        _state["dll"], _state["status"] = _build()
+        with _BUILD_LOCK:
+            if "dll" not in _state:
+                dll, why = _build()
+                _state["status"] = why
+                _state["dll"] = dll  # last: a reader that sees "dll" sees its status too
     return _state["dll"]  # type: ignore[return-value]
 
 

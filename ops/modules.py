@@ -77,11 +77,8 @@ class LUTActivation(nn.Module):
 
     def _set_table(self, table: Table) -> None:
         self.table = table.validate()
-        values, frac = expand(table)
         dev = self.table_real.device if hasattr(self, "table_real") else None
-        derived = {"table_real": dequantized(values, frac), "table_real64": dequantized(values, frac, torch.float64),
-                   "scales": torch.tensor(table.scales, dtype=torch.int64),
-                   "slopes_real": torch.tensor(table.slopes.tolist(), dtype=torch.float32) * 2.0 ** -table.frac_bits,
+        derived = {**_real_tables(table), "scales": torch.tensor(table.scales, dtype=torch.int64),
                    "breakpoints": torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
                                                dtype=torch.int32).reshape(len(table.scales), -1),
                    "d_current": torch.zeros((), dtype=torch.int64)}
@@ -90,6 +87,17 @@ class LUTActivation(nn.Module):
         if not hasattr(self, "scale_index"):
             self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
         self._register_derivative()
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the tables; `.half()`, `.bfloat16()` or `.double()` must not round
+        them (LUTGELU().bfloat16().float() changed 502 of 2001 outputs): the derived buffers
+        keep their dtypes, rebuilt from the integer table where a cast touched them."""
+        out = super()._apply(fn, recurse)
+        buf = self._buffers
+        if any(buf[k].dtype != dt for k, dt in REAL_TABLE_DTYPES.items()):
+            dev = buf["table_real"].device
+            buf.update({k: t.to(dev) for k, t in _real_tables(self.table).items()})
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -124,8 +132,19 @@ class LUTActivation(nn.Module):
             state_dict.setdefault(prefix + "scale_index", torch.tensor(table_from_json(spec["table"]).scales.index(
                 int(legacy["scale"]))))
         if spec is not None:
-            self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
             table = table_from_json(spec["table"])
+            if self.op is not None:
+                _check_slot(table, self.op, type(self).__name__)
+            if spec["scale_mode"] not in SCALE_MODES or spec["grad"] not in GRAD_MODES:
+                raise ValueError(f"{prefix}table_spec: scale_mode {spec['scale_mode']!r} / grad {spec['grad']!r} "
+                                 f"is not allowed: use {', '.join(SCALE_MODES)} / {', '.join(GRAD_MODES)}")
+        scales = len((table if spec is not None else self.table).scales)
+        index = state_dict.get(prefix + "scale_index")
+        if index is not None and not (index.numel() == 1 and 0 <= int(index) < scales):
+            raise ValueError(f"{prefix}scale_index {index.tolist()} is not allowed: the table has {scales} "
+                             f"scales, index 0 to {scales - 1}")
+        if spec is not None:
+            self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
             if table.to_json() != self.table.to_json():
                 self._set_table(table)
         before = len(missing_keys)
@@ -193,10 +212,31 @@ class LUTActivation(nn.Module):
         return cls(tables.get(cls.op), **kw)
 
 
+REAL_TABLE_DTYPES = {"table_real": torch.float32, "table_real64": torch.float64, "slopes_real": torch.float32}
+
+
+def _real_tables(table: Table) -> dict[str, torch.Tensor]:
+    """The float views of a table the lookups read (exact reals: every 8-bit table's outputs
+    and slopes hold in float32), derived from its integers, never saved."""
+    values, frac = expand(table)
+    slopes = torch.tensor(table.slopes.tolist(), dtype=torch.float64) * 2.0 ** -table.frac_bits
+    return {k: (dequantized(values, frac, dt) if k != "slopes_real" else slopes.to(dt))
+            for k, dt in REAL_TABLE_DTYPES.items()}
+
+
 def _spec_tensor(table_json: dict, scale_mode: str, grad: str) -> torch.Tensor:
     """A table and its modes as UTF-8 JSON bytes in a uint8 tensor: tensor-only state."""
     spec = json.dumps({"table": table_json, "scale_mode": scale_mode, "grad": grad})
     return torch.tensor(list(spec.encode()), dtype=torch.uint8)
+
+
+def _check_slot(table: Table, op: str, who: str) -> Table:
+    """A named drop-in computes its own function: a table of another op in its slot (a LUTSiLU
+    state loaded into a LUTGELU) would silently compute that op instead."""
+    if table.op != op:
+        raise ValueError(f"{who} takes a table of op {op!r}, got one of {table.op!r}: use LUTActivation(table) "
+                         "for a table of another function")
+    return table
 
 
 def activation_class(op: str) -> type:
@@ -204,7 +244,7 @@ def activation_class(op: str) -> type:
     rec = registry.torch_op(op)
 
     def __init__(self, table: Table | str | None = None, **kw: Any) -> None:
-        LUTActivation.__init__(self, as_table(table, rec.tables[0]), **kw)
+        LUTActivation.__init__(self, _check_slot(as_table(table, rec.tables[0]), rec.tables[0], rec.drop_in), **kw)
 
     return type(rec.drop_in, (LUTActivation,), {
         "__init__": __init__, "op": rec.tables[0], "__module__": __name__,
@@ -227,7 +267,8 @@ class RangeReducedLUT(nn.Module):
     rsqrt: v = m * 4^k with m in [1, 4), rsqrt(v) = rsqrt(m) * 2^-k.
     reciprocal: v = m * 2^k with m in [1, 2), 1/v = (1/m) * 2^-k.
     k comes from the float exponent (a leading-zero count in integer hardware); the 2^-k is
-    exact (`octave`). Values <= 0 or NaN are clamped to the smallest positive normal float first.
+    exact (`octave`). Values <= 0 are clamped to the smallest positive normal float first, +inf
+    to the largest; NaN propagates (NaN in, NaN out, as torch.rsqrt and 1/x do), with gradient 0.
     """
 
     def __init__(self, op: str, table: Table | str | None = None, grad: str = "exact"):
@@ -254,7 +295,8 @@ class RangeReducedLUT(nn.Module):
         k = torch.floor(E / 2) if self.op == "rsqrt" else E
         # multiplications by exact powers of two (not torch.ldexp, whose gradient to its input is 0)
         m = vf * torch.exp2(-(2 * k if self.op == "rsqrt" else k))
-        return (self.lut(m) * torch.exp2(-k)).to(v.dtype)
+        y = (self.lut(m) * torch.exp2(-k)).to(v.dtype)
+        return torch.where(torch.isnan(v), v.detach(), y)
 
     def fusable(self) -> bool:
         """Whether one-pass kernels compute what the torch ops of `forward` do: a fixed scale,
@@ -413,7 +455,19 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor]
     # convolutions after it keep their fast layout
     xf = x.to(compute_dtype(x)).contiguous()
     centred = xf - xf.mean(dims, keepdim=True)  # (torch.var_mean is 10-15x slower on the CPU)
-    return _affine(centred * rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps), weight, bias).to(x.dtype)
+    return _affine(centred * rsqrt(mean_square(centred, dims) + eps), weight, bias).to(x.dtype)
+
+
+def mean_square(v: torch.Tensor, dims) -> torch.Tensor:
+    """mean(v^2) over dims, in v's dtype; where float32 squares overflow (rows near 1e20 and
+    beyond: 1e30 gave +-5e10 after the norm, torch's own gives NaN), those statistics again in
+    float64, so the norm still scales such rows to unit size. One check of the small result on
+    the CPU; a traced graph keeps the plain formula (no data-dependent branch there)."""
+    ms = v.pow(2).mean(dims, keepdim=True)
+    if (v.dtype != torch.float64 and v.device.type == "cpu" and not tracing()
+            and bool(torch.isinf(ms).any())):
+        ms = v.double().pow(2).mean(dims, keepdim=True)
+    return ms
 
 
 def rms_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], eps: Optional[float],
@@ -421,7 +475,7 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor], 
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     xf = x.to(compute_dtype(x))
     eps = eps if eps is not None else torch.finfo(x.dtype).eps  # F.rms_norm's default
-    return _affine(xf * rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps), weight, None).to(x.dtype)
+    return _affine(xf * rsqrt(mean_square(xf, dims) + eps), weight, None).to(x.dtype)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -445,7 +499,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     else:
         xg = x.to(dt).reshape(n, num_groups, -1)
         mean = xg.mean(-1, keepdim=True)  # two passes: torch.var_mean is 10x slower on the CPU
-        var = (xg - mean).pow(2).mean(-1, keepdim=True)
+        var = mean_square(xg - mean, -1)
     r = rsqrt(var + eps)  # (n, groups, 1)
     a = r.expand(n, num_groups, c // num_groups).reshape(n, c)
     b = -(mean.expand(n, num_groups, c // num_groups).reshape(n, c) * a)

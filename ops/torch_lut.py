@@ -13,6 +13,7 @@ last to the input's dtype.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -118,16 +119,21 @@ def dequantized(values: torch.Tensor, frac: torch.Tensor, dtype: torch.dtype = t
     return values.to(dtype) * torch.exp2(-frac.to(dtype))[:, None]
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_WORKSPACE = threading.local()  # one scratch per thread: lookups run from data loaders and servers
 
 
 def _workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Reused float32/int32 scratch on the CPU, where fresh large tensors cost page faults that
-    dominate this op's time (CUDA's caching allocator already reuses memory)."""
-    ws = _WORKSPACE.get(device)
+    dominate this op's time (CUDA's caching allocator already reuses memory). Each thread has
+    its own: a shared buffer gave concurrent callers each other's codes (wrong outputs and
+    out-of-range indices). Only the gather's fresh output leaves this function's caller."""
+    spaces = getattr(_WORKSPACE, "by_device", None)
+    if spaces is None:
+        spaces = _WORKSPACE.by_device = {}
+    ws = spaces.get(device)
     if ws is None or ws[0].numel() < n:
         ws = (torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.int32, device=device))
-        _WORKSPACE[device] = ws
+        spaces[device] = ws
     return ws[0][:n], ws[1][:n]
 
 

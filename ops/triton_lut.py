@@ -160,7 +160,8 @@ if AVAILABLE:
         row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
         c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
         t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32), mask=mask, other=0.0)
-        tl.store(y_ptr + offs, _times_pow2(t, -k).to(y_ptr.dtype.element_ty), mask=mask)
+        y = tl.where(v == v, _times_pow2(t, -k), v)  # NaN propagates
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _range_reduced_bwd(g_ptr, v_ptr, gv_ptr, n, index_ptr, d_ptr, bp_ptr, slope_ptr, QMIN: tl.constexpr,

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("tables", nargs="+", help="table files of one op")
     p.add_argument("--out", required=True, help="figure file, written exactly as named")
     p.add_argument("--scale", type=int, help="input scale d to plot (default: the finest the tables share)")
-    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="x range to show (default: the table's)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="x range to show, within the inputs the scale represents (default: the table's)")
     p.add_argument("--format", help="png, svg or pdf (default: from --out's suffix, else png)")
     p.add_argument("--convergence", action="store_true", help="plot best/mean fitness per generation")
     p.add_argument("--label", action="append", help="legend label per table, repeated (default: file name)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import math
+
 import numpy as np
 
 from gqa_lut.errors import UsageError
@@ -30,12 +32,12 @@ def plot_tables(tables: Sequence[Table], fn: Callable[[np.ndarray], np.ndarray],
     for t, name in zip(tables, labels):
         if scale not in t.scales:
             raise UsageError(f"scale {scale} is not in {name}: it has scales {t.scales}")
-    if view is None:  # the fitted range, as far as this scale's input codes reach
-        qmin, qmax = int_range(tables[0].input_bits)
-        lo = max(tables[0].range[0], qmin * 2.0 ** -scale)
-        hi = min(tables[0].range[1], qmax * 2.0 ** -scale)
-    else:
-        lo, hi = view
+    # the fitted range (or the view asked for), as far as this scale's input codes reach
+    lo, hi = tables[0].range if view is None else view
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UsageError(f"range [{lo:g}, {hi:g}] is not finite")
+    qmin, qmax = int_range(tables[0].input_bits)
+    lo, hi = max(lo, qmin * 2.0 ** -scale), min(hi, qmax * 2.0 ** -scale)
     if not lo < hi:
         raise UsageError(f"range [{lo:g}, {hi:g}] is empty or reversed")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, height_ratios=(3, 2))

@@ -345,6 +345,10 @@ int main(int argc, char **argv) {
 '''
 
 
+# what `retnet export-c` writes into its folder (write_program's four, and int_commands' model.json)
+PROGRAM_FILES = ("tables.h", "model.h", "retnet.c", "README.txt", "model.json")
+
+
 def write_program(m: IntegerModel, out: Path) -> list[Path]:
     """Write the four files into `out` (created; an existing folder's other files are kept).
     Every file's text is made first: a model the program cannot hold leaves no folder behind."""

@@ -26,19 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         epilog=examples("gqa-lut retnet eval",
                                         "gqa-lut retnet eval --checkpoint runs/tiny.pt --out tiny.json"))
     r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="checkpoint from `retnet train`")
-    r.add_argument("--out", default="bench/results/retnet_cpu.json", help="results file")
+    r.add_argument("--out", default="runs/retnet_cpu.json", help="results file")
     _device(r)
     r.set_defaults(handler=cmd_eval)
-    r = rsub.add_parser("report", help="combine results into bench/results/retnet.json and a table",
-                        epilog=examples("gqa-lut retnet report bench/results/retnet_cpu.json",
-                                        "gqa-lut retnet report bench/results/retnet_cpu.json "
-                                        "bench/results/retnet_gpu.json --plot"))
-    r.add_argument("results", nargs="*", default=["bench/results/retnet_cpu.json"],
-                   help="results files of `retnet eval` (default: bench/results/retnet_cpu.json)")
-    r.add_argument("--out", default="bench/results/retnet.json", help="combined results file")
-    r.add_argument("--markdown", default="bench/results/retnet.md", help="markdown table file")
-    r.add_argument("--plot", nargs="?", const="bench/results/retnet.png",
-                   help="also draw a chart (PNG path; bench/results/retnet.png when given alone)")
+    r = rsub.add_parser("report", help="combine results into runs/retnet.json and a table",
+                        epilog=examples("gqa-lut retnet report runs/retnet_cpu.json",
+                                        "gqa-lut retnet report runs/retnet_cpu.json runs/retnet_gpu.json --plot"))
+    r.add_argument("results", nargs="*", default=["runs/retnet_cpu.json"],
+                   help="results files of `retnet eval` (default: runs/retnet_cpu.json)")
+    r.add_argument("--out", default="runs/retnet.json", help="combined results file")
+    r.add_argument("--markdown", default="runs/retnet.md", help="markdown table file")
+    r.add_argument("--plot", nargs="?", const="runs/retnet.png",
+                   help="also draw a chart (PNG path; runs/retnet.png when given alone)")
     r.set_defaults(handler=cmd_report)
 
     r = rsub.add_parser("qat-int", help="fine-tune through the integer graph (what export-c writes)",
@@ -58,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = rsub.add_parser("check-int", help="float vs fake-quant vs integer reference (vs the C program)",
                         epilog=examples("gqa-lut retnet check-int --checkpoint runs/retnet_cpu_int.pt",
                                         "gqa-lut retnet check-int --checkpoint runs/retnet_cpu_int.pt --c retnet_c "
-                                        "--json bench/results/retnet_int_cpu.json"))
+                                        "--json runs/retnet_int_cpu.json"))
     r.add_argument("--checkpoint", default="runs/retnet_cpu_int.pt", help="integer (or float) checkpoint")
     r.add_argument("--c", dest="c_dir", help="a folder written by `retnet export-c`: built and run on every window")
     r.add_argument("--windows", type=int, help="test windows (default: the preset's; all for cpu and gpu)")
@@ -68,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         epilog=examples("gqa-lut retnet study --checkpoint runs/retnet_cpu.pt",
                                         "gqa-lut retnet study --rows quantizer bits --seeds 3 --plot"))
     r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="float checkpoint from `retnet train`")
-    r.add_argument("--out", default="bench/results/retnet_study_cpu.json",
+    r.add_argument("--out", default="runs/retnet_study_cpu.json",
                    help="results (resumed when it holds runs of the same checkpoint); a .md beside it")
     r.add_argument("--seeds", type=int, default=3, help="seeds per QAT row (default 3)")
     r.add_argument("--windows", type=int, default=256, help="test windows (default 256)")
@@ -127,8 +126,10 @@ def cmd_qat_int(args: argparse.Namespace) -> int:
 
 
 def cmd_export_c(args: argparse.Namespace) -> int:
-    from retnet_integration import int_commands
+    from retnet_integration import c_export, int_commands
 
+    for name in c_export.PROGRAM_FILES:  # before the model is loaded: a bad --out costs nothing
+        check_writable(Path(args.out) / name, "--out")
     int_commands.run_export(Path(args.checkpoint), Path(args.out), _log)
     return 0
 
@@ -148,7 +149,7 @@ def cmd_check_int(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from retnet_integration import study
 
-    out = Path(args.out)
+    out = check_writable(args.out)
     plot = None if args.plot is None else Path(args.plot or out.with_suffix(".png"))
     for target in (out, out.with_suffix(".md"), plot):
         if target is not None:

@@ -8,7 +8,6 @@ works everywhere too: it is calibrated on the spot, without QAT.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import subprocess
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from gqa_lut.errors import UsageError
-from gqa_lut.table import write_atomic, write_json_atomic
+from gqa_lut.table import parse_json, read_text_capped, write_atomic, write_json_atomic
 from retnet_integration import int_reference as ref
 from retnet_integration.data import eval_windows, load_corpus
 from retnet_integration.int_graph import IntSim
@@ -115,7 +114,7 @@ def _run_c(folder: Path, windows: np.ndarray, vocab: int) -> tuple[np.ndarray, f
     if not (folder / "retnet.c").is_file() or not meta.is_file():
         raise UsageError(f"--c {str(folder)!r} holds no exported program: write one with `gqa-lut retnet export-c`")
     exe = c_export.build(folder)
-    outs, seconds = [], 0.0
+    outs, seconds = [], 0.0  # the program exported with this checkpoint (checked above) prints this format
     for w in windows:
         run = subprocess.run([str(exe), "logits"], input=bytes(w.astype(np.uint8)), capture_output=True)
         if run.returncode != 0:
@@ -135,10 +134,11 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     if c_dir is not None:
         meta_path = Path(c_dir) / "model.json"
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("config", {}) != sim.net.cfg.to_dict():
+            meta = parse_json(read_text_capped(meta_path, "--c model.json", 1 << 20), f"--c {str(meta_path)!r}")
+            if not isinstance(meta, dict) or meta.get("config", {}) != sim.net.cfg.to_dict():
                 raise UsageError(f"--c {str(c_dir)!r} was exported for a model of another shape "
-                                 f"({meta.get('config')}) than {str(checkpoint)!r}: export it again")
+                                 f"({meta.get('config') if isinstance(meta, dict) else meta!r}) than "
+                                 f"{str(checkpoint)!r}: export it again")
     _, tcfg = get_preset(extra.get("preset", "cpu"))
     test = eval_windows(load_corpus().test, tcfg.seq_len, windows or tcfg.eval_windows)
     x, y = test[:, :-1], test[:, 1:].numpy()

@@ -6,12 +6,11 @@ eval:   from the checkpoint, test bits per character for float, W8, W8A8, W8A8 +
         alone, all LUT ops, and after a short quantization-aware fine-tune with all LUT ops
         (direct, and the 'latent' schedule: float fine-tune first, then quantized); plus the
         quantized model's recurrent-vs-parallel next-token agreement. Writes a results JSON.
-report: results JSONs -> bench/results/retnet.json and a markdown table (--plot: a chart).
+report: results JSONs -> runs/retnet.json (the published ones: bench/results/) and a markdown table (--plot: a chart).
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,13 +20,14 @@ from typing import Callable, Optional
 import torch
 
 from gqa_lut.errors import UsageError
-from gqa_lut.table import write_atomic, write_json_atomic, write_text_atomic
+from gqa_lut.table import (check_readable, parse_json, read_text_capped, write_atomic, write_json_atomic,
+                           write_text_atomic)
+
+MAX_RESULTS_BYTES = 64 << 20
 from retnet_integration.data import Corpus, eval_windows, load_corpus, random_windows
 from retnet_integration.model import RetNet, RetNetConfig
 from retnet_integration.quantize import LUT_OPS, quantize_
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 @dataclass
@@ -100,14 +100,16 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
 
 def read_checkpoint(path: Path, device: torch.device) -> tuple[RetNet, dict]:
     """The model (in eval mode) and the whole checkpoint document, read once."""
-    if not Path(path).is_file():
+    if not Path(path).exists() and not Path(path).is_symlink():
         raise UsageError(f"checkpoint {str(path)!r} does not exist: train one with `gqa-lut retnet train`")
+    check_readable(path, "checkpoint")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
         model = RetNet(RetNetConfig(**ck["config"])).to(device)
         model.load_state_dict(ck["state_dict"])
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as exc:
-        raise UsageError(f"checkpoint {str(path)!r} is not a RetNet checkpoint: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a broken or foreign file raises, one line
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"checkpoint {str(path)!r} is not a RetNet checkpoint: {why}") from None
     return model.eval(), ck  # evaluated (and calibrated) without dropout
 
 
@@ -342,17 +344,18 @@ def markdown(docs: list[dict]) -> str:
 def run_report(inputs: list[Path], out_json: Path, out_md: Path, log: Callable[[str], None] = print) -> dict:
     docs = []
     for p in inputs:
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise UsageError(f"results file {str(p)!r} does not exist: run `gqa-lut retnet eval` first")
-        try:
-            docs.append(json.loads(Path(p).read_text()))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"results file {str(p)!r} is not JSON: {exc.msg}") from None
-        if docs[-1].get("benchmark") != "retnet":
+        doc = parse_json(read_text_capped(p, "results file", MAX_RESULTS_BYTES), f"results file {str(p)!r}")
+        if not isinstance(doc, dict) or doc.get("benchmark") != "retnet" or not isinstance(doc.get("rows"), list):
             raise UsageError(f"results file {str(p)!r} is not a RetNet results file")
+        docs.append(doc)
+    try:
+        md = markdown(docs)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"results files: a run lacks what `retnet eval` writes ({type(exc).__name__}: {exc})") from None
     combined = {"benchmark": "retnet", "runs": docs}
     write_json_atomic(out_json, combined)
-    md = markdown(docs)
     write_text_atomic(out_md, md)
     log(md)
     return combined

@@ -232,7 +232,8 @@ static void range_reduced(const float *restrict v, float *restrict y, const floa
         float c = rintf(m * scale);
         c = c < lo ? lo : (c > hi ? hi : c);
         int half = (-k) >= 0 ? (-k) / 2 : -((1 + k) / 2); /* floor(-k / 2) */
-        y[i] = (table[(int32_t)c - qmin] * pow2i(half)) * pow2i(-k - half);
+        float r = (table[(int32_t)c - qmin] * pow2i(half)) * pow2i(-k - half);
+        y[i] = (v[i] == v[i]) ? r : v[i]; /* NaN propagates */
     }
 }
 

@@ -1,0 +1,243 @@
+"""What a careless user or an attacker feeds the tool: strings that reach generated code, threads,
+odd files and values, interrupted writes. Each must be refused in one line or handled right."""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gqa_lut.cli import main
+from gqa_lut.errors import UsageError
+from gqa_lut.table import TMP_PREFIX, load_table, write_json_atomic
+from ops.tables import TABLE_DIR, default_table
+
+GELU = TABLE_DIR / "gelu.json"
+
+
+def _doc(**changes):
+    doc = json.loads(GELU.read_text())
+    doc.update(changes)
+    return doc
+
+
+# --- 1. strings that reach C, Verilog, ONNX and file names ----------------------------------
+
+INJECTIONS = ["gelu */ int evil(void) { return 1; } /*", 'gelu"', "gelu\nint x;", "custom:a b", "custom:-x",
+              "", "custom:", "x" * 65, "custom:" + "y" * 65, "gélu", "../gelu", 7, None]
+
+
+@pytest.mark.parametrize("op", INJECTIONS)
+def test_loader_refuses_an_op_that_is_not_a_name(op, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_doc(op=op)))
+    with pytest.raises(UsageError, match="key 'op'") as exc:
+        load_table(path)
+    assert "\n" not in str(exc.value)
+    assert main(["export", str(path), "--c", str(tmp_path / "t.h")]) == 2
+    assert not (tmp_path / "t.h").exists()
+
+
+def test_a_table_object_with_a_bad_op_is_refused_before_export():
+    from gqa_lut.export_c import export_c
+    t = default_table("gelu")
+    with pytest.raises(UsageError, match="key 'op'"):
+        export_c(t.with_(op="gelu */ int evil(void) { return 1; } /*"))
+    for op in ("gelu", "custom:mish", "custom:my-act_2"):
+        assert t.with_(op=op).validate().op == op
+
+
+def test_fit_refuses_a_bad_name_before_fitting(tmp_path):
+    for name in ("a" * 300, "-x", "a b", "a*/b"):
+        assert main(["fit", "--expr", "x", "--name", name, "--out", str(tmp_path / "t.json")]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+# --- 2. lookups from several threads --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_concurrent_lookups_from_four_threads(dtype, kernel, monkeypatch):
+    """float16 always, and float32/bfloat16 without the compiled kernel, shared one scratch
+    buffer: 4 threads got each other's codes (47 wrong outputs and 32 IndexErrors in 100)."""
+    from ops import cpu_kernel
+    from ops.modules import LUTSiLU
+    if not kernel:
+        monkeypatch.setattr(cpu_kernel, "_state", {"dll": None, "status": "off for this test"})
+    m = LUTSiLU()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(50_000 + 1_000 * i, generator=gen) * 6).to(dtype) for i in range(8)]
+    with torch.no_grad():
+        want = [m(x) for x in inputs]
+    errors, wrong = [], []
+    barrier = threading.Barrier(4)
+
+    def worker(k):
+        try:
+            barrier.wait()
+            for rep in range(25):
+                i = (k + rep) % len(inputs)
+                with torch.no_grad():
+                    y = m(inputs[i])
+                if not torch.equal(y, want[i]):
+                    wrong.append(i)
+        except Exception as exc:  # noqa: BLE001 - any failure in a thread is the bug
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []
+
+
+# --- 5. checked before work starts; interrupted writes --------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "seed -1 is not allowed"),
+    (["--seed", str(2 ** 32)], "is not allowed"),
+    (["--out", "x" * 300 + ".json"], "at most 255"),
+    (["--out", ""], "'' is not a file name"),
+    (["--out", "sub/" + "y" * 256], "at most 255"),
+])
+def test_fit_refuses_before_any_fitting(args, message, tmp_path, capsys):
+    code = main(["fit", "--op", "gelu", "--generations", "2000", "--population", "200", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_refit_writes_none_when_one_file_is_bad(tmp_path, capsys):
+    good, bad = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["fit", "--op", "hswish", "--segments", "4", "--generations", "2", "--quiet", "--out", str(good)]) == 0
+    before = good.read_bytes()
+    doc = json.loads(before)
+    del doc["search"]["config"]["segments"]
+    bad.write_text(json.dumps(doc))
+    assert main(["refit", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "b.json" in err and "'segments' is missing" in err
+    assert good.read_bytes() == before
+
+
+def test_refit_validates_every_request_before_the_first_fit(tmp_path, capsys):
+    good, bad = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["fit", "--op", "hswish", "--segments", "4", "--generations", "2", "--quiet", "--out", str(good)]) == 0
+    before = good.read_bytes()
+    doc = json.loads(before)
+    doc["search"]["config"]["seed"] = -5
+    bad.write_text(json.dumps(doc))
+    assert main(["refit", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "b.json" in err and "seed -5 is not allowed" in err
+    assert good.read_bytes() == before
+
+
+def test_a_killed_write_leaves_a_temporary_the_next_write_removes(tmp_path):
+    import subprocess
+    import sys
+    target = tmp_path / "t.json"
+    # a writer killed inside the write: its temporary stays, named by its (now gone) process
+    code = ("import os, signal, json; from gqa_lut import table; "
+            "table.json.dump = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+            f"table.write_json_atomic({str(target)!r}, {{}})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9
+    left = [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
+    assert len(left) == 1 and not target.exists()
+    write_json_atomic(target, {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["t.json"]
+
+
+# --- 6. odd input accepted silently ----------------------------------------------------------
+
+def test_complex_weights_are_refused(tmp_path, capsys):
+    w = tmp_path / "w.npy"
+    np.save(w, np.array([1 + 2j, 0.5j]))
+    assert main(["fit", "--op", "gelu", "--weights", str(w), "--out", str(tmp_path / "t.json")]) == 2
+    assert "complex128" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_duplicate_keys_in_a_table_file_are_refused(tmp_path):
+    text = GELU.read_text()
+    first = text.index('"0": [')
+    end = text.index("]", first) + 1
+    dup = text[:end] + ", " + text[first:end] + text[end:]
+    path = tmp_path / "t.json"
+    path.write_text(dup)
+    with pytest.raises(UsageError, match="given twice"):
+        load_table(path)
+    path.write_text(text.replace('"0": [', '" 0": ['))
+    with pytest.raises(UsageError, match="not an integer"):
+        load_table(path)
+
+
+def test_a_state_dict_of_another_op_is_refused():
+    from ops.modules import LUTGELU, LUTSiLU
+    g = LUTGELU()
+    with pytest.raises(ValueError, match="takes a table of op 'gelu', got one of 'swish'"):
+        g.load_state_dict(LUTSiLU().state_dict())
+    with pytest.raises(ValueError, match="got one of 'swish'"):
+        LUTGELU(default_table("swish"))
+    x = torch.linspace(-5, 5, 101)
+    assert torch.equal(g(x), LUTGELU()(x))  # the refused load changed nothing
+
+
+def test_a_scale_index_outside_the_table_is_refused():
+    from ops.modules import LUTGELU
+    sd = LUTGELU().state_dict()
+    for bad in (-1, 7, 100):
+        sd["scale_index"] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="scale_index"):
+            LUTGELU().load_state_dict(sd)
+
+
+def test_range_reduced_lookup_propagates_nan():
+    from ops.modules import RangeReducedLUT
+    for op in ("rsqrt", "reciprocal"):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            r = RangeReducedLUT(op)
+            v = torch.tensor([float("nan"), 4.0, 2.0], dtype=dtype)
+            y = r(v)
+            assert torch.isnan(y[0]) and torch.isfinite(y[1:]).all()
+            vg = v.clone().float().requires_grad_(True)
+            r(vg).sum().backward()
+            assert vg.grad[0] == 0 and torch.isfinite(vg.grad).all()
+
+
+def test_norms_of_rows_near_1e30_are_unit_size():
+    """float32 squares of 1e30 overflow: LUTLayerNorm gave +-5e10 (torch's own layer_norm NaN)."""
+    from ops.modules import LUTGroupNorm, LUTLayerNorm, LUTRMSNorm
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen) * 1e30
+    exact = torch.nn.functional.layer_norm(x.double(), (64,))
+    y = LUTLayerNorm(64)(x).double()
+    assert torch.allclose(y, exact, rtol=0.02, atol=0.02)  # the rsqrt table's error, 8-bit
+    rms = x.double() / x.double().pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(LUTRMSNorm(64)(x).double(), rms, rtol=0.02, atol=0.02)
+    gn = torch.nn.functional.group_norm(x.double(), 4)
+    assert torch.allclose(LUTGroupNorm(4, 64)(x).double(), gn, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_a_dtype_round_trip_keeps_the_tables(cast):
+    """LUTGELU().bfloat16().float() rounded its tables: 502 of 2001 outputs changed."""
+    from ops.modules import LUTGELU
+    x = torch.linspace(-8, 8, 2001)
+    want = LUTGELU()(x)
+    m = getattr(LUTGELU(), cast)().float()
+    assert torch.equal(m(x), want)
+    assert m.table_real.dtype == torch.float32 and m.table_real64.dtype == torch.float64
+
+
+def test_regular_files_only_and_size_capped(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args in (["eval", str(fifo)], ["fit", "--op", "gelu", "--weights", str(fifo)],
+                 ["eval", str(tmp_path)], ["eval", "/dev/zero"], ["eval", ""]):
+        assert main(args) == 2  # returns at once: nothing opens the FIFO for reading
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("regular file" in err or "not a file name" in err), err
