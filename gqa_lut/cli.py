@@ -177,12 +177,16 @@ def _metrics_rows(table: Table, m: dict) -> list[str]:
 
 
 def _summary(table: Table, out: Path) -> str:
+    from gqa_lut.evaluator import outside_line
+    from gqa_lut.expr import target_function
+
     s = table.search or {}
     head = (f"{table.op}: {table.segments} segments, param {table.param_bits} bits (frac {table.frac_bits}), "
             f"input {table.input_bits} bits, scales {table.scales[0]}..{table.scales[-1]}, "
             f"range [{table.range[0]:g}, {table.range[1]:g}]")
     tail = f"fitted in {s.get('seconds', 0):.2f}s ({s.get('generations_run', 0)} generations) -> {out}"
     rows = _metrics_rows(table, table.metrics or {})
+    rows.append(outside_line(table, target_function(table), (table.metrics or {})["max_abs_err"]))
     rows.append(bound_line(s))
     if s.get("weighted"):
         rows.append(f"weighted {s.get('objective', 'mse')} {s.get('objective_value', float('nan')):.4e} "
@@ -251,8 +255,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     bar.close()
     save_table(table, out)
     if args.json:
+        from gqa_lut.evaluator import outside_metrics
+        from gqa_lut.expr import target_function
+        outside = outside_metrics(table, target_function(table), table.metrics["max_abs_err"])
         print(json.dumps({"file": str(out), "op": table.op, "segments": table.segments,
-                          "frac_bits": table.frac_bits, "metrics": table.metrics,
+                          "frac_bits": table.frac_bits, "metrics": table.metrics, "outside": outside,
                           "lower_bound": table.search["lower_bound"], "optimal": table.search["optimal"],
                           "seconds": table.search["seconds"]}, indent=2))
     elif not args.quiet:
@@ -293,18 +300,21 @@ def cmd_refit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gqa_lut.evaluator import max_abs_acc, metrics
+    from gqa_lut.evaluator import max_abs_acc, metrics, outside_line, outside_metrics
     from gqa_lut.expr import target_function
 
     table = load_table(args.table)
-    m = metrics(table, target_function(table, args.expr))
+    fn = target_function(table, args.expr)
+    m = metrics(table, fn)
     if args.json:
         print(json.dumps({"file": args.table, "op": table.op, "metrics": m,
+                          "outside": outside_metrics(table, fn, m["max_abs_err"]),
                           "max_abs_acc": max_abs_acc(table)}, indent=2))
         return 0
     print(f"{args.table}: {table.op}, {table.segments} segments, frac_bits {table.frac_bits}, "
           f"range [{table.range[0]:g}, {table.range[1]:g}], largest |ACC| {max_abs_acc(table)}")
     print("\n".join(_metrics_rows(table, m)))
+    print(outside_line(table, fn, m["max_abs_err"]))
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from gqa_lut import bounds
 from gqa_lut.errors import UsageError
-from gqa_lut.functions import CUSTOM_NAME, Op, custom_op, get_op
+from gqa_lut.functions import CUSTOM_NAME, Op, custom_op, get_op, with_estimated_tails
 from gqa_lut.quantization import check_bits, check_int
 from gqa_lut.table import OutputFormat
 
@@ -176,6 +176,7 @@ def validate_config(op: Op, cfg: FitConfig) -> FitSpec:
     check_int("chunks", cfg.chunks, 1)
     if cfg.objective not in ("mse", "max"):
         raise UsageError(f"objective {cfg.objective!r} is not allowed: use mse or max")
+    op = with_estimated_tails(op, lo, hi, cfg.input_bits, d0, cfg.param_bits)
     return FitSpec(op=op, lo=float(lo), hi=float(hi), scales=tuple(range(d0, d1 + 1)), segments=cfg.segments,
                    param_bits=cfg.param_bits, input_bits=cfg.input_bits, frac_bits=cfg.frac_bits,
                    output=cfg.output, objective=cfg.objective, weights=cfg.weights, population=cfg.population,

@@ -118,3 +118,46 @@ def raw_metrics(slopes: np.ndarray, intercepts: np.ndarray, breakpoints: dict[in
         "max_abs_err": max_err,
         "dense_mse": float(np.mean(dense)),
     }
+
+
+def outside_metrics(table: Table, fn: Callable[[np.ndarray], np.ndarray], inside_max: float) -> dict:
+    """How the table does on every code its scales represent outside the fitted range, where
+    hardware still sees inputs: the largest |error| there (None without such codes; codes where
+    the function is undefined, rsqrt below 0, are not counted), and the open interval (a, b)
+    around the range on which every code of every scale is within the in-range max error
+    `inside_max` (a = -inf / b = inf where no code fails on that side)."""
+    lo, hi = table.range
+    qmin, qmax = int_range(table.input_bits)
+    codes = np.arange(qmin, qmax + 1, dtype=np.int64)
+    tol = inside_max * (1 + 1e-9) + 1e-12
+    worst, a, b = None, -np.inf, np.inf
+    for d in table.scales:
+        x = code_values(codes, d)
+        out = (x < lo) | (x > hi)
+        if not out.any():
+            continue
+        with np.errstate(all="ignore"):
+            f = np.asarray(fn(x[out]), dtype=np.float64)
+        err = np.abs(evaluate(table, codes[out], d) - f)
+        err = np.where(np.isfinite(f), err, 0.0)
+        worst = max(worst or 0.0, float(err.max()))
+        xs = x[out]
+        bad = xs[err > tol]
+        a = max(a, float(bad[bad < lo].max(initial=-np.inf)))
+        b = min(b, float(bad[bad > hi].min(initial=np.inf)))
+    return {"outside_max_abs_err": worst, "valid_interval": [a, b]}
+
+
+def outside_line(table: Table, fn: Callable[[np.ndarray], np.ndarray], inside_max: float) -> str:
+    """One line for the CLI: which inputs the table is good on, beyond its fitted range."""
+    m = outside_metrics(table, fn, inside_max)
+    if m["outside_max_abs_err"] is None:
+        return "outside the fitted range: no input code of any scale lies there"
+    a, b = m["valid_interval"]
+    if np.isinf(a) and np.isinf(b):
+        where = "every code of every scale is within the in-range max error"
+    else:
+        span = f"{a:g} < x < {b:g}".replace("-inf < ", "").replace(" < inf", "")
+        where = f"within the in-range max error only for {span}"
+    return (f"outside the fitted range: max |error| {m['outside_max_abs_err']:.4e} on the codes the scales "
+            f"represent; {where}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -196,6 +196,45 @@ def check_custom_name(name: object) -> str:
         raise UsageError(f"name {name!r} is not allowed: use 1 to 64 letters, digits, - and _ "
                          "(not starting with -)")
     return name
+
+
+def asymptote(fn: ArrayFn, edge: float, far: float, param_bits: int) -> Optional[Line]:
+    """The line a user function follows between its range's edge and the farthest input the
+    scales represent, if it follows one: the line through f(far) and f at the midpoint of
+    [far, edge] (or of [far, far/2], whichever lies farther out), accepted only where f stays on
+    it at four more points between them within 2^-(P+2) of its scale, and where the line's
+    slope and intercept fit P-bit parameters. Else None: no line of this table can follow f
+    there, and the fit says how far off the table is outside its range."""
+    if not far < edge and not far > edge:
+        return None
+    near = far / 2 if abs(far / 2) > abs(edge) else (far + edge) / 2
+    xs = np.array([far, near] + [far + (near - far) * t for t in (0.2, 0.4, 0.6, 0.8)], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        ys = np.asarray(fn(xs), dtype=np.float64)
+    if not np.all(np.isfinite(ys)):
+        return None
+    k = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    b = ys[0] - k * xs[0]
+    size = max(1.0, float(np.max(np.abs(ys))))
+    if np.max(np.abs(k * xs[2:] + b - ys[2:])) > size * 2.0 ** -(param_bits + 2):
+        return None
+    limit = 2.0 ** (param_bits - 1) - 1
+    if not (abs(k) <= limit and abs(b) <= limit):
+        return None
+    return float(k), float(b)
+
+
+def with_estimated_tails(op: Op, lo: float, hi: float, input_bits: int, d0: int, param_bits: int) -> Op:
+    """A custom op with the outer segments pinned to the lines its function follows outside
+    [lo, hi] (asymptote), on every input the coarsest scale d0 represents: the registry ops pin
+    their known asymptotes; a user function without them got lines meant for elsewhere there
+    (mish(8) came out -0.59). Registry ops and custom ops with tails are returned unchanged."""
+    if not op.name.startswith("custom:") or op.left_tail is not None or op.right_tail is not None:
+        return op
+    reach = math.ldexp(1 << (input_bits - 1), -d0)
+    left = asymptote(op.fn, lo, -reach, param_bits) if -reach < lo else None
+    right = asymptote(op.fn, hi, reach - math.ldexp(1, -d0), param_bits) if reach - math.ldexp(1, -d0) > hi else None
+    return replace(op, left_tail=left, right_tail=right)
 
 
 def custom_op(name: str, fn: ArrayFn, lo: float, hi: float,

@@ -28,6 +28,11 @@ MAX_POSITIONS = 1024  # per scale; larger grids are searched in blocks, then ref
 # equally good tables the DP takes the one that follows the function outside the range.
 OUTSIDE_WEIGHT = 1e-12
 OUTSIDE_CAP = 100.0
+# A user function whose asymptotes were estimated (gqa_lut.functions.with_estimated_tails) has
+# no exact tails to fall back on, so there the seen out-of-range codes count for real in the DP:
+# the table then follows the function on every code the hardware can see (mish on [-4, 4], 16
+# segments: max error outside 8.6 -> 0.03, in-range mse 1.5e-5 -> 2.2e-5).
+ESTIMATED_TAILS_OUTSIDE_WEIGHT = 1e-4
 
 
 CANONICAL_MANTISSA_BITS = 32
@@ -206,8 +211,11 @@ def build_problem(spec: "FitSpec", max_positions: int = MAX_POSITIONS) -> Proble
     # Outside the range the function may be undefined (rsqrt below 0): no penalty there.
     seen &= np.isfinite(f)
     f = np.where(seen, f, 0.0)
-    w_out = np.where(seen & ~inside, OUTSIDE_WEIGHT * float(w[inside].min()), 0.0)
-    wmax = np.where(inside, 1.0, np.where(w_out > 0, OUTSIDE_WEIGHT, 0.0))
+    outside = OUTSIDE_WEIGHT
+    if spec.op.name.startswith("custom:") and (left_tail is not None or right_tail is not None):
+        outside = ESTIMATED_TAILS_OUTSIDE_WEIGHT
+    w_out = np.where(seen & ~inside, outside * float(w[inside].min()), 0.0)
+    wmax = np.where(inside, 1.0, np.where(w_out > 0, outside, 0.0))
 
     def q(line):
         if line is None:

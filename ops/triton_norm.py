@@ -61,7 +61,7 @@ if triton_lut.AVAILABLE:
         row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
         c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
         t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32))
-        return _times_pow2(t, -k)
+        return tl.where(v == v, _times_pow2(t, -k), v)  # NaN propagates, as in RangeReducedLUT
 
     @triton.jit
     def _norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, M, eps, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr,

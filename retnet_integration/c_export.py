@@ -349,6 +349,15 @@ int main(int argc, char **argv) {
 PROGRAM_FILES = ("tables.h", "model.h", "retnet.c", "README.txt", "model.json")
 
 
+def check_program_folder(out: Path) -> None:
+    """Before any work: `out` is a folder, or can be made, and each file in it can be written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder: name a folder for the C program")
+    from gqa_lut.table import check_writable
+    for name in PROGRAM_FILES:
+        check_writable(out / name, "--out")
+
+
 def write_program(m: IntegerModel, out: Path) -> list[Path]:
     """Write the four files into `out` (created; an existing folder's other files are kept).
     Every file's text is made first: a model the program cannot hold leaves no folder behind."""
@@ -363,8 +372,7 @@ def write_program(m: IntegerModel, out: Path) -> list[Path]:
                        f"Weights and tables: {m.weights_bytes()} bytes of const data; state: {m.state_bytes()} "
                        "bytes (independent of the sequence length).\n"),
     }
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file, not a folder: name a folder for the C program")
+    check_program_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

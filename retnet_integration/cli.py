@@ -128,8 +128,7 @@ def cmd_qat_int(args: argparse.Namespace) -> int:
 def cmd_export_c(args: argparse.Namespace) -> int:
     from retnet_integration import c_export, int_commands
 
-    for name in c_export.PROGRAM_FILES:  # before the model is loaded: a bad --out costs nothing
-        check_writable(Path(args.out) / name, "--out")
+    c_export.check_program_folder(Path(args.out))  # before the model is loaded: a bad --out costs nothing
     int_commands.run_export(Path(args.checkpoint), Path(args.out), _log)
     return 0
 

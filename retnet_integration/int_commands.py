@@ -12,12 +12,14 @@ import math
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gqa_lut.errors import UsageError
+from gqa_lut.progress import ProgressBar
 from gqa_lut.table import parse_json, read_text_capped, write_atomic, write_json_atomic
 from retnet_integration import int_reference as ref
 from retnet_integration.data import eval_windows, load_corpus
@@ -107,7 +109,8 @@ def _bpc(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((lse - picked).mean() / math.log(2))
 
 
-def _run_c(folder: Path, windows: np.ndarray, vocab: int) -> tuple[np.ndarray, float]:
+def _run_c(folder: Path, windows: np.ndarray, vocab: int, bar: Optional[ProgressBar] = None
+           ) -> tuple[np.ndarray, float]:
     from retnet_integration import c_export
 
     meta = folder / "model.json"
@@ -121,6 +124,8 @@ def _run_c(folder: Path, windows: np.ndarray, vocab: int) -> tuple[np.ndarray, f
             raise UsageError(f"{exe} failed (exit {run.returncode}): {run.stderr.decode(errors='replace')[:200]}")
         outs.append(np.array(run.stdout.split(), dtype=np.int64).reshape(-1, vocab))
         seconds += float(run.stderr.decode().split()[3])
+        if bar is not None:
+            bar.step("C program")
     return np.stack(outs), seconds
 
 
@@ -144,11 +149,18 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     x, y = test[:, :-1], test[:, 1:].numpy()
     bpc_float = bits_per_char(base, test, device)
     batches = range(0, x.shape[0], 64)
+    names = ("recurrent", f"chunkwise{CHUNK}", "parallel")
+    bar = ProgressBar("check-int", total=len(batches) * (len(names) + 1) + (x.shape[0] if c_dir is not None else 0))
+
+    def counted(value):
+        bar.step()
+        return value
+
     with torch.no_grad():  # every form of the simulation: recurrent (the graph), chunkwise, parallel
-        forms = {form: torch.cat([sim(x[i:i + 64], form)[0] for i in batches]).double().numpy()
-                 for form in ("recurrent", f"chunkwise{CHUNK}", "parallel")}
+        forms = {form: torch.cat([counted(sim(x[i:i + 64], form)[0]) for i in batches]).double().numpy()
+                 for form in names}
     fake, par = forms["recurrent"], forms["parallel"]
-    ints = np.concatenate([ref.run(m, x[i:i + 64].numpy()) for i in batches])
+    ints = np.concatenate([counted(ref.run(m, x[i:i + 64].numpy())) for i in batches])
     best = ints.argmax(-1)
     agree = {form: float((best == logits.argmax(-1)).mean()) for form, logits in forms.items()}
     t0 = time.perf_counter()
@@ -162,12 +174,13 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
            "weights_bytes": m.weights_bytes(), "state_bytes": m.state_bytes(),
            "forms_vs_int_argmax_agree": agree}
     if c_dir is not None:
-        c_logits, seconds = _run_c(Path(c_dir), x.numpy(), m.vocab)
+        c_logits, seconds = _run_c(Path(c_dir), x.numpy(), m.vocab, bar)
         if c_logits.shape != ints.shape:
             raise UsageError(f"--c {str(c_dir)!r} printed logits of shape {c_logits.shape}, expected {ints.shape}: "
                              "was it exported from this checkpoint?")
         doc["c_vs_int_logits_equal"] = float((c_logits == ints).all(-1).mean())
         doc["c_tokens_per_s"] = x.numel() / max(seconds, 1e-9)
+    bar.close()
     log(f"{doc['positions']} positions: bpc float {doc['bpc_float']:.4f}, fake-quant {doc['bpc_fakequant']:.4f} "
         f"(parallel form {_bpc(par, y):.4f}), integer {doc['bpc_int']:.4f} "
         f"({100 * (doc['bpc_int'] / doc['bpc_float'] - 1):+.2f}% vs float)")

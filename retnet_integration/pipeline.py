@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from gqa_lut.errors import UsageError
+from gqa_lut.progress import ProgressBar
 from gqa_lut.table import (check_readable, parse_json, read_text_capped, write_atomic, write_json_atomic,
                            write_text_atomic)
 
@@ -124,7 +125,7 @@ def lr_at(step: int, cfg: TrainConfig, total: int, peak: float) -> float:
 
 def train_steps(model: RetNet, data: torch.Tensor, cfg: TrainConfig, steps: int, lr: float, device: torch.device,
                 seed: int, log: Optional[Callable[[str], None]] = None, budget: Optional[float] = None,
-                every: Optional[tuple[int, Callable[[int], bool]]] = None) -> list[float]:
+                every: Optional[tuple[int, Callable[[int], bool]]] = None, label: str = "train") -> list[float]:
     """AdamW with warm-up and cosine decay; returns the training loss of every step.
     `every` = (n, check): check(step) runs every n steps; it returns True to stop training.
 
@@ -135,6 +136,7 @@ def train_steps(model: RetNet, data: torch.Tensor, cfg: TrainConfig, steps: int,
     model.train()
     losses = []
     step = 0
+    bar = ProgressBar(label, total=steps)  # drawn on a terminal only (gqa_lut.progress)
     while step < steps:
         if budget is not None and step == 10:
             t10 = time.perf_counter()  # the first steps include warm-up (CUDA init, allocator)
@@ -154,6 +156,7 @@ def train_steps(model: RetNet, data: torch.Tensor, cfg: TrainConfig, steps: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        bar.update(step + 1, steps, f"loss {losses[-1]:.4f}")
         if log and (step % max(1, steps // 10) == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps} loss {losses[-1]:.4f} ({losses[-1] / math.log(2):.3f} bpc)")
         step += 1
@@ -161,6 +164,7 @@ def train_steps(model: RetNet, data: torch.Tensor, cfg: TrainConfig, steps: int,
             if every[1](step):
                 break
             model.train()
+    bar.close()
     model.eval()
     return losses
 

@@ -221,8 +221,10 @@ def test_fused_range_reduction_equals_cpu_at_every_magnitude(op, grad, dtype):
     assert r._fused(vg.detach()) is not None  # the one-kernel path serves this input
     yg = r(vg)
     yg.backward(g.cuda())
-    assert torch.equal(yc.detach(), yg.detach().cpu())
-    assert torch.equal(r(v.cuda()).cpu(), yc.detach())  # the no-grad launch too
+    same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN (propagated) included
+    torch.testing.assert_close(yc.detach(), yg.detach().cpu(), **same)
+    torch.testing.assert_close(r(v.cuda()).cpu(), yc.detach(), **same)  # the no-grad launch too
+    assert torch.isnan(yc[0]) and torch.isfinite(yc[1:]).all()
     tol = dict(rtol=1e-5, atol=0) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=0)
     assert torch.allclose(vc.grad.float(), vg.grad.cpu().float(), **tol)
 

@@ -241,3 +241,97 @@ def test_regular_files_only_and_size_capped(tmp_path, capsys):
         assert main(args) == 2  # returns at once: nothing opens the FIFO for reading
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("regular file" in err or "not a file name" in err), err
+
+
+# --- 7. custom functions outside their fitted range --------------------------------------------
+
+def test_expr_table_follows_its_function_on_every_code(tmp_path):
+    """mish fitted on [-4, 4]: mish(5) came out -0.36 and mish(8) -0.59 at scale 0 (codes outside
+    the range fell on lines meant for elsewhere). Now the outer lines follow its asymptotes, and
+    the fit states its error on every code: checked here code by code, and small."""
+    import subprocess
+    import sys
+    from gqa_lut.evaluator import evaluate, outside_metrics
+    from gqa_lut.expr import Expression
+    from gqa_lut.quantization import code_values
+    out = tmp_path / "mish.json"
+    proc = subprocess.run([sys.executable, "-m", "gqa_lut", "fit", "--expr", "x*tanh(log1p(exp(x)))", "--name",
+                           "mish", "--range", "-4", "4", "--segments", "8", "--generations", "10", "--json",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stated = json.loads(proc.stdout)
+    t = load_table(out)
+    fn = Expression("x*tanh(log1p(exp(x)))")
+    codes = np.arange(-128, 128)
+    for d in t.scales:
+        x = code_values(codes, d)
+        err = np.abs(evaluate(t, codes, d) - fn(x))
+        inside = (x >= -4) & (x <= 4)
+        assert err[inside].max() <= stated["metrics"]["max_abs_err"] * (1 + 1e-9)
+        if (~inside).any():
+            assert err[~inside].max() <= stated["outside"]["outside_max_abs_err"] * (1 + 1e-9)
+    assert stated["outside"]["outside_max_abs_err"] < 0.1  # was 8.6 at 16 segments
+    assert abs(float(evaluate(t, np.array([8]), 0)[0]) - 8.0) < 0.1
+    assert stated["outside"] == outside_metrics(t, fn, t.metrics["max_abs_err"])
+
+
+def test_fit_output_says_where_the_table_is_valid(tmp_path, capsys):
+    """A function without asymptotes cannot be followed outside its range: the fit says so."""
+    assert main(["fit", "--expr", "x**2", "--name", "sq", "--range", "-2", "2", "--segments", "4",
+                 "--generations", "2", "--out", str(tmp_path / "sq.json")]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("outside the fitted range")]
+    assert len(line) == 1 and "within the in-range max error only for" in line[0]
+    assert main(["eval", str(GELU)]) == 0
+    assert "every code of every scale is within the in-range max error" in capsys.readouterr().out
+
+
+# --- 8. progress on long work ---------------------------------------------------------------
+
+def test_fit_progress_counts_the_phases_after_the_genetic_search():
+    """The bar reached 100% after 0.3 s of a 6.4 s fit: only generations were counted."""
+    from gqa_lut.config import FitConfig
+    from gqa_lut.search import fit
+    calls = []
+    fit("gelu", FitConfig(segments=8, generations=6, patience=6), progress=lambda d, t, b: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    total = calls[-1][1]
+    assert done == sorted(done) and done[-1] == total and total > 6
+    assert sum(d > 6 for d in done) >= 4  # alternate, polish, ... each a step of its own
+    assert all(d < total for d in done[:-1])  # 100% only once everything is done
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch):
+    import io
+    from gqa_lut.progress import ProgressBar
+    monkeypatch.delenv("GQA_LUT_PROGRESS", raising=False)
+    quiet = io.StringIO()
+    ProgressBar("x", stream=quiet, total=3).update(1)
+    assert quiet.getvalue() == ""  # not a TTY: nothing drawn
+    monkeypatch.setenv("GQA_LUT_PROGRESS", "1")
+    loud = io.StringIO()
+    bar = ProgressBar("train", stream=loud, total=4)
+    bar.update(2, note="loss 1.0")
+    bar.close()
+    assert "train [" in loud.getvalue() and "2/4" in loud.getvalue()
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.delenv("GQA_LUT_PROGRESS")
+    ProgressBar("x", stream=closed).update(1)  # a closed stream (a finished capture) is not a TTY
+
+
+@pytest.mark.slow
+def test_retnet_train_and_check_int_draw_progress(tmp_path):
+    import subprocess
+    import sys
+    from retnet_integration.data import FORTUNES_DIR
+    if not FORTUNES_DIR.is_dir():
+        pytest.skip("apt-get install fortunes (.ci/run does)")
+    env = {**os.environ, "GQA_LUT_PROGRESS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gqa_lut", "retnet", *a], cwd=tmp_path, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    train = run("train", "--preset", "tiny", "--steps", "4", "--out", "t.pt")
+    assert train.returncode == 0, train.stderr
+    assert "train [" in train.stderr and "4/4" in train.stderr
+    check = run("check-int", "--checkpoint", "t.pt", "--windows", "2")
+    assert check.returncode == 0, check.stderr
+    assert "check-int [" in check.stderr
