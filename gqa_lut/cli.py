@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from gqa_lut import __version__
-from gqa_lut.cli_support import EXIT_USAGE, Parser, examples
+from gqa_lut.cli_support import EXIT_USAGE, MAX_WORKERS, Parser, examples
 from gqa_lut.config import FitConfig, validate_config
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import check_int
@@ -208,7 +208,7 @@ def bound_line(search: dict) -> str:
 @contextmanager
 def fitness_map(workers: int) -> Iterator[Callable]:
     """The map the GA's fitness runs through: builtin map, or a process pool's."""
-    check_int("workers", workers, 1)
+    check_int("workers", workers, 1, MAX_WORKERS)
     if workers == 1:
         yield map
         return
@@ -245,7 +245,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     population=args.population, generations=args.generations, patience=args.patience,
                     seed=args.seed, objective=args.objective, weights=_load_weights(args.weights),
                     output=output, chunks=args.workers, extra=extra)
-    check_int("workers", args.workers, 1)
+    check_int("workers", args.workers, 1, MAX_WORKERS)
     validate_config(op, cfg)  # every mistake reported before the target is even looked at
     out = check_writable(args.out if args.out is not None else
                          default_fit_name(file_op, pbits, ibits, args.segments, args.objective, output))

@@ -3,11 +3,13 @@ help that shows defaults and examples, and the exit code of a usage error."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from gqa_lut.errors import UsageError
 
 EXIT_USAGE = 2
+MAX_WORKERS = max(64, 4 * (os.cpu_count() or 1))  # processes a --workers may ask for
 # A number with a leading minus is a value, not an option: argparse alone only knows -1 and -.5
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
 

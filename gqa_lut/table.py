@@ -326,12 +326,8 @@ PATH_MAX = 4096
 TMP_PREFIX = ".gqa-lut-tmp-"
 
 
-def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Refuse, before any work is done, a target that cannot be written or must not be replaced.
-
-    A target that exists must be a regular file (never a symlink, device or folder: writing
-    through them would replace or clobber something else), and its folder must exist or be
-    creatable and be writable. Returns the path."""
+def check_name(path: str | os.PathLike, what: str) -> Path:
+    """A path the system can name: not empty, no part over NAME_MAX bytes, all under PATH_MAX."""
     if str(path) == "":
         raise UsageError(f"{what} '' is not a file name")
     p = Path(path)
@@ -341,6 +337,16 @@ def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
                          f"{len(os.fsencode(too_long[0]))} bytes, at most {NAME_MAX} are allowed")
     if len(os.fsencode(str(p.absolute()))) > PATH_MAX:
         raise UsageError(f"{what} {str(p)[:60]!r}...: the path is over {PATH_MAX} bytes")
+    return p
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work is done, a target that cannot be written or must not be replaced.
+
+    A target that exists must be a regular file (never a symlink, device or folder: writing
+    through them would replace or clobber something else), and its folder must exist or be
+    creatable and be writable. Returns the path."""
+    p = check_name(path, what)
     try:
         st = os.lstat(p)
     except OSError:  # absent, or a path through a file: the folder checks below say which

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gqa_lut.cli_support import examples
+from gqa_lut.cli_support import MAX_WORKERS, examples
 from gqa_lut.config import FitConfig
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import check_int
@@ -67,7 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     base = {"generations": args.generations, "seed": args.seed}
     grid_configs(args.op, args.segments, args.bits, FitConfig(**base))  # every mistake before any fit
-    check_int("workers", args.workers, 1)
+    check_int("workers", args.workers, 1, MAX_WORKERS)
     check_writable(Path(args.out_dir) / "sweep.csv", "--out-dir")
     sweep(args.op, args.segments, args.bits, Path(args.out_dir), args.workers, base)
     print(f"-> {args.out_dir}/sweep.csv, {args.out_dir}/sweep.png")

@@ -351,9 +351,10 @@ PROGRAM_FILES = ("tables.h", "model.h", "retnet.c", "README.txt", "model.json")
 
 def check_program_folder(out: Path) -> None:
     """Before any work: `out` is a folder, or can be made, and each file in it can be written."""
+    from gqa_lut.table import check_name, check_writable
+    check_name(out, "--out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder: name a folder for the C program")
-    from gqa_lut.table import check_writable
     for name in PROGRAM_FILES:
         check_writable(out / name, "--out")
 
