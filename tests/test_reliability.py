@@ -335,3 +335,28 @@ def test_retnet_train_and_check_int_draw_progress(tmp_path):
     check = run("check-int", "--checkpoint", "t.pt", "--windows", "2")
     assert check.returncode == 0, check.stderr
     assert "check-int [" in check.stderr
+
+
+def test_workers_zero_names_workers(capsys):
+    assert main(["fit", "--op", "gelu", "--workers", "0"]) == 2
+    assert "workers 0 is not allowed" in capsys.readouterr().err  # it said "chunks 0"
+
+
+# --- 9. a user's runs never overwrite the published results ---------------------------------
+
+def test_retnet_commands_write_under_runs_by_default():
+    import argparse
+    from gqa_lut.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    retnet = next(a for a in sub.choices["retnet"]._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = []
+    for name, parser in retnet.choices.items():
+        for action in parser._actions:
+            if isinstance(action.default, str) and action.default.endswith((".json", ".md", ".png", ".pt")):
+                defaults.append((name, action.default))
+            if isinstance(action.const, str) and action.const:
+                defaults.append((name, action.const))
+            if isinstance(action.default, list):
+                defaults += [(name, d) for d in action.default]
+    assert len(defaults) >= 8
+    assert all(d.startswith("runs/") for _, d in defaults), defaults
