@@ -97,12 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("export", help="export a table as a C header",
+    p = sub.add_parser("export", help="export a table as a C header or a Verilog module",
                        epilog=examples("gqa-lut export ops/tables/gelu.json --c gelu.h",
-                                       "gqa-lut export swish_8b_8s.json --c swish.h --name act_swish"))
+                                       "gqa-lut export swish_8b_8s.json --c swish.h --name act_swish",
+                                       "gqa-lut export ops/tables/gelu.json --verilog gelu.v --top gelu_pwl --pipeline"))
     p.add_argument("table", help="a gqa-lut/1 table file")
-    p.add_argument("--c", required=True, metavar="OUT.h", help="header file to write")
+    p.add_argument("--c", metavar="OUT.h", help="header file to write")
     p.add_argument("--name", help="C identifier prefix (default lut_<op>)")
+    p.add_argument("--verilog", metavar="OUT.v", help="Verilog-2005 module to write (synthesizable)")
+    p.add_argument("--top", help="the Verilog module's name (default lut_<op>)")
+    p.add_argument("--pipeline", action="store_true", help="add clk and two register stages (latency 2)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("ops", help="list the registry's ops", epilog=examples("gqa-lut ops", "gqa-lut ops --json"))
@@ -383,12 +387,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gqa_lut.export_c import export_c
     from gqa_lut.table import write_text_atomic
 
-    if not args.c.endswith(".h"):
+    from gqa_lut.export_verilog import export_verilog
+
+    if args.c is None and args.verilog is None:
+        raise UsageError("nothing to export: give --c OUT.h and/or --verilog OUT.v")
+    if args.c is not None and not args.c.endswith(".h"):
         raise UsageError(f"--c {args.c!r} is not a .h file name")
-    check_writable(args.c, "--c")
+    if args.verilog is not None and not args.verilog.endswith(".v"):
+        raise UsageError(f"--verilog {args.verilog!r} is not a .v file name")
+    if (args.top is not None or args.pipeline) and args.verilog is None:
+        raise UsageError("--top and --pipeline are options of --verilog")
+    if args.name is not None and args.c is None:
+        raise UsageError("--name is an option of --c")
+    outputs = []
+    for target, what in ((args.c, "--c"), (args.verilog, "--verilog")):
+        if target is not None:
+            check_writable(target, what)
     table = load_table(args.table)
-    write_text_atomic(args.c, export_c(table, args.name))
-    print(f"{args.table} -> {args.c}")
+    texts = []  # every text made before any file is written: one bad option writes none
+    if args.c is not None:
+        texts.append((args.c, export_c(table, args.name)))
+    if args.verilog is not None:
+        texts.append((args.verilog, export_verilog(table, args.top, args.pipeline)))
+    for target, text in texts:
+        write_text_atomic(target, text)
+        outputs.append(target)
+    print(f"{args.table} -> {', '.join(outputs)}")
     return 0
 
 
