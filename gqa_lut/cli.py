@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", action="store_true", help="add clk and two register stages (latency 2)")
     p.set_defaults(handler=cmd_export)
 
+    p = sub.add_parser("rtl-area", help="cell area of a table's Verilog unit (yosys + abc, sky130 cells)",
+                       description="Synthesize the table's PWL unit (`export --verilog`) with yosys, map it with "
+                                   "abc onto an area-only Liberty (default: ../shared/rtl/"
+                                   "sky130_fd_sc_hd_area.lib) and print cells and area in um^2; with "
+                                   "--no-liberty a transistor-count estimate of generic CMOS gates instead.",
+                       epilog=examples("gqa-lut rtl-area ops/tables/gelu.json",
+                                       "gqa-lut rtl-area ops/tables/gelu.json --pipeline --json"))
+    p.add_argument("table", help="a gqa-lut/1 table file")
+    p.add_argument("--pipeline", action="store_true", help="the pipelined unit (two register stages)")
+    p.add_argument("--liberty", help="Liberty file to map onto (default: the shared sky130 area library)")
+    p.add_argument("--no-liberty", action="store_true", help="no mapping: estimate transistors instead")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_rtl_area)
+
     p = sub.add_parser("ops", help="list the registry's ops", epilog=examples("gqa-lut ops", "gqa-lut ops --json"))
     p.add_argument("--json", action="store_true", help="print the registry as JSON")
     p.set_defaults(handler=cmd_ops)
@@ -413,6 +427,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_text_atomic(target, text)
         outputs.append(target)
     print(f"{args.table} -> {', '.join(outputs)}")
+    return 0
+
+
+def cmd_rtl_area(args: argparse.Namespace) -> int:
+    from gqa_lut.export_verilog import export_verilog, verilog_identifier
+    from gqa_lut.rtl_area import default_liberty, synthesize, yosys
+
+    if args.liberty is not None and args.no_liberty:
+        raise UsageError("--liberty and --no-liberty exclude each other")
+    liberty = None if args.no_liberty else check_readable(args.liberty or default_liberty(), "Liberty file")
+    yosys()  # installed, before anything else is done
+    table = load_table(args.table)
+    top = verilog_identifier(table.op)
+    result = synthesize(export_verilog(table, top, args.pipeline), top, liberty)
+    if args.json:
+        print(json.dumps({"file": args.table, "op": table.op, "segments": table.segments,
+                          "pipeline": args.pipeline, "liberty": None if liberty is None else str(liberty),
+                          **result}, indent=2))
+        return 0
+    kind = "pipelined (latency 2)" if args.pipeline else "combinational"
+    size = (f"{result['area_um2']:.1f} um^2 on {liberty.name}" if liberty is not None
+            else f"about {result['transistors']} transistors (generic CMOS gates, no Liberty)")
+    print(f"{args.table}: {table.op}, {table.segments} segments, {len(table.scales)} scales, {kind}: "
+          f"{result['cells']} cells ({result['flip_flops']} flip-flops), {size}; yosys {result['seconds']:.1f} s")
     return 0
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from gqa_lut import bounds
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import int_range
@@ -62,12 +64,85 @@ def ports(table: Table) -> tuple[int, int, int]:
     return q, s, acc.bit_length() + 1
 
 
+def check_top(top: str) -> str:
+    if not isinstance(top, str) or not IDENTIFIER.fullmatch(top) or top in KEYWORDS:
+        raise UsageError(f"--top {top!r} is not a Verilog identifier (letters, digits and _, not a keyword)")
+    return top
+
+
 def export_verilog(table: Table, top: str | None = None, pipeline: bool = False) -> str:
     table.validate()
-    top = top or verilog_identifier(table.op)
-    if not IDENTIFIER.fullmatch(top) or top in KEYWORDS:
-        raise UsageError(f"--top {top!r} is not a Verilog identifier (letters, digits and _, not a keyword)")
+    return pwl_module(table, check_top(top or verilog_identifier(table.op)), pipeline)
+
+
+def widened(table: Table, bits: int = 32, fn=None) -> Table:
+    """The same PWL at `bits`-bit inputs, parameters and arithmetic (the INT32 alternative a
+    designer compares against): codes X * 2^(bits-Q) at scale d + bits - Q, the same breakpoints.
+    Without `fn` the parameters are the table's, shifted up (identical outputs, but constants
+    with bits - P zero bits, which synthesis exploits); with `fn` each segment's line is fitted
+    again by least squares to fn on the codes it serves and quantized to `bits` bits (the
+    float line in 32-bit fixed point: what an INT32 unit would hold). Outside the spec's 16-bit
+    bounds, so unvalidated: for area comparisons, not for files."""
+    from gqa_lut.quantization import choose_frac_bits, code_values, input_codes
+    if table.output is not None:
+        raise UsageError("the widened (INT32) variant is for tables without output quantization")
+    up_x, up_p = bits - table.input_bits, bits - table.param_bits
+    slopes, intercepts, frac = table.slopes << up_p, table.intercepts << up_p, table.frac_bits + up_p
+    if fn is not None:
+        k = table.slopes * 2.0 ** -table.frac_bits
+        b = table.intercepts * 2.0 ** -table.frac_bits
+        xs, segs = [], []
+        for d, bp in table.breakpoints.items():
+            codes = input_codes(table.range[0], table.range[1], d, table.input_bits)
+            xs.append(code_values(codes, d))
+            segs.append(np.searchsorted(bp, codes, side="left"))
+        x, seg = np.concatenate(xs), np.concatenate(segs)
+        y = np.asarray(fn(x), dtype=np.float64)
+        for i in range(table.segments):
+            sel = seg == i
+            if np.unique(x[sel]).size >= 2:
+                k[i], b[i] = np.polyfit(x[sel], y[sel], 1)
+        frac = choose_frac_bits(np.concatenate([k, b]), bits)
+        slopes, intercepts = np.rint(np.ldexp(k, frac)).astype(np.int64), np.rint(np.ldexp(b, frac)).astype(np.int64)
+    return Table(op=table.op, range=table.range, slopes=slopes, intercepts=intercepts,
+                 breakpoints={d + up_x: bp << up_x  # the same codes on either side of each
+                              for d, bp in table.breakpoints.items()},
+                 frac_bits=frac, param_bits=bits, input_bits=bits)
+
+
+def rom_module(table: Table, top: str) -> str:
+    """The alternative to a PWL unit: every output precomputed, one constant per (scale, code),
+    selected by a case over {scale, x} (a ROM that synthesis turns into logic)."""
+    from gqa_lut.evaluator import evaluate_codes
+    table.validate()
     q, sbits, r = ports(table)
+    qmin, qmax = int_range(q)
+    codes = np.arange(qmin, qmax + 1)
+    lines = [f"// {check_top(top)}: every output of the gqa-lut/1 table for {table.op} as a constant "
+             f"({len(table.scales)} scales x {codes.size} codes); combinational.",
+             f"module {top} (", f"    input  wire signed [{q - 1}:0] x,", f"    input  wire [{sbits - 1}:0] scale,",
+             f"    output reg signed [{r - 1}:0] y", ");", "    always @* begin", "        case ({scale, x})"]
+    for i, d in enumerate(table.scales):
+        for c, v in zip(codes, evaluate_codes(table, codes, d)):
+            lines.append(f"            {sbits + q}'h{(i << q) | (int(c) & ((1 << q) - 1)):x}: y = {_lit(int(v), r)};")
+    lines += [f"            default: y = {_lit(0, r)};", "        endcase", "    end", "endmodule"]
+    return "\n".join(lines) + "\n"
+
+
+def multiplier_module(table: Table, top: str) -> str:
+    """The unit's multiplier alone (P x Q bits, signed): where a designer's area goes."""
+    p, q = table.param_bits, table.input_bits
+    return (f"module {check_top(top)} (input wire signed [{p - 1}:0] a, input wire signed [{q - 1}:0] b,\n"
+            f"    output wire signed [{p + q - 1}:0] y);\n    assign y = a * b;\nendmodule\n")
+
+
+def pwl_module(table: Table, top: str, pipeline: bool = False, segment_only: bool = False) -> str:
+    """The PWL unit's text for a table (validated by the caller, or `widened`); segment_only:
+    just the comparators and the scale's choice, the segment index as the output (for the area
+    breakdown)."""
+    q, sbits, r = ports(table)
+    if segment_only:
+        r = max(1, (table.segments - 1).bit_length())
     n = table.segments
     p = table.param_bits
     qmin, qmax = int_range(q)
@@ -109,6 +184,8 @@ def export_verilog(table: Table, top: str | None = None, pipeline: bool = False)
         body.append(f"            {sbits}'d{i}: seg = seg_{i};")
     body.append(f"            default: seg = seg_0;")
     body += ["        endcase", "    end"]
+    if segment_only:
+        return "\n".join(head + body + ["    assign y = seg;", "endmodule"]) + "\n"
     # slope and intercept of the segment: constants
     body += [f"    reg signed [{p - 1}:0] k;", f"    reg signed [{p - 1}:0] b;", "    always @* begin",
              "        case (seg)"]
