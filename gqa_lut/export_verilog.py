@@ -182,7 +182,7 @@ def pwl_module(table: Table, top: str, pipeline: bool = False, segment_only: boo
     body.append("        case (scale)")
     for i in range(len(table.scales)):
         body.append(f"            {sbits}'d{i}: seg = seg_{i};")
-    body.append(f"            default: seg = seg_0;")
+    body.append("            default: seg = seg_0;")
     body += ["        endcase", "    end"]
     if segment_only:
         return "\n".join(head + body + ["    assign y = seg;", "endmodule"]) + "\n"
