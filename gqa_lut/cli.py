@@ -399,9 +399,8 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gqa_lut.export_c import export_c
-    from gqa_lut.table import write_text_atomic
-
     from gqa_lut.export_verilog import export_verilog
+    from gqa_lut.table import write_text_atomic
 
     if args.c is None and args.verilog is None:
         raise UsageError("nothing to export: give --c OUT.h and/or --verilog OUT.v")
@@ -413,7 +412,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("--top and --pipeline are options of --verilog")
     if args.name is not None and args.c is None:
         raise UsageError("--name is an option of --c")
-    outputs = []
     for target, what in ((args.c, "--c"), (args.verilog, "--verilog")):
         if target is not None:
             check_writable(target, what)
@@ -425,8 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         texts.append((args.verilog, export_verilog(table, args.top, args.pipeline)))
     for target, text in texts:
         write_text_atomic(target, text)
-        outputs.append(target)
-    print(f"{args.table} -> {', '.join(outputs)}")
+    print(f"{args.table} -> {', '.join(target for target, _ in texts)}")
     return 0
 
 

@@ -64,6 +64,14 @@ def ports(table: Table) -> tuple[int, int, int]:
     return q, s, acc.bit_length() + 1
 
 
+def _case(sel: str, bits: int, statements: list[str]) -> list[str]:
+    """A combinational case over an index: statement i for index i, the first one for any other
+    index (a scale index past the last scale computes the first scale, throughout)."""
+    return (["    always @*", f"        case ({sel})"]
+            + [f"            {bits}'d{i}: {st}" for i, st in enumerate(statements)]
+            + [f"            default: {statements[0]}", "        endcase"])
+
+
 def check_top(top: str) -> str:
     if not isinstance(top, str) or not IDENTIFIER.fullmatch(top) or top in KEYWORDS:
         raise UsageError(f"--top {top!r} is not a Verilog identifier (letters, digits and _, not a keyword)")
@@ -178,34 +186,19 @@ def pwl_module(table: Table, top: str, pipeline: bool = False, segment_only: boo
         terms = " + ".join(f"{{{{{segw - 1}{{1'b0}}}}, (xc > {_lit(v, bw)})}}" if segw > 1 else f"(xc > {_lit(v, bw)})"
                            for v in bp)
         body.append(f"    wire [{segw - 1}:0] seg_{i} = {terms};  // scale d = {d}")
-    body.append("    always @* begin")
-    body.append("        case (scale)")
-    for i in range(len(table.scales)):
-        body.append(f"            {sbits}'d{i}: seg = seg_{i};")
-    body.append("            default: seg = seg_0;")
-    body += ["        endcase", "    end"]
+    body += _case("scale", sbits, [f"seg = seg_{i};" for i in range(len(table.scales))])
     if segment_only:
         return "\n".join(head + body + ["    assign y = seg;", "endmodule"]) + "\n"
     # slope and intercept of the segment: constants
-    body += [f"    reg signed [{p - 1}:0] k;", f"    reg signed [{p - 1}:0] b;", "    always @* begin",
-             "        case (seg)"]
-    for j in range(n):
-        body.append(f"            {segw}'d{j}: begin k = {_lit(int(table.slopes[j]), p)}; "
-                    f"b = {_lit(int(table.intercepts[j]), p)}; end")
-    body += [f"            default: begin k = {_lit(int(table.slopes[0]), p)}; b = {_lit(int(table.intercepts[0]), p)}; end",
-             "        endcase", "    end"]
+    body += [f"    reg signed [{p - 1}:0] k;", f"    reg signed [{p - 1}:0] b;"]
+    body += _case("seg", segw, [f"begin k = {_lit(int(k), p)}; b = {_lit(int(c), p)}; end"
+                                for k, c in zip(table.slopes, table.intercepts)])
     # one multiplier; per scale the product and the intercept shifted by constants, one adder
     body += [f"    wire signed [{w - 1}:0] xw = {_sext('x', q, w)};", f"    wire signed [{w - 1}:0] kw = {_sext('k', p, w)};",
              f"    wire signed [{w - 1}:0] bw = {_sext('b', p, w)};", f"    wire signed [{w - 1}:0] prod = kw * xw;",
-             f"    reg signed [{w - 1}:0] lhs;", f"    reg signed [{w - 1}:0] rhs;", "    always @* begin",
-             "        case (scale)"]
-    for i, d in enumerate(table.scales):
-        lhs = f"prod <<< {-d}" if d < 0 else "prod"
-        rhs = f"bw <<< {d}" if d > 0 else "bw"
-        body.append(f"            {sbits}'d{i}: begin lhs = {lhs}; rhs = {rhs}; end")
-    d0 = table.scales[0]  # an index past the last scale computes the first scale, throughout
-    body += [f"            default: begin lhs = {f'prod <<< {-d0}' if d0 < 0 else 'prod'}; "
-             f"rhs = {f'bw <<< {d0}' if d0 > 0 else 'bw'}; end", "        endcase", "    end"]
+             f"    reg signed [{w - 1}:0] lhs;", f"    reg signed [{w - 1}:0] rhs;"]
+    body += _case("scale", sbits, [f"begin lhs = {f'prod <<< {-d}' if d < 0 else 'prod'}; "
+                                   f"rhs = {f'bw <<< {d}' if d > 0 else 'bw'}; end" for d in table.scales])
     sel = "scale"
     if pipeline:
         body += [f"    reg signed [{w - 1}:0] lhs_r;", f"    reg signed [{w - 1}:0] rhs_r;",
@@ -220,23 +213,12 @@ def pwl_module(table: Table, top: str, pipeline: bool = False, segment_only: boo
         result = "acc"
     else:
         # round half up: add 2^(t-1), arithmetic shift right by t (t > 0); shift left (t <= 0)
-        e = table.output.frac_bits
-        body += [f"    reg signed [{w - 1}:0] half;", f"    reg signed [{w - 1}:0] shifted;", "    always @* begin",
-                 f"        case ({sel})"]
-        for i, d in enumerate(table.scales):
-            t = table.frac_bits + max(d, 0) - e
-            half = _lit(1 << (t - 1), w) if t > 0 else _lit(0, w)
-            body.append(f"            {sbits}'d{i}: half = {half};")
-        t0 = table.frac_bits + max(d0, 0) - e
-        body += [f"            default: half = {_lit(1 << (t0 - 1), w) if t0 > 0 else _lit(0, w)};", "        endcase",
-                 "    end",
-                 f"    wire signed [{w - 1}:0] rounded = acc + half;", "    always @* begin", f"        case ({sel})"]
-        for i, d in enumerate(table.scales):
-            t = table.frac_bits + max(d, 0) - e
-            expr = f"rounded >>> {t}" if t > 0 else (f"acc <<< {-t}" if t < 0 else "acc")
-            body.append(f"            {sbits}'d{i}: shifted = {expr};")
-        body += [f"            default: shifted = {f'rounded >>> {t0}' if t0 > 0 else (f'acc <<< {-t0}' if t0 < 0 else 'acc')};",
-                 "        endcase", "    end"]
+        shifts = [table.frac_bits + max(d, 0) - table.output.frac_bits for d in table.scales]
+        body += [f"    reg signed [{w - 1}:0] half;", f"    reg signed [{w - 1}:0] shifted;"]
+        body += _case(sel, sbits, [f"half = {_lit(1 << (t - 1), w) if t > 0 else _lit(0, w)};" for t in shifts])
+        body.append(f"    wire signed [{w - 1}:0] rounded = acc + half;")
+        body += _case(sel, sbits, [f"shifted = {f'rounded >>> {t}' if t > 0 else (f'acc <<< {-t}' if t < 0 else 'acc')};"
+                                   for t in shifts])
         lo, hi = int_range(r)
         body += [f"    wire signed [{r - 1}:0] sat = (shifted < {_lit(lo, w)}) ? {_lit(lo, r)} :",
                  f"                                   (shifted > {_lit(hi, w)}) ? {_lit(hi, r)} : shifted[{r - 1}:0];"]

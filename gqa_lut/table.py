@@ -225,9 +225,7 @@ MAX_TABLE_BYTES = 64 << 20  # a 256-segment table of 16-bit codes at 49 scales i
 def check_readable(path: str | os.PathLike, what: str, max_bytes: Optional[int] = None) -> Path:
     """A regular file that exists (never a FIFO, a device or a folder: reading those can block
     forever or never end), at most `max_bytes` long; one-line UsageError otherwise."""
-    p = Path(path)
-    if str(path) == "":
-        raise UsageError(f"{what} '' is not a file name")
+    p = check_name(path, what)
     try:
         st = os.stat(p)
     except FileNotFoundError:

@@ -19,6 +19,8 @@ from tests.verilog_harness import IVERILOG, VERILATOR, iverilog_outputs, verilat
 
 needs_iverilog = pytest.mark.skipif(not IVERILOG, reason="apt-get install iverilog (.ci/run does)")
 needs_verilator = pytest.mark.skipif(not VERILATOR, reason="apt-get install verilator (.ci/run does)")
+# one simulator build checks a batch of tables: few examples, each slow (health checks off)
+BATCHES = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 SHIPPED = [default_table(p.stem) for p in sorted(TABLE_DIR.glob("*.json"))] + [load_table(DECAY_TABLE)]
 
 
@@ -44,8 +46,7 @@ def test_shipped_tables_in_verilator(tmp_path, pipeline):
 
 
 @needs_iverilog
-@settings(max_examples=5, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=5, **BATCHES)
 @given(st.lists(random_tables(max_bits=10), min_size=20, max_size=20), st.booleans())
 def test_random_tables_in_icarus(tmp_path_factory, tables, pipeline):
     folder = tmp_path_factory.mktemp("iv")
@@ -53,9 +54,7 @@ def test_random_tables_in_icarus(tmp_path_factory, tables, pipeline):
 
 
 @needs_iverilog
-@settings(max_examples=4, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.filter_too_much])
+@settings(max_examples=4, **BATCHES)
 @given(st.lists(spec_tables(), min_size=3, max_size=3))
 def test_tables_at_the_spec_bounds_in_icarus(tmp_path_factory, tables):
     """16-bit codes and parameters, F = 24, scales -24 and 24, 256 segments, 32-bit outputs."""
@@ -65,8 +64,7 @@ def test_tables_at_the_spec_bounds_in_icarus(tmp_path_factory, tables):
 
 @needs_verilator
 @pytest.mark.slow
-@settings(max_examples=2, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=2, **BATCHES)
 @given(st.lists(random_tables(max_bits=10), min_size=30, max_size=30), st.booleans())
 def test_random_tables_in_verilator(tmp_path_factory, tables, pipeline):
     folder = tmp_path_factory.mktemp("vl")
