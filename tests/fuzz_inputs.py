@@ -65,6 +65,12 @@ def make_files(folder: Path) -> dict[str, str]:
 
 INTS = ["-1", "0", "1", "2", "3", "4", "7", "16", "17", "25", "257", "-25", str(2 ** 31), str(2 ** 63),
         "-" + str(2 ** 63), "1.5", "x", ""]
+# Segments and bit widths: every invalid edge, but valid values only where a fit stays short (a
+# valid 16-bit, 17-segment fit is legitimately minutes long, which is no hang).
+SEGMENTS = ["-1", "0", "1", "2", "3", "4", "257", "-25", str(2 ** 63), "1.5", "x", ""]
+BITS = ["-1", "0", "1", "2", "4", "8", "17", "25", "-25", str(2 ** 63), "1.5", "x", ""]
+BUDGET = ["-1", "0", "1", "2", "3", str(2 ** 63), "1.5", "x", ""]  # generations, population, workers...
+SCALES = ["-1", "0", "1", "2", "25", "-25", str(2 ** 63), "1.5", "x", ""]
 FLOATS = ["nan", "inf", "-inf", "-1e308", "1e308", "0", "-4", "4", "1", "-1e-3", "1e-320", "x", ""]
 OPS = ["gelu", "swish", "exp", "rsqrt", "decay", "nope", "", "silu"]
 EXPRS = ["x", "x*", "exp(x)", "1/x", "x**1000", "log(x)", "sin(x)", "__import__('os')", "(" * 200, "x" * 5000]
@@ -75,7 +81,8 @@ def _values(kind: str, files: dict[str, str], out_dir: str) -> st.SearchStrategy
     outs = st.sampled_from([f"{out_dir}/o.json", f"{out_dir}/o.h", f"{out_dir}/sub/o.json", "", "x" * 300,
                             files["dir"], files["symlink"], files["through_file"], "/proc/version",
                             f"{out_dir}/o.png", f"{out_dir}/o.pt", f"{out_dir}/" + "y" * 256])
-    return {"int": st.sampled_from(INTS), "steps": st.sampled_from(["-1", "0", "1", "x", "", "1e3"]), "float": st.sampled_from(FLOATS), "op": st.sampled_from(OPS),
+    return {"int": st.sampled_from(INTS), "segments": st.sampled_from(SEGMENTS), "bits": st.sampled_from(BITS),
+            "scales": st.sampled_from(SCALES), "budget": st.sampled_from(BUDGET), "steps": st.sampled_from(["-1", "0", "1", "x", "", "1e3"]), "float": st.sampled_from(FLOATS), "op": st.sampled_from(OPS),
             "expr": st.sampled_from(EXPRS), "file": anything, "out": outs,
             "word": st.sampled_from(["mse", "max", "cpu", "cuda", "auto", "tiny", "cpu", "nope", "", "png", "svg",
                                      "quantizer", "bits", "mish", "a b", "-x"])}[kind]
@@ -84,24 +91,24 @@ def _values(kind: str, files: dict[str, str], out_dir: str) -> st.SearchStrategy
 # Each subcommand's options and the kind of value each takes; fit's run time is kept short by
 # its own small values (generations, population), the rest fail fast or run on tiny inputs.
 SUBCOMMANDS: dict[tuple[str, ...], dict[str, tuple[str, int]]] = {
-    ("fit",): {"--op": ("op", 1), "--expr": ("expr", 1), "--name": ("word", 1), "--bits": ("int", 1),
-               "--param-bits": ("int", 1), "--input-bits": ("int", 1), "--segments": ("int", 1),
-               "--range": ("float", 2), "--scales": ("int", 2), "--frac-bits": ("int", 1),
-               "--output-bits": ("int", 1), "--output-frac-bits": ("int", 1), "--population": ("int", 1),
-               "--generations": ("int", 1), "--patience": ("int", 1), "--seed": ("int", 1),
-               "--objective": ("word", 1), "--weights": ("file", 1), "--workers": ("int", 1), "--out": ("out", 1),
+    ("fit",): {"--op": ("op", 1), "--expr": ("expr", 1), "--name": ("word", 1), "--bits": ("bits", 1),
+               "--param-bits": ("bits", 1), "--input-bits": ("bits", 1), "--segments": ("segments", 1),
+               "--range": ("float", 2), "--scales": ("scales", 2), "--frac-bits": ("int", 1),
+               "--output-bits": ("int", 1), "--output-frac-bits": ("int", 1), "--population": ("budget", 1),
+               "--generations": ("budget", 1), "--patience": ("budget", 1), "--seed": ("int", 1),
+               "--objective": ("word", 1), "--weights": ("file", 1), "--workers": ("budget", 1), "--out": ("out", 1),
                "--quiet": ("flag", 0), "--json": ("flag", 0)},
     ("refit",): {"": ("file", 1), "--check": ("flag", 0), "--weights": ("file", 1)},
     ("eval",): {"": ("file", 1), "--expr": ("expr", 1), "--json": ("flag", 0)},
     ("export",): {"": ("file", 1), "--c": ("out", 1), "--name": ("word", 1)},
     ("ops",): {"--json": ("flag", 0)},
     ("import-reference",): {"": ("file", 1), "--op": ("op", 1), "--range": ("float", 2),
-                            "--input-bits": ("int", 1), "--param-bits": ("int", 1), "--out": ("out", 1),
+                            "--input-bits": ("bits", 1), "--param-bits": ("bits", 1), "--out": ("out", 1),
                             "--json": ("flag", 0)},
     ("plot",): {"": ("file", 1), "--out": ("out", 1), "--scale": ("int", 1), "--range": ("float", 2),
                 "--format": ("word", 1), "--convergence": ("flag", 0), "--label": ("word", 1)},
-    ("sweep",): {"--op": ("op", 1), "--segments": ("int", 1), "--bits": ("int", 1), "--out-dir": ("out", 1),
-                 "--workers": ("int", 1), "--generations": ("int", 1), "--seed": ("int", 1)},
+    ("sweep",): {"--op": ("op", 1), "--segments": ("segments", 1), "--bits": ("bits", 1), "--out-dir": ("out", 1),
+                 "--workers": ("budget", 1), "--generations": ("budget", 1), "--seed": ("int", 1)},
     ("retnet", "train"): {"--preset": ("word", 1), "--out": ("out", 1), "--steps": ("steps", 1),
                           "--device": ("word", 1)},
     ("retnet", "eval"): {"--checkpoint": ("file", 1), "--out": ("out", 1), "--device": ("word", 1)},
