@@ -4,7 +4,7 @@ time. Run: python -m bench.lut_host_cost (CUDA only)
 Times many back-to-back calls on a 4096-element tensor (the GPU is never the bottleneck there)
 with the host clock, synchronizing only before and after: microseconds per call, LUTGELU
 against F.gelu, no-grad forward and forward+backward, float32 and bfloat16; LUTGELU through
-its default path (the C++ operator where ops/cuda_kernel.py builds it) and through the Triton
+its default path (the C++ operator where ops/kernels/cuda_kernel.py builds it) and through the Triton
 kernels (`cuda_kernel.switched_off()`), in the same process. JSON to
 bench/results/lut_host_cost.json.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import machine, print_table, write_results
-from ops import cuda_kernel
-from ops.modules import LUTGELU
+from ops.kernels import cuda_kernel
+from ops.nn import LUTGELU
 
 
 def host_us(fn, n: int = 2000) -> float:

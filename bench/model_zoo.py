@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._common import machine, names_in, positive_int, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
-from ops.call_sites import KINDS
+from ops.convert.call_sites import KIND_OF
 
 Inputs = dict[str, torch.Tensor]
 
@@ -176,8 +176,8 @@ class CountFloatCalls(TorchFunctionMode):
         self.calls: Counter = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in KINDS:
-            self.calls[KINDS[func].rstrip("_")] += 1
+        if func in KIND_OF:
+            self.calls[KIND_OF[func].rstrip("_")] += 1
         return func(*args, **(kwargs or {}))
 
 

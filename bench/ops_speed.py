@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bench._common import RESULTS, ints_in, machine, positive_int, print_table, timer, write_results
 
-from ops.modules import LUTGELU, LUTSiLU
+from ops.nn import LUTGELU, LUTSiLU
 
 # LUT time / native time, at these sizes and above (the QAT speed issue's targets)
 TARGETS = {"cpu": {"forward": (1.2, 20)},

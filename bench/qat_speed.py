@@ -12,7 +12,7 @@ Each step is timed as median of --reps steps after warm-up, the ratio taken agai
 the same process. Ways of running a step: `eager`; on CUDA `graph` (the whole step captured
 once as a CUDA graph and replayed: it only captures if the step has no host sync, which this
 checks) and, with --compile, `compile` (torch.compile of the model); on CUDA also
-`eager-triton`, the eager step with the C++ operators of ops/cuda_kernel.py switched off (the
+`eager-triton`, the eager step with the C++ operators of ops/kernels/cuda_kernel.py switched off (the
 Triton kernels behind Python autograd functions), as a baseline in the same process. Kernel launches per step
 come from the profiler. JSON merged into bench/results/qat_speed.json under the device.
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bench._common import RESULTS, machine, names_in, positive_int, print_table, write_results
 from ops import calibrate, replace_ops
 from retnet_integration.model import RetNet
-from retnet_integration.pipeline import get_preset
+from retnet_integration.experiments.pipeline import get_preset
 from retnet_integration.quantize import quantize_
 
 TARGET_CUDA = 1.5  # all-LUT step / float step on the H100
@@ -160,7 +160,7 @@ def captured(step, batch: Callable[[], torch.Tensor]) -> Callable[[], object]:
 
 
 def without_cpp_ops(run: Callable[[], object]) -> Callable[[], object]:
-    from ops import cuda_kernel
+    from ops.kernels import cuda_kernel
 
     def plain() -> object:
         with cuda_kernel.switched_off():

@@ -87,7 +87,7 @@ def figure(rows: list[dict], path) -> None:
 def write_doc_table(text: str) -> None:
     doc = DOC.read_text()
     a, b = doc.index(BEGIN), doc.index(END)
-    from gqa_lut.table import write_text_atomic
+    from gqa_lut.io import write_text_atomic
     write_text_atomic(DOC, doc[:a + len(BEGIN)] + "\n" + text + doc[b:])
 
 

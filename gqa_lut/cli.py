@@ -23,7 +23,8 @@ from gqa_lut.cli_support import EXIT_USAGE, MAX_WORKERS, Parser, examples
 from gqa_lut.config import FitConfig, validate_config
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import check_int
-from gqa_lut.table import OutputFormat, Table, check_readable, check_writable, load_table, save_table
+from gqa_lut.table import OutputFormat, Table, load_table, save_table
+from gqa_lut.io import check_readable, check_writable
 
 
 def add_fit_args(p: argparse.ArgumentParser) -> None:
@@ -400,7 +401,7 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gqa_lut.export_c import export_c
     from gqa_lut.export_verilog import export_verilog
-    from gqa_lut.table import write_text_atomic
+    from gqa_lut.io import write_text_atomic
 
     if args.c is None and args.verilog is None:
         raise UsageError("nothing to export: give --c OUT.h and/or --verilog OUT.v")

@@ -161,3 +161,10 @@ def outside_line(table: Table, fn: Callable[[np.ndarray], np.ndarray], inside_ma
         where = f"within the in-range max error only for {span}"
     return (f"outside the fitted range: max |error| {m['outside_max_abs_err']:.4e} on the codes the scales "
             f"represent; {where}")
+
+
+def covering_scale(table: Table, amax: float) -> int:
+    """Finest table scale d whose input range still holds amax (no clipping), else the coarsest."""
+    _, qmax = int_range(table.input_bits)
+    ok = [d for d in table.scales if amax * 2.0 ** d <= qmax + 0.5]
+    return max(ok) if ok else min(table.scales)

@@ -19,7 +19,8 @@ from gqa_lut.errors import UsageError
 from gqa_lut.evaluator import accumulate
 from gqa_lut.quantization import int_range
 from gqa_lut.segmentation import place
-from gqa_lut.table import MAX_TABLE_BYTES, Table, parse_json, read_text_capped
+from gqa_lut.table import MAX_TABLE_BYTES, Table
+from gqa_lut.io import parse_json, read_text_capped
 
 REFERENCE_FRAC_BITS = 6
 

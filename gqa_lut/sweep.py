@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 from gqa_lut.config import FitConfig, validate_config
 from gqa_lut.functions import get_op
 from gqa_lut.search import fit
-from gqa_lut.table import Table, save_table, write_text_atomic
+from gqa_lut.table import Table, save_table
+from gqa_lut.io import write_text_atomic
 
 
 def grid_configs(op: str, segments: Sequence[int], bits: Sequence[int], base: FitConfig) -> list[FitConfig]:

@@ -1,10 +1,10 @@
 """The non-linear ops in PyTorch: integer-table drop-ins bit-exact with gqa_lut's evaluator, and
 `replace_ops`/`calibrate` to put them into any model. The numpy functions the tables
 approximate live in gqa_lut.functions; ops/registry.py adds each op's torch side."""
-from ops.modules import (LUTActivation, LUTGELU, LUTGELUTanh, LUTGroupNorm, LUTHardsigmoid, LUTHardswish,
-                         LUTLayerNorm, LUTRMSNorm, LUTSigmoid, LUTSiLU, LUTSoftmax, LUTSoftplus, LUTTanh,
-                         RangeReducedLUT, lut_exp)
-from ops.replace import calibrate, replace_ops
+from ops.nn import (LUTActivation, LUTGELU, LUTGELUTanh, LUTGroupNorm, LUTHardsigmoid, LUTHardswish,
+                    LUTLayerNorm, LUTRMSNorm, LUTSigmoid, LUTSiLU, LUTSoftmax, LUTSoftplus, LUTTanh,
+                    RangeReducedLUT, lut_exp)
+from ops.convert.replace import calibrate, replace_ops
 
 # the drop-ins ops/registry.py names (a test keeps the two in step), and the building blocks
 __all__ = ["LUTGELU", "LUTGELUTanh", "LUTSiLU", "LUTHardswish", "LUTHardsigmoid", "LUTSoftplus", "LUTSigmoid",

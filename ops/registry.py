@@ -1,12 +1,19 @@
 """The torch side of every op: one record each, the only map between ops, torch and drop-ins.
 
-A record names the op (its one spelling, as in gqa_lut.functions; aliases resolve there), its
-float torch function (the reference a drop-in is compared with and the source of the exact
+A `TorchOp` names the op (its one spelling, as in gqa_lut.functions; aliases resolve there),
+its float torch function (the reference a drop-in is compared with and the source of the exact
 derivative of its straight-through backward), the tables its LUT form evaluates, the torch
-module classes `replace_ops` swaps for its drop-in, and that drop-in's class in ops.modules.
-Everything else (the drop-ins' defaults, `replace_ops`, the RetNet's quantization modes,
-`ops.__all__`) is derived from these records. Adding an activation = a record in
-gqa_lut/functions.py, a record here, and its one-line class in ops/modules.py.
+module classes `replace_ops` swaps for its drop-in, that drop-in's class in ops.nn, and the
+number the GPU kernels know its derivative by. A `CallKind` is one kind of functional call
+the call sites route (F.silu, torch.exp, F.scaled_dot_product_attention...): the op it
+stands for, its torch spellings and which LUT module serves its site.
+
+Everything else is derived from these records: the drop-ins' defaults, `replace_ops`, the
+call sites' maps (ops/convert/call_sites.py), the derivative numbers of the Triton and CUDA
+kernels (ops.kernels.derivatives.DERIVATIVE_NUMBERS, passed to the CUDA build as -D defines; a test reads
+both kernels' sources against them), the RetNet's quantization modes and `ops.__all__`.
+Adding an activation = a record in gqa_lut/functions.py, a record here (and a CallKind for
+its functional form), and its one-line class in ops/nn/activation.py.
 """
 from __future__ import annotations
 
@@ -41,9 +48,10 @@ class TorchOp:
     reference: Callable  # the torch function it stands for (1-argument for table functions)
     tables: tuple[str, ...]
     replaces: tuple[type, ...] = ()  # exact torch classes (and subclasses) swapped by replace_ops
-    drop_in: Optional[str] = None  # class name in ops.modules, with a `from_float` constructor
+    drop_in: Optional[str] = None  # class name in ops.nn, with a `from_float` constructor
     doc: str = ""
     when: Optional[Callable[[nn.Module], bool]] = None  # which modules of those classes it stands for
+    derivative: Optional[int] = None  # its exact derivative's number in the GPU kernels (0 is the slope)
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -71,20 +79,21 @@ def _decay(x: torch.Tensor) -> torch.Tensor:
 
 
 RECORDS = (
-    TorchOp("gelu", _gelu, ("gelu",), (nn.GELU,), "LUTGELU", "GELU", when=_erf_gelu),
+    TorchOp("gelu", _gelu, ("gelu",), (nn.GELU,), "LUTGELU", "GELU", when=_erf_gelu, derivative=1),
     TorchOp("gelu_tanh", _gelu_tanh, ("gelu_tanh",), (nn.GELU,), "LUTGELUTanh", "GELU(approximate='tanh')",
-            when=_tanh_gelu),
-    TorchOp("swish", F.silu, ("swish",), (nn.SiLU,), "LUTSiLU", "SiLU"),
-    TorchOp("hswish", F.hardswish, ("hswish",), (nn.Hardswish,), "LUTHardswish", "Hardswish"),
-    TorchOp("hsigmoid", F.hardsigmoid, ("hsigmoid",), (nn.Hardsigmoid,), "LUTHardsigmoid", "Hardsigmoid"),
+            when=_tanh_gelu, derivative=2),
+    TorchOp("swish", F.silu, ("swish",), (nn.SiLU,), "LUTSiLU", "SiLU", derivative=3),
+    TorchOp("hswish", F.hardswish, ("hswish",), (nn.Hardswish,), "LUTHardswish", "Hardswish", derivative=4),
+    TorchOp("hsigmoid", F.hardsigmoid, ("hsigmoid",), (nn.Hardsigmoid,), "LUTHardsigmoid", "Hardsigmoid",
+            derivative=5),
     TorchOp("softplus", F.softplus, ("softplus",), (nn.Softplus,), "LUTSoftplus", "Softplus (beta=1)",
-            when=_unit_softplus),
-    TorchOp("sigmoid", torch.sigmoid, ("sigmoid",), (nn.Sigmoid,), "LUTSigmoid", "Sigmoid"),
-    TorchOp("tanh", torch.tanh, ("tanh",), (nn.Tanh,), "LUTTanh", "Tanh"),
-    TorchOp("exp", torch.exp, ("exp",)),
-    TorchOp("decay", _decay, ("decay",)),
-    TorchOp("rsqrt", torch.rsqrt, ("rsqrt",)),
-    TorchOp("reciprocal", torch.reciprocal, ("reciprocal",)),
+            when=_unit_softplus, derivative=8),
+    TorchOp("sigmoid", torch.sigmoid, ("sigmoid",), (nn.Sigmoid,), "LUTSigmoid", "Sigmoid", derivative=6),
+    TorchOp("tanh", torch.tanh, ("tanh",), (nn.Tanh,), "LUTTanh", "Tanh", derivative=7),
+    TorchOp("exp", torch.exp, ("exp",), derivative=9),
+    TorchOp("decay", _decay, ("decay",), derivative=10),
+    TorchOp("rsqrt", torch.rsqrt, ("rsqrt",), derivative=11),
+    TorchOp("reciprocal", torch.reciprocal, ("reciprocal",), derivative=12),
     TorchOp("layernorm", F.layer_norm, ("rsqrt",), (nn.LayerNorm,), "LUTLayerNorm", "LayerNorm"),
     TorchOp("rmsnorm", F.rms_norm, ("rsqrt",), (nn.RMSNorm,), "LUTRMSNorm", "RMSNorm"),
     TorchOp("groupnorm", F.group_norm, ("rsqrt",), (nn.GroupNorm,), "LUTGroupNorm", "GroupNorm"),
@@ -117,3 +126,56 @@ def swappable() -> list[TorchOp]:
 def table_names() -> set[str]:
     """Every table a drop-in may be given (`replace_ops(tables=...)` keys)."""
     return {t for r in swappable() for t in r.tables}
+
+
+def derivative_numbers() -> dict[str, int]:
+    """The GPU kernels' derivative numbers by op ("" is the active segment's slope)."""
+    return {"": 0, **{r.name: r.derivative for r in RECORDS if r.derivative is not None}}
+
+
+@dataclass(frozen=True)
+class CallKind:
+    """One kind of functional call a call site routes: `functions` are its torch spellings as a
+    TorchFunctionMode receives them; each of `methods` is looked up on torch and on Tensor, with
+    its in-place `name_` where torch has one. `site` names the LUT module serving it."""
+
+    name: str
+    op: str  # the TorchOp it stands for (`replace_ops(ops=...)`)
+    site: str  # "activation" | "softmax" | "rsqrt" | "exp"
+    functions: tuple[Callable, ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+SITES = ("activation", "softmax", "rsqrt", "exp")
+CALLS = (
+    CallKind("gelu", "gelu", "activation", (F.gelu,)),
+    CallKind("gelu_tanh", "gelu_tanh", "activation"),  # F.gelu(approximate="tanh"), told apart per call
+    CallKind("silu", "swish", "activation", (F.silu,)),
+    CallKind("sigmoid", "sigmoid", "activation", (torch.special.expit,), ("sigmoid",)),
+    CallKind("tanh", "tanh", "activation", (), ("tanh",)),
+    CallKind("hardswish", "hswish", "activation", (F.hardswish,)),
+    CallKind("hardsigmoid", "hsigmoid", "activation", (F.hardsigmoid,)),
+    CallKind("softplus", "softplus", "activation", (F.softplus,)),
+    CallKind("softmax", "softmax", "softmax", (F.softmax, torch.special.softmax), ("softmax",)),
+    CallKind("softmin", "softmax", "softmax", (F.softmin,)),  # routed as the softmax of -x
+    CallKind("sdpa", "softmax", "softmax", (F.scaled_dot_product_attention,)),
+    CallKind("layer_norm", "layernorm", "rsqrt", (F.layer_norm,)),
+    CallKind("rms_norm", "rmsnorm", "rsqrt", (F.rms_norm,)),
+    CallKind("group_norm", "groupnorm", "rsqrt", (F.group_norm,)),
+    CallKind("rsqrt", "rsqrt", "rsqrt", (), ("rsqrt",)),
+    CallKind("exp", "exp", "exp", (), ("exp",)),
+)
+CALL_KINDS: dict[str, CallKind] = {c.name: c for c in CALLS}
+
+
+def call_spellings() -> dict[Callable, str]:
+    """Each torch spelling of a call -> its kind; in-place spellings -> kind + "_"."""
+    out: dict[Callable, str] = {}
+    for c in CALLS:
+        out.update({f: c.name for f in c.functions})
+        for name in c.methods:
+            for owner in (torch, torch.Tensor):
+                out[getattr(owner, name)] = c.name
+                if hasattr(owner, name + "_"):
+                    out[getattr(owner, name + "_")] = c.name + "_"
+    return out

@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from gqa_lut.errors import UsageError  # noqa: E402
-from gqa_lut.table import write_atomic  # noqa: E402
+from gqa_lut.io import write_atomic
 
 FORMATS = ("png", "svg", "pdf")
 

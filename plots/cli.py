@@ -9,7 +9,8 @@ from gqa_lut.cli_support import MAX_WORKERS, examples
 from gqa_lut.config import FitConfig
 from gqa_lut.errors import UsageError
 from gqa_lut.quantization import check_int
-from gqa_lut.table import check_writable, load_table
+from gqa_lut.table import load_table
+from gqa_lut.io import check_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from gqa_lut.cli_support import Parser, examples
-from gqa_lut.table import check_writable, write_json_atomic
+from gqa_lut.io import check_writable, write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +87,7 @@ def _log(line: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retnet_integration import pipeline
+    from retnet_integration.experiments import pipeline
 
     check_writable(args.out)
     pipeline.run_train(args.preset, Path(args.out), args.device, args.steps, _log)
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from retnet_integration import pipeline
+    from retnet_integration.experiments import pipeline
 
     check_writable(args.out)
     pipeline.run_eval(Path(args.checkpoint), Path(args.out), args.device, _log,
@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from retnet_integration import pipeline
+    from retnet_integration.experiments import pipeline
 
     for target in (args.out, args.markdown, args.plot):
         if target is not None:
@@ -118,7 +118,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_qat_int(args: argparse.Namespace) -> int:
-    from retnet_integration import int_commands
+    from retnet_integration.experiments import commands as int_commands
 
     check_writable(args.out)
     int_commands.run_qat(Path(args.checkpoint), Path(args.out), args.device, args.steps, _log)
@@ -126,7 +126,8 @@ def cmd_qat_int(args: argparse.Namespace) -> int:
 
 
 def cmd_export_c(args: argparse.Namespace) -> int:
-    from retnet_integration import c_export, int_commands
+    from retnet_integration.integer import c_export
+    from retnet_integration.experiments import commands as int_commands
 
     c_export.check_program_folder(Path(args.out))  # before the model is loaded: a bad --out costs nothing
     int_commands.run_export(Path(args.checkpoint), Path(args.out), _log)
@@ -134,7 +135,7 @@ def cmd_export_c(args: argparse.Namespace) -> int:
 
 
 def cmd_check_int(args: argparse.Namespace) -> int:
-    from retnet_integration import int_commands
+    from retnet_integration.experiments import commands as int_commands
 
     if args.json:
         check_writable(args.json, "--json")
@@ -146,7 +147,7 @@ def cmd_check_int(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from retnet_integration import study
+    from retnet_integration.experiments import study
 
     out = check_writable(args.out)
     plot = None if args.plot is None else Path(args.plot or out.with_suffix(".png"))

@@ -19,14 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gqa_lut.quantization import int_range
-from ops.fake_quant import tqt_quantize, weight_fake_quant
+from ops.nn.fake_quant import tqt_quantize, weight_fake_quant
 from retnet_integration.quantizers import (PERCENTILE, QuantSpec, fake_quant, lsq, pact, tqt, weight_amax,
                                              weight_quant)
 
 
 class ActQuant(nn.Module):
     """An activation quantizer, off until calibrated. Without a spec (or with the default
-    one: TQT per tensor) it runs the fused TQT kernels of ops/fake_quant.py; a `QuantSpec`
+    one: TQT per tensor) it runs the fused TQT kernels of ops/nn/fake_quant.py; a `QuantSpec`
     picks another method or per-channel scales (retnet_integration/quantizers.py), whose
     learned parameter (`qparam`) is created at calibration, so float checkpoints load."""
 
@@ -161,7 +161,7 @@ class Decay(nn.Module):
 
     def use_table(self, table) -> None:
         from gqa_lut.evaluator import evaluate
-        from ops.modules import covering_scale
+        from ops.nn import covering_scale
         import numpy as np
 
         lam = (-self.log_gamma_float).cpu().numpy()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -26,12 +25,12 @@ import torch.nn as nn
 
 from gqa_lut.errors import UsageError
 from gqa_lut.table import load_table
-from ops.replace import calibrate, observe, replace_ops
+from ops.convert.replace import calibrate, observe, replace_ops
+from retnet_integration.integer.spec import DECAY_TABLE
 from retnet_integration.layers import ActQuant, Decay, QuantLinear
 from retnet_integration.quantizers import QuantSpec, parse_spec
 
 LUT_OPS = ("gelu", "swish", "groupnorm", "layernorm", "decay")
-DECAY_TABLE = Path(__file__).resolve().parent / "tables" / "decay.json"
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def test_floor_and_ibert():
     assert np.max(np.abs(ibert_exp(xe) - np.exp(xe))) < 0.01
 
 
+@pytest.mark.slow
 def test_anchors_benchmark_quick_end_to_end():
     r = subprocess.run([sys.executable, "-m", "bench.anchors", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from gqa_lut import bounds
 from gqa_lut.evaluator import evaluate_codes, runtime_bits
 from gqa_lut.table import OutputFormat, Table
-from ops.torch_lut import lut_int
+from ops.kernels.reference import lut_int
 from tests.c_harness import CC, c_codes, c_outputs
 from tests.strategies import spec_tables
 

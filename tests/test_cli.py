@@ -20,6 +20,7 @@ def run(*args, cwd):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_fit_swish_8_bits_writes_a_valid_table(tmp_path):
     r = run("fit", "--op", "swish", "--bits", "8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -35,6 +36,7 @@ def test_fit_swish_8_bits_writes_a_valid_table(tmp_path):
     assert json.loads(e.stdout)["metrics"]["mse"] == pytest.approx(t.metrics["mse"])
 
 
+@pytest.mark.slow
 def test_fit_expression_json_and_quiet(tmp_path):
     r = run("fit", "--expr", "x*tanh(log1p(exp(x)))", "--name", "mish", "--segments", "6",
             "--population", "10", "--generations", "3", "--json", cwd=tmp_path)
@@ -127,6 +129,7 @@ def test_negative_numbers_are_values(tmp_path):
     assert t.range == (-1e-3, 1.0) and t.scales == [-2, -1, 0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_default_names_tell_fits_apart(tmp_path):
     from gqa_lut.cli import default_fit_name
     from gqa_lut.table import OutputFormat
@@ -154,6 +157,7 @@ def test_weights_that_weigh_nothing_are_refused(tmp_path, content, msg):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+@pytest.mark.slow
 def test_weighted_fit_prints_its_weighted_error(tmp_path):
     import numpy as np
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(0, 1, 5000))
@@ -173,10 +177,10 @@ def test_out_under_a_file_and_an_existing_file_is_never_replaced(tmp_path):
 
 def test_read_only_target_is_refused_before_the_fit_runs(tmp_path, monkeypatch, capsys):
     import gqa_lut.search
-    import gqa_lut.table
+    import gqa_lut.io
     from gqa_lut.cli import main
 
-    monkeypatch.setattr(gqa_lut.table, "_read_only_fs", lambda folder: True)
+    monkeypatch.setattr(gqa_lut.io, "_read_only_fs", lambda folder: True)
     monkeypatch.setattr(gqa_lut.search, "fit", lambda *a, **k: pytest.fail("fitted before checking --out"))
     assert main(["fit", "--op", "gelu", "--out", str(tmp_path / "t.json")]) == 2
     assert "is not writable" in capsys.readouterr().err
@@ -199,6 +203,7 @@ def test_help_shows_defaults_and_examples(command, tmp_path):
         assert "(default: 30)" in r.stdout  # generations
 
 
+@pytest.mark.slow
 def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
     """The README's acts.npy snippet runs as written on a small model, and `fit` takes the file."""
     import re

@@ -1,4 +1,4 @@
-"""The compiled CPU forward (ops/cpu_kernel.py): the same bits as the torch ops, built safely."""
+"""The compiled CPU forward (ops/kernels/cpu_kernel.py): the same bits as the torch ops, built safely."""
 
 import os
 import subprocess
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gqa_lut.quantization import int_range
-from ops import cpu_kernel
-from ops.modules import LUTActivation
+from ops.kernels import cpu_kernel
+from ops.nn import LUTActivation
 from ops.tables import default_table
-from ops.torch_lut import lookup
+from ops.kernels.dispatch import lookup
 from tests.strategies import random_tables
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,11 +88,12 @@ def _run(env: dict, code: str) -> str:
                           text=True, timeout=300, check=True).stdout
 
 
-PROBE = ("import hashlib, torch; from ops import cpu_kernel; from ops.modules import LUTGELU;"
+PROBE = ("import hashlib, torch; from ops.kernels import cpu_kernel; from ops.nn import LUTGELU;"
          "x = torch.linspace(-5, 5, 1001); y = LUTGELU()(x);"
          "print(cpu_kernel.status()); print(hashlib.sha256(y.numpy().tobytes()).hexdigest())")
 
 
+@pytest.mark.slow
 def test_no_compiler_no_cache_folder_or_switched_off_falls_back_to_the_same_values(tmp_path):
     ref = _run({"GQA_LUT_CACHE": str(tmp_path / "a")}, PROBE).splitlines()
     off = _run({"GQA_LUT_CPU_KERNEL": "0"}, PROBE).splitlines()
@@ -107,6 +108,7 @@ def test_no_compiler_no_cache_folder_or_switched_off_falls_back_to_the_same_valu
     assert ref[1] == off[1] == nocc[1] == nodir[1]  # the same output bytes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler here")
 def test_build_is_cached_and_leaves_no_temporary_files(tmp_path):
     env = {"GQA_LUT_CACHE": str(tmp_path)}
@@ -146,7 +148,7 @@ def test_native_backward_then_mask_equals_the_closed_form(op, dtype):
 def test_range_reduction_kernel_equals_torch_ops_at_every_magnitude(op, grad):
     """The one-pass RangeReducedLUT (no autograd: C) against its torch ops (the autograd path):
     the same bits from 1e-38 to 3e38, at NaN, +-inf, 0, negatives and powers of two."""
-    from ops.modules import RangeReducedLUT
+    from ops.nn import RangeReducedLUT
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, 1e-39, 1.17549435e-38,
                             3.4e38, 2.0 ** 127, 2.0 ** -126, 1.0, 2.0, 4.0, 3.9999998, 0.25, 0.5])
     g = torch.Generator().manual_seed(0)
@@ -164,7 +166,7 @@ def test_range_reduction_kernel_equals_torch_ops_at_every_magnitude(op, grad):
 def test_tqt_kernel_equals_torch_ops(nbits, log2_t):
     """TQT in one pass: the quantized values bit for bit, the input's gradient exactly, the
     threshold's gradient (a sum of 2^17 terms, in double here, float32 there) within 1e-5."""
-    from ops.fake_quant import _tqt_backward, _tqt_forward
+    from ops.nn.fake_quant import _tqt_backward, _tqt_forward
     g0 = torch.Generator().manual_seed(0)
     x = torch.randn((1 << 17) + 5, generator=g0) * 3
     x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
@@ -189,7 +191,7 @@ def test_group_statistics_kernel_in_both_layouts(shape, groups):
     half a float32 ulp of the value plus the float64 sum's own error (stated: 2e-7 relative);
     channels-last and contiguous give the same bits; the drop-in's output within one rsqrt-table
     code of the torch-ops path (the same function with gradients on)."""
-    from ops.modules import RangeReducedLUT, group_norm
+    from ops.nn import RangeReducedLUT, group_norm
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3 + 5  # |mean| >> std stresses var
     g = x.double().reshape(shape[0], groups, -1)
     want_mean, want_var = g.mean(-1, keepdim=True), g.var(-1, correction=0, keepdim=True)

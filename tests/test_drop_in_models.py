@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from bench.model_zoo import HF_MODELS, MODELS, build, float_calls, output
 from ops import LUTActivation, LUTRMSNorm, calibrate, replace_ops
-from ops.call_sites import sdpa
-from ops.modules import LUTSoftmax
-from ops.report import _bypass
+from ops.convert.call_sites import sdpa
+from ops.nn import LUTSoftmax
+from ops.convert.report import _bypass
 from ops.tables import default_table
 
 # the float calls a converted model may still make, each with the reason its report gives
@@ -324,7 +324,7 @@ def test_export_has_one_node_per_table():
 def test_onnx_matches_eager_on_every_code_and_on_a_model(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    from ops.onnx_export import export_onnx
+    from ops.convert.onnx_export import export_onnx
 
     def run(model, x):
         path = export_onnx(model, (x,), tmp_path / "m.onnx")

@@ -129,12 +129,14 @@ def test_lower_bound_is_below_every_table(op, segments, seed):
     assert t.search["objective_value"] >= t.search["lower_bound"] * (1 - 1e-9)
 
 
+@pytest.mark.slow
 def test_more_segments_never_worse():
     mse = [fit("gelu", FitConfig(segments=n, population=8, generations=3, patience=2)).metrics["mse"]
            for n in (2, 4, 8, 16)]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(mse, mse[1:])), mse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,segments", [("gelu", 8), ("hswish", 16), ("exp", 16)])
 def test_minimax_never_above_the_mse_fit(op, segments):
     cfg = dict(segments=segments, population=10, generations=4, patience=3)

@@ -12,7 +12,7 @@ from gqa_lut.evaluator import evaluate_codes
 from gqa_lut.export_verilog import export_verilog
 from gqa_lut.quantization import int_range
 from ops.tables import TABLE_DIR, default_table
-from retnet_integration.int_graph import DECAY_TABLE
+from retnet_integration.integer.spec import DECAY_TABLE
 from gqa_lut.table import load_table
 from tests.strategies import random_tables, spec_tables
 from tests.verilog_harness import IVERILOG, VERILATOR, iverilog_outputs, verilator_outputs

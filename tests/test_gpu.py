@@ -5,7 +5,7 @@ import torch
 
 from gqa_lut.evaluator import evaluate
 from gqa_lut.quantization import int_range
-from ops.modules import LUTActivation, LUTGELU, LUTSiLU
+from ops.nn import LUTActivation, LUTGELU, LUTSiLU
 from ops.tables import TABLE_DIR, default_table
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -14,7 +14,7 @@ SHIPPED = sorted(p.stem for p in TABLE_DIR.glob("*.json"))
 
 @pytest.mark.parametrize("op", SHIPPED)
 def test_every_code_every_scale_matches_numpy(op):
-    from ops import triton_lut
+    from ops.kernels import triton_lut
     assert triton_lut.AVAILABLE, "Triton should be there on a CUDA machine"
     t = default_table(op)
     m = LUTActivation(t).cuda()
@@ -139,7 +139,7 @@ def test_backward_kernel_equals_cpu_for_every_table(op, grad, dtype):
     """The fused backward kernel (derivative in registers, or the segment's slope) against the
     CPU path: equal within float32 rounding of erf/exp/tanh (libdevice vs the CPU's), and
     bit-equal for the slope (no transcendental)."""
-    from ops import triton_lut
+    from ops.kernels import triton_lut
     t = default_table(op)
     m = LUTActivation(t, grad=grad)
     assert triton_lut.backward_usable(torch.empty(1, device="cuda"), m.derivative if grad == "exact" else "")
@@ -164,7 +164,7 @@ def test_backward_kernel_equals_cpu_for_every_table(op, grad, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_tqt_kernels_equal_cpu(bits, dtype):
-    from ops.fake_quant import tqt_quantize, weight_fake_quant
+    from ops.nn.fake_quant import tqt_quantize, weight_fake_quant
     torch.manual_seed(0)
     x = (torch.randn(100_003) * 3).to(dtype)
     x[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
@@ -206,7 +206,7 @@ def test_fused_range_reduction_equals_cpu_at_every_magnitude(op, grad, dtype):
     """The one-kernel RangeReducedLUT (exponent bits, table, exact 2^-k) against the torch ops
     on the CPU: forward bit for bit from 1e-38 to 3e38 and at NaN, +-inf, 0 and negatives;
     the straight-through gradient within float32 rounding (0 where the input was cut)."""
-    from ops.modules import RangeReducedLUT
+    from ops.nn import RangeReducedLUT
     torch.manual_seed(0)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-39, 1.17549435e-38, 3.4e38,
                             2.0 ** 127, 2.0 ** -126, 1.0, 4.0, 3.9999998])
@@ -230,11 +230,11 @@ def test_fused_range_reduction_equals_cpu_at_every_magnitude(op, grad, dtype):
 
 
 def test_cuda_operator_is_built_and_equals_the_triton_kernels():
-    """Where nvcc is there, the C++ operator serves eager calls (ops/cuda_kernel.py); against the
+    """Where nvcc is there, the C++ operator serves eager calls (ops/kernels/cuda_kernel.py); against the
     Triton kernels: the same forward bits and backward within float32 rounding, for aligned,
     unaligned (a view one element in), strided, channels-last and empty inputs, every dtype."""
-    from ops import cuda_kernel, triton_lut
-    from ops.torch_lut import lookup_backward
+    from ops.kernels import cuda_kernel, triton_lut
+    from ops.kernels.dispatch import lookup_backward
     if cuda_kernel._nvcc() is None:
         pytest.skip("no nvcc: the Triton kernels serve CUDA")
     fast = cuda_kernel.op()
@@ -242,7 +242,7 @@ def test_cuda_operator_is_built_and_equals_the_triton_kernels():
     torch.manual_seed(0)
     for m in (LUTGELU().cuda(), LUTSiLU(grad="slope").cuda()):
         qmin, qmax = int_range(m.table.input_bits)
-        kind = triton_lut.KINDS[m.derivative if m.grad == "exact" else ""]
+        kind = triton_lut.DERIVATIVE_NUMBERS[m.derivative if m.grad == "exact" else ""]
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             base = (torch.randn(2, 8, 9, 7, device="cuda") * 4).to(dtype)
             base.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")], device="cuda").to(dtype)
@@ -267,13 +267,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["layer", "layer-noaffine", "group", "group-padded"])
 def test_fused_norm_kernels_follow_the_torch_ops(case, dtype, monkeypatch):
-    """ops/triton_norm.py against the torch ops of ops.modules on the same CUDA inputs: outputs
+    """ops/kernels/triton_norm.py against the torch ops of ops.nn on the same CUDA inputs: outputs
     and every gradient (input, weight, bias) within 2e-3 relative L2 in float32, 8e-3 in
     bfloat16 (a bfloat16 ulp is 2^-8 relative: a float32 difference in the last bits rounds to
     the neighbouring bfloat16 now and then). The row sums run in another order, so an occasional
     variance crosses a table code; the rsqrt table's slope and exact derivative both checked."""
-    from ops import triton_norm
-    from ops.modules import LUTGroupNorm, LUTLayerNorm
+    from ops.kernels import triton_norm
+    from ops.nn import LUTGroupNorm, LUTLayerNorm
     torch.manual_seed(0)
     if case.startswith("layer"):
         m = LUTLayerNorm(256, elementwise_affine=case == "layer").cuda()
@@ -306,10 +306,10 @@ def test_fused_norm_kernels_follow_the_torch_ops(case, dtype, monkeypatch):
 
 
 def test_cuda_fake_quant_operators_equal_the_triton_kernels():
-    """The C++ TQT and weight fake-quant (ops/csrc/lut_cuda.cu) against ops/triton_quant.py: the
+    """The C++ TQT and weight fake-quant (ops/kernels/csrc/lut_cuda.cu) against ops/kernels/triton_quant.py: the
     same y, d, input gradient and weight bits; the threshold's gradient within float32 rounding
     of a sum in another order. Aligned, unaligned (a view one element in) and empty inputs."""
-    from ops import cuda_kernel, triton_quant
+    from ops.kernels import cuda_kernel, triton_quant
     if cuda_kernel._nvcc() is None:
         pytest.skip("no nvcc: the Triton kernels serve CUDA")
     ext = cuda_kernel.extension()

@@ -13,7 +13,7 @@ from gqa_lut.quantization import int_range
 from ops import (LUTActivation, LUTGELU, LUTGroupNorm, LUTLayerNorm, LUTRMSNorm, LUTSiLU,
                  LUTSoftmax, RangeReducedLUT, calibrate, replace_ops)
 from ops.tables import TABLE_DIR, default_table
-from ops.torch_lut import lut_int
+from ops.kernels.reference import lut_int
 from tests.strategies import random_tables
 
 SHIPPED = sorted(p.stem for p in TABLE_DIR.glob("*.json"))
@@ -197,7 +197,7 @@ def test_range_reduction_any_magnitude(op, exact):
 
 
 def test_lut_exp_functional_is_built_once_and_matches_the_table():
-    from ops.modules import _cached_exp, lut_exp
+    from ops.nn.softmax import _cached_exp, lut_exp
     x = torch.linspace(-8, 0, 129)
     y = lut_exp(x)
     t = default_table("exp")
@@ -346,7 +346,7 @@ def test_a_model_with_drop_ins_pickles_whole():
 def test_custom_op_passes_opcheck_on_strided_inputs():
     """The fake (meta) kernel agrees with the real one on shape, dtype and strides, also for a
     transposed input, and the op is registered for autograd: what torch.compile relies on."""
-    from ops.torch_lut import lut_lookup
+    from ops.kernels.autograd import lut_lookup
 
     m = LUTGELU()
     x = (torch.randn(6, 5) * 3).t().requires_grad_(True)  # non-contiguous

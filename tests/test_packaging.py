@@ -36,7 +36,7 @@ def test_wheel_installs_and_runs_fit_and_a_retnet_command(tmp_path):
     fit = run("fit", "--op", "gelu", "--segments", "4", "--generations", "2", "--out", "g.json")
     assert fit.returncode == 0, fit.stderr
     assert (work / "g.json").exists()
-    tables = subprocess.run([sys.executable, "-c", "from retnet_integration.int_graph import load_tables; "
+    tables = subprocess.run([sys.executable, "-c", "from retnet_integration.integer.simulation import load_tables; "
                              "from ops.tables import default_table; t = load_tables(); default_table('gelu'); "
                              "print(sorted(t))"], cwd=work, env=env, capture_output=True, text=True)
     assert tables.returncode == 0, tables.stderr

@@ -10,7 +10,8 @@ import torch
 
 from gqa_lut.cli import main
 from gqa_lut.errors import UsageError
-from gqa_lut.table import TMP_PREFIX, load_table, write_json_atomic
+from gqa_lut.table import load_table
+from gqa_lut.io import TMP_PREFIX, write_json_atomic
 from ops.tables import TABLE_DIR, default_table
 
 GELU = TABLE_DIR / "gelu.json"
@@ -61,8 +62,8 @@ def test_fit_refuses_a_bad_name_before_fitting(tmp_path):
 def test_concurrent_lookups_from_four_threads(dtype, kernel, monkeypatch):
     """float16 always, and float32/bfloat16 without the compiled kernel, shared one scratch
     buffer: 4 threads got each other's codes (47 wrong outputs and 32 IndexErrors in 100)."""
-    from ops import cpu_kernel
-    from ops.modules import LUTSiLU
+    from ops.kernels import cpu_kernel
+    from ops.nn import LUTSiLU
     if not kernel:
         monkeypatch.setattr(cpu_kernel, "_state", {"dll": None, "status": "off for this test"})
     m = LUTSiLU()
@@ -140,9 +141,9 @@ def test_a_killed_write_leaves_a_temporary_the_next_write_removes(tmp_path):
     import sys
     target = tmp_path / "t.json"
     # a writer killed inside the write: its temporary stays, named by its (now gone) process
-    code = ("import os, signal, json; from gqa_lut import table; "
-            "table.json.dump = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
-            f"table.write_json_atomic({str(target)!r}, {{}})")
+    code = ("import os, signal, json; from gqa_lut import io; "
+            "io.json.dump = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+            f"io.write_json_atomic({str(target)!r}, {{}})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode == -9
     left = [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
@@ -176,7 +177,7 @@ def test_duplicate_keys_in_a_table_file_are_refused(tmp_path):
 
 
 def test_a_state_dict_of_another_op_is_refused():
-    from ops.modules import LUTGELU, LUTSiLU
+    from ops.nn import LUTGELU, LUTSiLU
     g = LUTGELU()
     with pytest.raises(ValueError, match="takes a table of op 'gelu', got one of 'swish'"):
         g.load_state_dict(LUTSiLU().state_dict())
@@ -187,7 +188,7 @@ def test_a_state_dict_of_another_op_is_refused():
 
 
 def test_a_scale_index_outside_the_table_is_refused():
-    from ops.modules import LUTGELU
+    from ops.nn import LUTGELU
     sd = LUTGELU().state_dict()
     for bad in (-1, 7, 100):
         sd["scale_index"] = torch.tensor(bad)
@@ -196,7 +197,7 @@ def test_a_scale_index_outside_the_table_is_refused():
 
 
 def test_range_reduced_lookup_propagates_nan():
-    from ops.modules import RangeReducedLUT
+    from ops.nn import RangeReducedLUT
     for op in ("rsqrt", "reciprocal"):
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             r = RangeReducedLUT(op)
@@ -210,7 +211,7 @@ def test_range_reduced_lookup_propagates_nan():
 
 def test_norms_of_rows_near_1e30_are_unit_size():
     """float32 squares of 1e30 overflow: LUTLayerNorm gave +-5e10 (torch's own layer_norm NaN)."""
-    from ops.modules import LUTGroupNorm, LUTLayerNorm, LUTRMSNorm
+    from ops.nn import LUTGroupNorm, LUTLayerNorm, LUTRMSNorm
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 64, generator=gen) * 1e30
     exact = torch.nn.functional.layer_norm(x.double(), (64,))
@@ -225,7 +226,7 @@ def test_norms_of_rows_near_1e30_are_unit_size():
 @pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
 def test_a_dtype_round_trip_keeps_the_tables(cast):
     """LUTGELU().bfloat16().float() rounded its tables: 502 of 2001 outputs changed."""
-    from ops.modules import LUTGELU
+    from ops.nn import LUTGELU
     x = torch.linspace(-8, 8, 2001)
     want = LUTGELU()(x)
     m = getattr(LUTGELU(), cast)().float()
@@ -245,6 +246,7 @@ def test_regular_files_only_and_size_capped(tmp_path, capsys):
 
 # --- 7. custom functions outside their fitted range --------------------------------------------
 
+@pytest.mark.slow
 def test_expr_table_follows_its_function_on_every_code(tmp_path):
     """mish fitted on [-4, 4]: mish(5) came out -0.36 and mish(8) -0.59 at scale 0 (codes outside
     the range fell on lines meant for elsewhere). Now the outer lines follow its asymptotes, and
@@ -287,6 +289,7 @@ def test_fit_output_says_where_the_table_is_valid(tmp_path, capsys):
 
 # --- 8. progress on long work ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fit_progress_counts_the_phases_after_the_genetic_search():
     """The bar reached 100% after 0.3 s of a 6.4 s fit: only generations were counted."""
     from gqa_lut.config import FitConfig

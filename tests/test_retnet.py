@@ -15,9 +15,10 @@ from gqa_lut.table import load_table
 from retnet_integration.data import FORTUNES_DIR, SEPARATOR, eval_windows, load_corpus, normalised
 from retnet_integration.layers import Decay
 from retnet_integration.model import RetNet, RetNetConfig, retention_chunkwise, retention_parallel, retention_recurrent
-from retnet_integration.pipeline import (form_agreement, get_preset, load_checkpoint, run_eval, run_train,
+from retnet_integration.experiments.pipeline import (form_agreement, get_preset, load_checkpoint, run_eval, run_train,
                                          save_checkpoint, train_steps)
-from retnet_integration.quantize import DECAY_TABLE, parse_mode, quantize_
+from retnet_integration.integer.spec import DECAY_TABLE
+from retnet_integration.quantize import parse_mode, quantize_
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fortunes = pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="apt-get install fortunes (.ci/run does)")
@@ -88,7 +89,7 @@ def test_lut_decay_within_the_tables_error():
     table = load_table(DECAY_TABLE)
     d = Decay(8)
     d.use_table(table)
-    from ops.modules import covering_scale
+    from ops.nn import covering_scale
     for lam, lg in zip((-d.log_gamma_float).tolist(), d.log_gamma().tolist()):
         scale = covering_scale(table, lam)
         # table error on its grid, plus the input's rounding (|d exp(-x)/dx| <= 1) of half a step
@@ -172,6 +173,7 @@ def test_tiny_train_and_eval_end_to_end(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["data"]["split_rule"].startswith("fortune i")
 
 
+@pytest.mark.slow
 @needs_fortunes
 def test_retnet_cli_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -192,7 +194,7 @@ def test_retnet_cli_subprocess(tmp_path):
 def test_calibration_keeps_every_norm_rsqrt_at_its_fixed_scale():
     """The rsqrt inside each norm sees a mantissa in [1, 4) whatever the activations: calibrating
     the quantized RetNet must not move it to a coarser scale."""
-    from ops.modules import RangeReducedLUT
+    from ops.nn import RangeReducedLUT
 
     torch.manual_seed(0)
     m = RetNet(RetNetConfig(d_model=32, n_layers=2, n_heads=2, max_len=64)).eval()

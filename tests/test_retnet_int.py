@@ -15,18 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retnet_integration import int_reference as ref
-from retnet_integration.c_export import build, write_program
+from retnet_integration.integer import reference as ref
+from retnet_integration.integer.export import export_integer
+from retnet_integration.integer.c_export import build, write_program
 from retnet_integration.data import FORTUNES_DIR
-from retnet_integration.int_commands import CHECK_KEYS
-from retnet_integration.int_graph import (
-    PHASE_BITS,
-    IntSim,
-    phase_steps,
-    rotary_codes,
-    rshift,
-    sine_table,
-)
+from retnet_integration.experiments.commands import CHECK_KEYS
+from retnet_integration.integer.spec import PHASE_BITS, phase_steps, rotary_codes, sine_table
+from retnet_integration.integer.simulation import IntSim, rshift
 from retnet_integration.model import RetNet, RetNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +44,7 @@ def tiny():
     gen = torch.Generator().manual_seed(1)
     sim.calibrate([torch.randint(0, 256, (4, 24), generator=gen)])
     tokens = torch.randint(0, 256, (3, 20), generator=gen)
-    return sim, ref.export_integer(sim), tokens
+    return sim, export_integer(sim), tokens
 
 
 def test_simulation_equals_the_integer_reference_bit_for_bit(tiny):
@@ -185,6 +180,7 @@ def test_export_refuses_what_the_c_step_cannot_hold(tiny, tmp_path):
     assert not (tmp_path / "a" / "model.h").exists()
 
 
+@pytest.mark.slow
 @needs_cc
 @needs_fortunes
 def test_cli_train_qat_export_check_end_to_end(tmp_path):

@@ -50,6 +50,7 @@ def test_widened_table_has_the_same_real_outputs(op):
         assert got.tolist() == want.tolist()
 
 
+@pytest.mark.slow
 @needs_yosys
 @needs_liberty
 def test_rtl_area_benchmark_quick(tmp_path, monkeypatch):

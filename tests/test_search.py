@@ -34,6 +34,7 @@ def test_search_objective_is_the_evaluators_mse():
     assert t.search["objective_value"] == pytest.approx(t.metrics["mse"], rel=1e-6)  # 32-bit target mantissas
 
 
+@pytest.mark.slow
 def test_same_seed_same_table_other_seed_may_differ():
     a = fit("swish", quick(seed=3)).to_json()
     b = fit("swish", quick(seed=3)).to_json()
@@ -50,6 +51,7 @@ def test_tails_are_pinned_to_the_asymptotes():
     assert evaluate(t, np.array([-128, 127]), 0).tolist() == [0.0, 127.0]
 
 
+@pytest.mark.slow
 def test_frac_bits_automatic():
     assert fit("gelu", quick()).frac_bits == 6  # slope 1 needs 64 <= 127; F = 7 would need 128
     # intercepts near 3 need 96 at F = 5; F = 6 would need 192 > 127
@@ -71,6 +73,7 @@ def test_beats_uniform_rounded_secants():
     assert t.metrics["mse"] < 0.5 * naive["mse"]
 
 
+@pytest.mark.slow
 def test_minimax_objective_lowers_max_error():
     mse_t = fit("swish", quick(segments=6))
     max_t = fit("swish", quick(segments=6, objective="max"))
@@ -98,6 +101,7 @@ def test_output_quantization_is_in_the_objective():
     assert t.output == OutputFormat(8, 7)
 
 
+@pytest.mark.slow
 def test_custom_callable_and_expression():
     t = fit(lambda x: np.sin(x), quick(range=(-3.0, 3.0), segments=6))
     assert t.op == "custom:fn" and t.metrics["mse"] < 1e-3
@@ -105,6 +109,7 @@ def test_custom_callable_and_expression():
     assert e.metrics["mse"] < 1e-3
 
 
+@pytest.mark.slow
 def test_process_pool_map_gives_the_same_table():
     serial = fit("gelu", quick(chunks=2)).to_json()
     with ProcessPoolExecutor(2) as pool:
@@ -114,6 +119,7 @@ def test_process_pool_map_gives_the_same_table():
     assert serial == parallel
 
 
+@pytest.mark.slow
 def test_large_input_width_uses_blocks_then_refines_in_full():
     t = fit("tanh", quick(segments=6, param_bits=12, input_bits=12, scale_range=(8, 9)))
     assert_valid(t)
@@ -142,6 +148,7 @@ def test_range_outside_domain(op, rng):
         fit(op, quick(range=rng))
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(op=st.sampled_from(["gelu", "swish", "tanh", "exp", "decay", "rsqrt", "sigmoid", "hswish"]),
        segments=st.integers(2, 20), bits=st.integers(4, 10), seed=st.integers(0, 5))

@@ -11,12 +11,13 @@ import pytest
 from gqa_lut.refit import refit
 from gqa_lut.table import differences, load_table, table_from_json
 from ops.tables import TABLE_DIR
-from retnet_integration.quantize import DECAY_TABLE
+from retnet_integration.integer.spec import DECAY_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(TABLE_DIR.glob("*.json")) + [DECAY_TABLE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.parent.name}/{p.stem}" for p in SHIPPED])
 def test_shipped_table_refits_from_its_file(path):
     table = load_table(path)
@@ -32,6 +33,7 @@ print(json.dumps([refit(load_table(p)).to_json() for p in sys.argv[1:]]))
 """
 
 
+@pytest.mark.slow
 def test_same_integer_tables_with_avx512_disabled():
     """numpy's vectorised exp differs in the last ulp with and without AVX-512; the search must
     not. A child process refits with those CPU features off (a no-op on CPUs without them)."""
@@ -47,6 +49,7 @@ def test_same_integer_tables_with_avx512_disabled():
         assert differences(shipped.to_json(), table_from_json(doc).to_json()) == [], path
 
 
+@pytest.mark.slow
 def test_refit_cli_checks_rewrites_and_refuses(tmp_path):
     from gqa_lut.cli import main
 
@@ -64,6 +67,7 @@ def test_refit_cli_checks_rewrites_and_refuses(tmp_path):
     assert main(["refit", str(path)]) == 2  # nothing recorded to refit from: one-line error
 
 
+@pytest.mark.slow
 def test_weighted_table_needs_its_weights(tmp_path):
     import numpy as np
 
@@ -79,6 +83,7 @@ def test_weighted_table_needs_its_weights(tmp_path):
     assert main(["refit", str(path), "--check", "--weights", str(tmp_path / "w.npy")]) == 0
 
 
+@pytest.mark.slow
 def test_custom_expression_table_refits(tmp_path):
     from gqa_lut.cli import main
 

@@ -7,14 +7,15 @@ import torch
 
 from gqa_lut.errors import UsageError
 from retnet_integration.data import FORTUNES_DIR
-from retnet_integration.pipeline import run_train
-from retnet_integration.study import ROWS, TENSORS, keep_only, run_study
+from retnet_integration.experiments.pipeline import run_train
+from retnet_integration.experiments.study import ROWS, TENSORS, keep_only, run_study
 from retnet_integration.model import RetNet, RetNetConfig
 from retnet_integration.quantize import quantize_
 
 needs_fortunes = pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="apt-get install fortunes (.ci/run does)")
 
 
+@pytest.mark.slow
 @needs_fortunes
 def test_study_runs_resumes_and_plots(tmp_path):
     run_train("tiny", tmp_path / "t.pt", "cpu", steps=10, log=lambda s: None)

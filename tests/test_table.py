@@ -75,7 +75,7 @@ def test_not_json_and_missing_file(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    import gqa_lut.table as table_mod
+    import gqa_lut.io as table_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

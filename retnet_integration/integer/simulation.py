@@ -3,7 +3,7 @@
 Every tensor between the input byte and the logits is an integer code T with a power-of-two
 scale: its value is T * 2^-d. Requantizing is `round_shift` (add half, arithmetic shift right:
 round half up) and saturation, so no step needs a multiplier or a float. The graph (recurrent
-form, per token; `int_reference.py` runs it in numpy int64, the exported C program in C99):
+form, per token; `reference.py` runs it in numpy int64, the exported C program in C99):
 
   X    = sat16(E[token] >> (d_embed - d_res))            residual stream, 16-bit, one scale
   per block:
@@ -57,97 +57,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqa_lut.evaluator import evaluate_codes, output_frac_bits
+from gqa_lut.evaluator import covering_scale, output_frac_bits
 from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, load_table
-from ops.modules import covering_scale
+from ops.kernels.reference import lut_int
 from ops.tables import default_table
-from ops.torch_lut import lut_int
+from retnet_integration.integer.spec import (ACT_BITS, DECAY_TABLE, LN_EPS, NORM_FRAC, RES_BITS, ROT_FRAC, exponent_for, eps_code,
+                                             gamma_fixed, rotary_codes, rsqrt_scale, state_frac_bits)
 from retnet_integration.model import RetNet, retention_parallel, rotate
-from retnet_integration.quantize import DECAY_TABLE
 
-NORM_FRAC = 12  # fractional bits of the normalised value inside the norms (|y| <= sqrt(N))
-ROT_FRAC = 14  # Q14 sine table
-SIN_ENTRIES = 4096  # one period
-PHASE_BITS = 32
-RES_BITS = 16  # residual stream and the retention output before its GroupNorm
-ACT_BITS = 8
-LN_EPS = 1e-5
 CALIB_SAMPLE = 1 << 15  # values kept per tensor per calibration batch for the MSE scale choice
 
-
-# --- integer helpers shared by the simulation and the reference -------------------------------
 
 def load_tables() -> dict[str, Table]:
     """The shipped gelu, swish and rsqrt tables and the RetNet's decay table."""
     return {**{op: default_table(op) for op in ("gelu", "swish", "rsqrt")}, "decay": load_table(DECAY_TABLE)}
-
-
-def rsqrt_scale(table: Table) -> int:
-    """The table scale of the mantissa m in [1, 4): the finest one that holds 4 - 2^-d."""
-    return covering_scale(table, 4.0 - 2.0 ** -max(table.scales))
-
-
-def gamma_fixed(decay: Table, n_heads: int) -> list[tuple[int, int]]:
-    """(G_h, f_h) per head: gamma_h = 1 - 2^(-5-h) through the decay table at x = -ln gamma_h,
-    the table's integer output G_h with f_h fractional bits. Computed once, at export."""
-    out = []
-    for h in range(n_heads):
-        lam = -math.log1p(-2.0 ** (-5 - h))
-        d = covering_scale(decay, lam)
-        lo, hi = int_range(decay.input_bits)
-        code = int(np.clip(np.rint(lam * 2.0 ** d), lo, hi))
-        g = int(evaluate_codes(decay, np.array([code]), d)[0])
-        f = output_frac_bits(decay, d)
-        if not 0 < g <= (1 << f):
-            raise ValueError(f"decay table gives gamma {g} * 2^-{f} for head {h}: not in (0, 1]")
-        out.append((g, f))
-    return out
-
-
-def state_frac_bits(gammas: list[tuple[int, int]], max_bits: int = 8) -> int:
-    """The most fractional bits (<= max_bits) the int32 state can keep below the product grid:
-    |S| <= (max|k v| 2^sf + 1) / (1 - gamma) must stay below 2^31 for every head."""
-    kv = (1 << (ACT_BITS - 1)) ** 2
-    for sf in range(max_bits, -1, -1):
-        if all(math.ceil((kv * (1 << sf) + 1) * (1 << f) / ((1 << f) - g)) < 2 ** 31 for g, f in gammas):
-            return sf
-    raise ValueError(f"gammas {gammas}: even without fractional bits the state overflows int32")
-
-
-def sine_table() -> np.ndarray:
-    """SIN_ENTRIES int16 values round(2^14 sin(2 pi i / SIN_ENTRIES)), one period."""
-    i = np.arange(SIN_ENTRIES, dtype=np.float64)
-    return np.rint(np.sin(2 * np.pi * i / SIN_ENTRIES) * (1 << ROT_FRAC)).astype(np.int64)
-
-
-def phase_steps(head_dim: int, base: float = 10000.0) -> np.ndarray:
-    """P_i = round(theta_i / 2pi * 2^32) per rotary pair: position n's phase is n * P_i mod 2^32."""
-    theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    return np.rint(theta / (2 * np.pi) * 2.0 ** PHASE_BITS).astype(np.int64) % (1 << PHASE_BITS)
-
-
-def rotary_codes(head_dim: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q14 (cos, sin) codes, (len(positions), head_dim / 2): the phase's top 12 bits, rounded,
-    index the sine table; cos is the sine a quarter period on."""
-    steps = phase_steps(head_dim)
-    pos = np.asarray(positions, dtype=np.int64) % (1 << PHASE_BITS)
-    phase = (pos[:, None] * steps[None, :]) % (1 << PHASE_BITS)  # < 2^64: exact in int64
-    shift = PHASE_BITS - int(math.log2(SIN_ENTRIES))
-    idx = ((phase + (1 << (shift - 1))) >> shift) % SIN_ENTRIES
-    table = sine_table()
-    return table[(idx + SIN_ENTRIES // 4) % SIN_ENTRIES], table[idx]
-
-
-def exponent_for(amax: float, bits: int, headroom: int = 0) -> int:
-    """The finest power-of-two scale whose `bits`-bit range holds amax (times 2^headroom)."""
-    amax = max(float(amax), 2.0 ** -40)
-    return int((bits - 1) - math.ceil(math.log2(amax)) - headroom)
-
-
-def eps_code(d_in: int) -> int:
-    """LN_EPS in units of 2^(-2 d_in), the variance's grid; at least 1 so V > 0."""
-    return max(1, int(round(LN_EPS * 2.0 ** (2 * d_in))))
 
 
 # --- straight-through pieces of the simulation --------------------------------------------------

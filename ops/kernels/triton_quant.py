@@ -1,4 +1,4 @@
-"""The fake quantizers of ops/fake_quant.py as Triton kernels: one pass each way, no host sync.
+"""The fake quantizers of ops/nn/fake_quant.py as Triton kernels: one pass each way, no host sync.
 
 TQT forward: d from the learned log2 threshold (read from device memory in the kernel), then
 x * 2^d, round half to even, clamp, times 2^-d: the same float32 arithmetic as the torch path,
@@ -15,12 +15,12 @@ import math
 
 import torch
 
-from ops.triton_lut import AVAILABLE
+from ops.kernels.triton_lut import AVAILABLE
 
 if AVAILABLE:
     import triton
     import triton.language as tl
-    from ops.triton_lut import libdevice
+    from ops.kernels.triton_lut import libdevice
 
 BLOCK = 4096
 LN2 = math.log(2.0)

@@ -1,6 +1,6 @@
 """One call converts a model in place: `replace_ops(model)` swaps the modules whose meaning it
 knows for their LUT drop-ins and routes every other non-linear call through a table
-(ops/call_sites.py); `calibrate(model, batches)` probes the swaps and sets the input scales.
+(ops/convert/call_sites.py); `calibrate(model, batches)` probes the swaps and sets the input scales.
 The returned `Report` stays live: print it after a forward to see every call site."""
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gqa_lut.functions import OPS, canonical_name
-from ops import adapters, modules, registry
-from ops.call_sites import KIND_OP, SITE_TABLES, CallRouter, ExpSite
-from ops.modules import LUTActivation, LUTGELU, RangeReducedLUT, device_of
-from ops.report import Report, Swap, TableLike
+from ops import nn as lut_nn, registry
+from ops.convert import adapters
+from ops.convert.call_sites import KIND_OP, SITE_TABLES, CallRouter, ExpSite
+from ops.nn import LUTActivation, LUTGELU, RangeReducedLUT, device_of
+from ops.convert.report import Report, Swap, TableLike
 from ops.tables import as_table
 
 # every drop-in the registry names, and the building blocks inside them: never swapped again
-LUT_TYPES = (LUTActivation, RangeReducedLUT, *(getattr(modules, r.drop_in) for r in registry.swappable()))
+LUT_TYPES = (LUTActivation, RangeReducedLUT, *(getattr(lut_nn, r.drop_in) for r in registry.swappable()))
 # ops that have call sites but no module to swap
-CALL_ONLY = ("rsqrt", "exp")
+CALL_ONLY = tuple(dict.fromkeys(c.op for c in registry.CALLS if c.op not in {r.name for r in registry.swappable()}))
 
 
 def overrides_forward(cls: type, bases: tuple[type, ...]) -> Optional[type]:
@@ -71,7 +72,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     """Convert `model` in place; return its live Report.
 
     Modules are swapped where their meaning is known: torch's own classes (a subclass only if
-    it keeps the base's forward) and the library classes of ops/adapters.py (found by class
+    it keeps the base's forward) and the library classes of ops/convert/adapters.py (found by class
     name). With `calls` (the default) every other non-linear call the model makes (F.gelu,
     torch.rsqrt, softmax, scaled_dot_product_attention, the norms' functions...) goes through
     a table of its own at each call site; the sites appear at the first forward (calibrate).
@@ -115,7 +116,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                                              f"kept: {type(child).__name__} overrides {base.__name__}.forward"))
                     visit(child, full)
                     continue
-                new = getattr(modules, rec.drop_in).from_float(child, loaded, **module_kwargs)
+                new = getattr(lut_nn, rec.drop_in).from_float(child, loaded, **module_kwargs)
                 swap(parent, child_name, full, child, new, ", ".join(loaded[t].op for t in rec.tables))
                 continue
             adapter = adapters.find(child)

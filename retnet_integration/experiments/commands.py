@@ -20,12 +20,13 @@ import torch
 
 from gqa_lut.errors import UsageError
 from gqa_lut.progress import ProgressBar
-from gqa_lut.table import parse_json, read_text_capped, write_atomic, write_json_atomic
-from retnet_integration import int_reference as ref
+from gqa_lut.io import parse_json, read_text_capped, write_atomic, write_json_atomic
+from retnet_integration.integer import reference as ref
+from retnet_integration.integer.export import export_integer
 from retnet_integration.data import eval_windows, load_corpus
-from retnet_integration.int_graph import IntSim
+from retnet_integration.integer.simulation import IntSim
 from retnet_integration.model import RetNet
-from retnet_integration.pipeline import (
+from retnet_integration.experiments.pipeline import (
     bits_per_char,
     calib_batches,
     get_preset,
@@ -88,10 +89,10 @@ def run_qat(checkpoint: Path, out: Path, device_name: str = "auto", steps: int |
 
 
 def run_export(checkpoint: Path, out: Path, log: Callable[[str], None] = print) -> list[Path]:
-    from retnet_integration import c_export
+    from retnet_integration.integer import c_export
 
     sim, _, _ = load_sim(checkpoint, torch.device("cpu"))
-    m = ref.export_integer(sim)
+    m = export_integer(sim)
     files = c_export.write_program(m, out)
     write_json_atomic(out / "model.json", {"config": sim.net.cfg.to_dict(), "checkpoint": str(checkpoint),
                                            "exps": m.exps, "logit_frac": m.logit_frac,
@@ -111,7 +112,7 @@ def _bpc(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def _run_c(folder: Path, windows: np.ndarray, vocab: int, bar: Optional[ProgressBar] = None
            ) -> tuple[np.ndarray, float]:
-    from retnet_integration import c_export
+    from retnet_integration.integer import c_export
 
     meta = folder / "model.json"
     if not (folder / "retnet.c").is_file() or not meta.is_file():
@@ -135,7 +136,7 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
         raise UsageError(f"--windows {windows} is not allowed: use 1 or more")
     device = torch.device("cpu")
     sim, base, extra = load_sim(checkpoint, device)
-    m = ref.export_integer(sim)
+    m = export_integer(sim)
     if c_dir is not None:
         meta_path = Path(c_dir) / "model.json"
         if meta_path.is_file():

@@ -2,7 +2,7 @@
 
 Four files: `tables.h` (the gelu, swish and rsqrt tables exactly as `gqa-lut export` writes
 them), `model.h` (every weight a const int8 array, biases int32, the shifts, gamma's fixed
-point, the Q14 sine table), `retnet.c` (the recurrent step of int_reference.py, statement for
+point, the Q14 sine table), `retnet.c` (the recurrent step of reference.py, statement for
 statement, and `main`), `README.txt` (how to build and run). libc only; every right shift
 of a signed value shifts a value first made non-negative (C99 leaves >> of negatives to the
 implementation, and << of negatives undefined: left shifts are multiplications), so UBSan has
@@ -17,20 +17,8 @@ import numpy as np
 
 from gqa_lut.errors import UsageError
 from gqa_lut.export_c import export_c
-from retnet_integration.int_graph import (
-    NORM_FRAC,
-    PHASE_BITS,
-    ROT_FRAC,
-    SIN_ENTRIES,
-    phase_steps,
-    sine_table,
-)
-from retnet_integration.int_reference import (
-    IntegerModel,
-    IntLinear,
-    IntNorm,
-    accumulator_bounds,
-)
+from retnet_integration.integer.spec import NORM_FRAC, PHASE_BITS, ROT_FRAC, SIN_ENTRIES, phase_steps, sine_table
+from retnet_integration.integer.reference import IntegerModel, IntLinear, IntNorm, accumulator_bounds
 
 CFLAGS = ["-O2", "-std=c99", "-Wall", "-Werror"]
 SHIFT_RANGE = (-30, 62)  # what retnet.c's rshift takes: left by at most 30, right by at most 62
@@ -345,13 +333,13 @@ int main(int argc, char **argv) {
 '''
 
 
-# what `retnet export-c` writes into its folder (write_program's four, and int_commands' model.json)
+# what `retnet export-c` writes into its folder (write_program's four, and experiments/commands. model.json)
 PROGRAM_FILES = ("tables.h", "model.h", "retnet.c", "README.txt", "model.json")
 
 
 def check_program_folder(out: Path) -> None:
     """Before any work: `out` is a folder, or can be made, and each file in it can be written."""
-    from gqa_lut.table import check_name, check_writable
+    from gqa_lut.io import check_name, check_writable
     check_name(out, "--out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder: name a folder for the C program")
@@ -378,7 +366,7 @@ def write_program(m: IntegerModel, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
-    from gqa_lut.table import write_text_atomic
+    from gqa_lut.io import write_text_atomic
     written = []
     for name, text in files.items():
         write_text_atomic(out / name, text)

@@ -32,44 +32,17 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from gqa_lut.table import Table
-from ops import modules
-from ops.modules import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
+from ops import nn as lut_nn, registry
+from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
 
-# kind of call -> the tables its site uses (ops/registry.py table names)
-SITE_TABLES: dict[str, tuple[str, ...]] = {
-    "gelu": ("gelu",), "gelu_tanh": ("gelu_tanh",), "silu": ("swish",), "sigmoid": ("sigmoid",),
-    "tanh": ("tanh",), "hardswish": ("hswish",), "hardsigmoid": ("hsigmoid",), "softplus": ("softplus",),
-    "softmax": ("exp", "reciprocal"), "sdpa": ("exp", "reciprocal"), "layer_norm": ("rsqrt",),
-    "rms_norm": ("rsqrt",), "group_norm": ("rsqrt",), "rsqrt": ("rsqrt",), "exp": ("exp",),
-}
-# the registry op each kind stands for, for `replace_ops(ops=...)`
-KIND_OP = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "swish", "sigmoid": "sigmoid", "tanh": "tanh",
-           "hardswish": "hswish", "hardsigmoid": "hsigmoid", "softplus": "softplus", "softmax": "softmax",
-           "sdpa": "softmax", "layer_norm": "layernorm", "rms_norm": "rmsnorm", "group_norm": "groupnorm",
-           "rsqrt": "rsqrt", "exp": "exp"}
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "softplus")
+# The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
+# the tables its site uses, the registry op it stands for (`replace_ops(ops=...)`), and each
+# torch spelling of a call (as a TorchFunctionMode receives it) -> its kind ("_" ends in-place).
+SITE_TABLES: dict[str, tuple[str, ...]] = {c.name: registry.torch_op(c.op).tables for c in registry.CALLS}
+KIND_OP: dict[str, str] = {c.name: c.op for c in registry.CALLS}
+ACTIVATIONS = tuple(c.name for c in registry.CALLS if c.site == "activation")
+KIND_OF: dict[Callable, str] = registry.call_spellings()
 T = torch.Tensor
-
-
-def _kinds() -> dict[Callable, str]:
-    """Each torch spelling of a call (as a TorchFunctionMode receives it) -> its kind."""
-    k: dict[Callable, str] = {F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
-                              F.hardsigmoid: "hardsigmoid", F.softplus: "softplus", F.softmax: "softmax",
-                              F.softmin: "softmin", F.scaled_dot_product_attention: "sdpa",
-                              F.layer_norm: "layer_norm", F.rms_norm: "rms_norm", F.group_norm: "group_norm"}
-    for name, kind in (("sigmoid", "sigmoid"), ("tanh", "tanh"), ("softmax", "softmax"), ("rsqrt", "rsqrt"),
-                       ("exp", "exp")):
-        for owner in (torch, T):
-            k[getattr(owner, name)] = kind
-        for owner in (torch, T):
-            if hasattr(owner, name + "_"):
-                k[getattr(owner, name + "_")] = kind + "_"  # in place
-    k[torch.special.expit] = "sigmoid"
-    k[torch.special.softmax] = "softmax"
-    return k
-
-
-KINDS = _kinds()
 # non-linear calls with no table: reported as float, with this reason
 NO_TABLE: dict[Callable, str] = {
     F.log_softmax: "log_softmax has no table (a log of a sum)",
@@ -161,17 +134,20 @@ class ExpSite(nn.Module):
         self._use(bool(self.use_table))
 
 
+# the LUT module serving each registry `site`, from the tables given
+MAKERS: dict[str, Callable[[str, dict[str, Table]], nn.Module]] = {
+    "activation": lambda kind, tables: LUTActivation(tables[SITE_TABLES[kind][0]]),
+    "softmax": lambda kind, tables: LUTSoftmax(-1, tables["exp"], tables["reciprocal"]),
+    "rsqrt": lambda kind, tables: RangeReducedLUT("rsqrt", tables["rsqrt"]),
+    "exp": lambda kind, tables: ExpSite(tables["exp"]),
+}
+
+
 def make_site(kind: str, tables: dict[str, Table]) -> nn.Module:
     """A fresh LUT module for one call site of `kind`, with the tables given."""
-    if kind in ACTIVATIONS:
-        return LUTActivation(tables[SITE_TABLES[kind][0]])
-    if kind in ("softmax", "sdpa"):
-        return LUTSoftmax(-1, tables["exp"], tables["reciprocal"])
-    if kind in ("layer_norm", "rms_norm", "group_norm", "rsqrt"):
-        return RangeReducedLUT("rsqrt", tables["rsqrt"])
-    if kind == "exp":
-        return ExpSite(tables["exp"])
-    raise ValueError(f"no call site for kind {kind!r}")
+    if kind not in registry.CALL_KINDS:
+        raise ValueError(f"no call site for kind {kind!r}")
+    return MAKERS[registry.CALL_KINDS[kind].site](kind, tables)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -229,13 +205,13 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
         return sdpa(site, full["query"], full["key"], full["value"], full["attn_mask"], full["dropout_p"] or 0.0,
                     bool(full["is_causal"]), full["scale"], bool(full["enable_gqa"]))
     if kind == "layer_norm":
-        return modules.layer_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
+        return lut_nn.layer_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
                                   _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5), site)
     if kind == "rms_norm":
-        return modules.rms_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
+        return lut_nn.rms_norm(x, _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"),
                                 _arg(args, kwargs, 3, "eps"), site)
     if kind == "group_norm":
-        return modules.group_norm(x, _arg(args, kwargs, 1, "num_groups"), _arg(args, kwargs, 2, "weight"),
+        return lut_nn.group_norm(x, _arg(args, kwargs, 1, "num_groups"), _arg(args, kwargs, 2, "weight"),
                                   _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5), site)
     raise ValueError(f"no call site for kind {kind!r}")
 
@@ -369,7 +345,7 @@ class CallRouter:
         frame = self.stack[-1] if self.stack else None
         if frame is None or self.paused:
             return func(*args, **kwargs)
-        kind = KINDS.get(func)
+        kind = KIND_OF.get(func)
         if kind is None:
             self.note_float(frame, func.__name__, NO_TABLE[func])
             return func(*args, **kwargs)
@@ -411,7 +387,7 @@ class CallRouter:
         return out + list(self.floats.values())
 
 
-ROUTE: dict[Callable, int] = {**{f: 1 for f in KINDS}, **{f: 1 for f in NO_TABLE}, F.multi_head_attention_forward: 2}
+ROUTE: dict[Callable, int] = {**{f: 1 for f in KIND_OF}, **{f: 1 for f in NO_TABLE}, F.multi_head_attention_forward: 2}
 
 
 class _LUTCallMode(TorchFunctionMode):

@@ -14,7 +14,8 @@
 // Forward: x * 2^d in float32 (exact), NaN -> 0, round half to even, clamp to [qmin, qmax],
 // then the expanded table's real (row `index`). Backward: grad * g(x) inside the representable
 // range and 0 outside it; g is the exact function's derivative named by `kind`
-// (ops.triton_lut.KINDS) or, for kind 0, the slope of the code's segment.
+// (ops/registry.py's numbers, given to nvcc as -DGQA_D_<NAME>) or, for GQA_D_SLOPE, the slope
+// of the code's segment.
 //
 // Memory access: 16 bytes per thread per load/store (4 float32 or 8 half/bfloat16) when every
 // pointer is 16-byte aligned, element by element otherwise. Strided (non-dense) inputs are
@@ -58,48 +59,50 @@ __device__ __forceinline__ float lut_value(float x, float scale, const float* __
   return __ldg(row + static_cast<int>(quantized(x, scale, qmin, qmax) - static_cast<float>(qmin)));
 }
 
-// ops.triton_lut._derivative, case for case
+// ops.kernels.triton_lut._derivative, case for case
 __device__ __forceinline__ float derivative(int kind, float xi, float xs, const int32_t* __restrict__ bp, int nbp,
                                             const float* __restrict__ slopes, int qmin, int qmax) {
   switch (kind) {
-    case 0: {
+    case GQA_D_SLOPE: {
       const int code = static_cast<int>(quantized(xs, 1.0f, qmin, qmax));
       int seg = 0;
       for (int j = 0; j < nbp; ++j) seg += (__ldg(bp + j) < code) ? 1 : 0;
       return __ldg(slopes + seg);
     }
-    case 1:
+    case GQA_D_GELU:
       return 0.5f * (1.0f + erff(xi * 0.7071067811865476f)) + xi * expf(-0.5f * xi * xi) * 0.3989422804014327f;
-    case 2: {
+    case GQA_D_GELU_TANH: {
       const float t = tanhf(0.7978845608028654f * (xi + 0.044715f * xi * xi * xi));
       return 0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * xi * xi);
     }
-    case 3: {
+    case GQA_D_SWISH: {
       const float sg = 1.0f / (1.0f + expf(-xi));
       return sg * (1.0f + xi * (1.0f - sg));
     }
-    case 4:
+    case GQA_D_HSWISH:
       return xi <= -3.0f ? 0.0f : (xi >= 3.0f ? 1.0f : (2.0f * xi + 3.0f) / 6.0f);
-    case 5:
+    case GQA_D_HSIGMOID:
       return (xi > -3.0f && xi < 3.0f) ? 1.0f / 6.0f : 0.0f;
-    case 6: {
+    case GQA_D_SIGMOID: {
       const float sg = 1.0f / (1.0f + expf(-xi));
       return sg * (1.0f - sg);
     }
-    case 7: {
+    case GQA_D_TANH: {
       const float th = tanhf(xi);
       return 1.0f - th * th;
     }
-    case 8:
+    case GQA_D_SOFTPLUS:
       return 1.0f / (1.0f + expf(-xi));
-    case 9:
+    case GQA_D_EXP:
       return expf(xi);
-    case 10:
+    case GQA_D_DECAY:
       return -expf(-xi);
-    case 11:
+    case GQA_D_RSQRT:
       return -0.5f * rsqrtf(xi) / xi;
-    default:
+    case GQA_D_RECIPROCAL:
       return -1.0f / (xi * xi);
+    default:  // no derivative of that number: ops/registry.py lists them
+      return __int_as_float(0x7fc00000);
   }
 }
 

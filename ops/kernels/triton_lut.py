@@ -14,7 +14,7 @@ int32 issue rate and ran 1.6x slower than this kernel on the H100 for 16 segment
 Backward: reads the incoming gradient and the saved input, writes the input's gradient (the
 same two reads and one write as a native activation's backward). Inside the representable
 range the gradient is the exact function's derivative at x, computed in registers (one
-constexpr branch per function of ops.torch_lut.CLOSED_FORM), or the active segment's slope
+constexpr branch per function of ops.kernels.derivatives.CLOSED_FORM), or the active segment's slope
 (the code's segment counted against the breakpoints in registers); 0 outside it. The formulas
 are CLOSED_FORM's; libdevice's erf/exp/tanh may differ from the CPU's in the last bit, so
 gradients equal the CPU path's within float32 rounding, not bit for bit.
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ops.torch_lut import KINDS  # the derivatives the backward kernel knows (and their numbers)
+from ops.kernels.derivatives import DERIVATIVE_NUMBERS  # the derivatives the backward kernel knows (and their numbers)
+from ops.kernels.reference import dense  # keeps a channels-last input's layout
 
 try:
     import triton
@@ -39,6 +40,21 @@ except Exception:  # no Triton (CPU-only installs): the torch path is used
 BLOCK = 4096
 
 if AVAILABLE:
+    # the derivatives' numbers, from ops/registry.py (tests/test_architecture.py reads them back)
+    D_SLOPE = tl.constexpr(DERIVATIVE_NUMBERS[""])
+    D_GELU = tl.constexpr(DERIVATIVE_NUMBERS["gelu"])
+    D_GELU_TANH = tl.constexpr(DERIVATIVE_NUMBERS["gelu_tanh"])
+    D_SWISH = tl.constexpr(DERIVATIVE_NUMBERS["swish"])
+    D_HSWISH = tl.constexpr(DERIVATIVE_NUMBERS["hswish"])
+    D_HSIGMOID = tl.constexpr(DERIVATIVE_NUMBERS["hsigmoid"])
+    D_SIGMOID = tl.constexpr(DERIVATIVE_NUMBERS["sigmoid"])
+    D_TANH = tl.constexpr(DERIVATIVE_NUMBERS["tanh"])
+    D_SOFTPLUS = tl.constexpr(DERIVATIVE_NUMBERS["softplus"])
+    D_EXP = tl.constexpr(DERIVATIVE_NUMBERS["exp"])
+    D_DECAY = tl.constexpr(DERIVATIVE_NUMBERS["decay"])
+    D_RSQRT = tl.constexpr(DERIVATIVE_NUMBERS["rsqrt"])
+    D_RECIPROCAL = tl.constexpr(DERIVATIVE_NUMBERS["reciprocal"])
+
     # every kernel: input pointers, the output pointer, the element count, then the rest
     @triton.jit
     def _lut_fwd(x_ptr, y_ptr, n, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -60,9 +76,9 @@ if AVAILABLE:
     def _derivative(xi, xs, index_ptr, bp_ptr, slope_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                     KIND: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr):
         """The straight-through gradient's factor at xi (xs = xi * 2^d): CLOSED_FORM's
-        derivative named by KIND, or (KIND 0) the slope of the code's segment, counted against
+        derivative numbered KIND (ops/registry.py), or (D_SLOPE) the slope of the code's segment, counted against
         the breakpoints of the table's current scale."""
-        if KIND == 0:
+        if KIND == D_SLOPE:
             code = tl.where(xs == xs, xs, 0.0)
             code = tl.minimum(tl.maximum(libdevice.rint(code), QMIN), QMAX).to(tl.int32)
             row = tl.load(index_ptr).to(tl.int64) * NBP
@@ -70,35 +86,37 @@ if AVAILABLE:
             for j in tl.static_range(NBP):
                 seg += (tl.load(bp_ptr + row + j) < code).to(tl.int32)
             der = tl.load(slope_ptr + seg)
-        elif KIND == 1:
+        elif KIND == D_GELU:
             der = 0.5 * (1.0 + libdevice.erf(xi * 0.7071067811865476)) \
                 + xi * libdevice.exp(-0.5 * xi * xi) * 0.3989422804014327
-        elif KIND == 2:
+        elif KIND == D_GELU_TANH:
             t = libdevice.tanh(0.7978845608028654 * (xi + 0.044715 * xi * xi * xi))
             der = 0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * xi * xi)
-        elif KIND == 3:
+        elif KIND == D_SWISH:
             sg = 1.0 / (1.0 + libdevice.exp(-xi))
             der = sg * (1.0 + xi * (1.0 - sg))
-        elif KIND == 4:
+        elif KIND == D_HSWISH:
             der = tl.where(xi <= -3.0, 0.0, tl.where(xi >= 3.0, 1.0, (2.0 * xi + 3.0) / 6.0))
-        elif KIND == 5:
+        elif KIND == D_HSIGMOID:
             der = tl.where((xi > -3.0) & (xi < 3.0), 1.0 / 6.0, 0.0)
-        elif KIND == 6:
+        elif KIND == D_SIGMOID:
             sg = 1.0 / (1.0 + libdevice.exp(-xi))
             der = sg * (1.0 - sg)
-        elif KIND == 7:
+        elif KIND == D_TANH:
             th = libdevice.tanh(xi)
             der = 1.0 - th * th
-        elif KIND == 8:
+        elif KIND == D_SOFTPLUS:
             der = 1.0 / (1.0 + libdevice.exp(-xi))
-        elif KIND == 9:
+        elif KIND == D_EXP:
             der = libdevice.exp(xi)
-        elif KIND == 10:
+        elif KIND == D_DECAY:
             der = -libdevice.exp(-xi)
-        elif KIND == 11:
+        elif KIND == D_RSQRT:
             der = -0.5 * libdevice.rsqrt(xi) / xi
-        else:
+        elif KIND == D_RECIPROCAL:
             der = -1.0 / (xi * xi)
+        else:
+            tl.static_assert(False, "no derivative of that number: ops/registry.py lists them")
         return der
 
     @triton.jit
@@ -204,14 +222,13 @@ def _backward_inputs(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor,
 
 def lookup_triton(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
                   qmin: int, qmax: int) -> torch.Tensor:
-    from ops.cpu_kernel import dense  # keeps a channels-last input's layout
     return _launch(_lut_fwd, (dense(x),), table_real, scale_index.reshape(1), d.reshape(1), QMIN=qmin, QMAX=qmax)
 
 
 def backward_usable(x: torch.Tensor, derivative: str) -> bool:
     """The kernel serves float32/16 and bfloat16 on CUDA for the named derivatives (float64
     and a user's function take the torch path)."""
-    return usable(x) and derivative in KINDS
+    return usable(x) and derivative in DERIVATIVE_NUMBERS
 
 
 def lookup_backward_triton(grad: torch.Tensor, x: torch.Tensor, slopes_real: torch.Tensor, breakpoints: torch.Tensor,
@@ -219,14 +236,13 @@ def lookup_backward_triton(grad: torch.Tensor, x: torch.Tensor, slopes_real: tor
                            derivative: str) -> torch.Tensor:
     bp = breakpoints.to(torch.int32).contiguous()
     return _launch(_lut_bwd, _backward_inputs(grad, x), scale_index.reshape(1), d.reshape(1), bp,
-                   slopes_real.float().contiguous(), QMIN=qmin, QMAX=qmax, KIND=KINDS[derivative], NBP=bp.shape[-1])
+                   slopes_real.float().contiguous(), QMIN=qmin, QMAX=qmax, KIND=DERIVATIVE_NUMBERS[derivative], NBP=bp.shape[-1])
 
 
 def range_reduced_forward(v: torch.Tensor, table_real: torch.Tensor, scale_index: torch.Tensor, d: torch.Tensor,
                           qmin: int, qmax: int, rsqrt: bool) -> torch.Tensor:
     """RangeReducedLUT's forward in one pass (reduction by the float's exponent bits, table,
     exact 2^-k): the same bits as its torch ops."""
-    from ops.cpu_kernel import dense
     return _launch(_range_reduced_fwd, (dense(v),), table_real, scale_index.reshape(1), d.reshape(1), QMIN=qmin,
                    QMAX=qmax, RSQRT=rsqrt)
 
@@ -235,6 +251,24 @@ def range_reduced_backward(grad: torch.Tensor, v: torch.Tensor, slopes_real: tor
                            scale_index: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int, rsqrt: bool,
                            slope: bool) -> torch.Tensor:
     bp = breakpoints.to(torch.int32).contiguous()
-    kind = KINDS["" if slope else ("rsqrt" if rsqrt else "reciprocal")]
+    kind = DERIVATIVE_NUMBERS["" if slope else ("rsqrt" if rsqrt else "reciprocal")]
     return _launch(_range_reduced_bwd, _backward_inputs(grad, v), scale_index.reshape(1), d.reshape(1), bp,
                    slopes_real.float().contiguous(), QMIN=qmin, QMAX=qmax, RSQRT=rsqrt, KIND=kind, NBP=bp.shape[-1])
+
+
+class RangeReducedFunction(torch.autograd.Function):
+    """RangeReducedLUT on CUDA as one kernel each way; the backward is the straight-through
+    gradient autograd takes through the torch ops (the table's derivative at the mantissa,
+    times the exact powers of two, 0 where nan_to_num or the clamp cut the input)."""
+
+    @staticmethod
+    def forward(ctx, v, table_real, slopes_real, breakpoints, scale_index, d, qmin, qmax, rsqrt, slope):
+        ctx.save_for_backward(v, slopes_real, breakpoints, scale_index, d)
+        ctx.args = (qmin, qmax, rsqrt, slope)
+        return range_reduced_forward(v, table_real, scale_index, d, qmin, qmax, rsqrt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, slopes_real, breakpoints, scale_index, d = ctx.saved_tensors
+        gv = range_reduced_backward(grad, v, slopes_real, breakpoints, scale_index, d, *ctx.args)
+        return (gv,) + (None,) * 9

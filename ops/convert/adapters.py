@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch.nn as nn
 
 from gqa_lut.table import Table
-from ops import modules
+from ops import nn as lut_nn
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _rms(offset: float) -> Callable[..., Optional[nn.Module]]:
         eps = _eps(m)
         if not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None:
             return None  # a shape this adapter does not know: leave it to the call sites
-        new = modules.LUTRMSNorm(w.shape[0], eps=eps, elementwise_affine=True, table=tables.get("rsqrt"))
+        new = lut_nn.LUTRMSNorm(w.shape[0], eps=eps, elementwise_affine=True, table=tables.get("rsqrt"))
         new.weight_offset = offset
         new.weight.data.copy_(w.detach())
         return new
@@ -56,10 +56,10 @@ def _rms(offset: float) -> Callable[..., Optional[nn.Module]]:
 
 
 ADAPTERS = (
-    Adapter("GELUActivation", "gelu", _activation(modules.LUTGELU), "Hugging Face's erf GELU"),
+    Adapter("GELUActivation", "gelu", _activation(lut_nn.LUTGELU), "Hugging Face's erf GELU"),
     Adapter("NewGELUActivation|GELUTanh|PytorchGELUTanh|GELUPytorchTanh|FastGELUActivation", "gelu_tanh",
-            _activation(modules.LUTGELUTanh), "Hugging Face's tanh GELUs (GPT-2's NewGELU)"),
-    Adapter("SiLUActivation", "swish", _activation(modules.LUTSiLU), "Hugging Face's SiLU"),
+            _activation(lut_nn.LUTGELUTanh), "Hugging Face's tanh GELUs (GPT-2's NewGELU)"),
+    Adapter("SiLUActivation", "swish", _activation(lut_nn.LUTSiLU), "Hugging Face's SiLU"),
     Adapter("Gemma\\d*RMSNorm", "rmsnorm", _rms(1.0), "Gemma's RMSNorm: scales by 1 + weight"),
     Adapter("(?!Gemma)\\w*RMSNorm|T5LayerNorm|LongT5LayerNorm|Pix2StructLayerNorm", "rmsnorm", _rms(0.0),
             "the *RMSNorm family (Llama, Mistral, Qwen2, Mamba...) and T5's RMS LayerNorm"),

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from gqa_lut.table import Table
-from ops.modules import LUTActivation
+from ops.nn import LUTActivation
 
 TableLike = Table | str | Path
 # a probed drop-in (tables bypassed) may differ from the original by float rounding only

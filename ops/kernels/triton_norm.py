@@ -8,9 +8,9 @@ GPU time the tables added over W8A8 (H100, torch profiler), which held a CUDA-gr
 in registers, and writes the output (forward) or the input's gradient plus per-program
 partial sums of the weight's and bias's gradients (backward; torch sums those partials).
 
-What it computes is ops.modules.layer_norm / group_norm's arithmetic: statistics in float32
+What it computes is ops.nn.layer_norm / group_norm's arithmetic: statistics in float32
 (mean, then the mean of the centred squares), v = var + eps through the range-reduced rsqrt
-table (the same helpers as ops/triton_lut.py's RangeReducedLUT kernels, so r is the table's
+table (the same helpers as ops/kernels/triton_lut.py's RangeReducedLUT kernels, so r is the table's
 value for the v computed here), y = (x - mean) * r * weight + bias. The row sums run in
 another order than torch's reductions, so v and y can differ from the torch path in the last
 bits (and r by one table step where v sits on a code boundary), as torch's own CUDA and CPU
@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 
 from gqa_lut.quantization import int_range
-from ops import triton_lut
-from ops.torch_lut import KINDS
+from ops.kernels import triton_lut
+from ops.kernels.derivatives import DERIVATIVE_NUMBERS
 
 MAX_TILE = 8192  # values of one row held in registers; longer rows take the torch ops
 ENABLED = True  # False: the torch ops run on CUDA too (tests compare the two)
@@ -39,7 +39,7 @@ if triton_lut.AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ops.triton_lut import _derivative, _reduce, _times_pow2, libdevice
+    from ops.kernels.triton_lut import _derivative, _reduce, _times_pow2, libdevice
 
     @triton.jit
     def _tile(G: tl.constexpr, K: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
@@ -116,7 +116,7 @@ if triton_lut.AVAILABLE:
                 dxhat = dy
             if HAS_B:
                 db += dy
-            # r = table(m) 2^-k with v = m 4^k: ops.triton_lut._range_reduced_bwd's gradient
+            # r = table(m) 2^-k with v = m 4^k: ops.kernels.triton_lut._range_reduced_bwd's gradient
             dr = tl.sum(dxhat * c, axis=1)
             m, kk, valid = _reduce(v, True)
             ms = m * scale
@@ -172,7 +172,7 @@ class _FusedNorm(torch.autograd.Function):
                             HAS_B=bias is not None, num_warps=_warps(bg, bk))
         ctx.save_for_backward(x2, weight, bias, lut.table_real, lut.scale_index, lut.d_current,
                               lut.breakpoints.to(torch.int32).contiguous(), lut.slopes_real.float().contiguous())
-        ctx.args = (groups, k, m, float(eps), qmin, qmax, KINDS["" if lut.grad == "slope" else "rsqrt"], plan)
+        ctx.args = (groups, k, m, float(eps), qmin, qmax, DERIVATIVE_NUMBERS["" if lut.grad == "slope" else "rsqrt"], plan)
         return y
 
     @staticmethod

@@ -3,11 +3,11 @@
 On CUDA in eager mode each direction is one kernel instead of six to ten elementwise torch ops
 with full-size temporaries saved for backward: the backward recomputes what it needs from the
 saved input and the scale d. The kernels are C++ operators with their own autograd nodes
-where ops/cuda_kernel.py builds them (a Python autograd.Function and a Triton launch cost more
-host time than the kernels' GPU time in a training step), else Triton (ops/triton_quant.py). The torch ops here are the
+where ops/kernels/cuda_kernel.py builds them (a Python autograd.Function and a Triton launch cost more
+host time than the kernels' GPU time in a training step), else Triton (ops/kernels/triton_quant.py). The torch ops here are the
 reference: the CPU path, what torch.compile traces (and fuses with the neighbouring ops), and
 what the kernels are tested against. Three ways in, picked per call as for the tables
-(`ops.torch_lut.call_path`): the plain function, an autograd.Function (eager training,
+(`ops.kernels.reference.call_path`); ops.kernels.dispatch picks the kernel: the plain function, an autograd.Function (eager training,
 compile), a `torch.library.custom_op` (torch.export: one node per quantizer).
 """
 from __future__ import annotations
@@ -17,19 +17,8 @@ import math
 import torch
 
 from gqa_lut.quantization import int_range
-from ops import cuda_kernel
-from ops.torch_lut import call_path, compute_dtype, exporting, tracing
-
-
-def _eager_cuda(x: torch.Tensor) -> bool:
-    if not x.is_cuda or tracing():
-        return False
-    from ops import triton_quant
-    return triton_quant.usable(x)
-
-
-def _eager_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not tracing()
+from ops.kernels import dispatch
+from ops.kernels.reference import call_path, compute_dtype
 
 
 def tqt_scale(log2_t: torch.Tensor, bits: int, dmin: int, dmax: int) -> torch.Tensor:
@@ -40,16 +29,11 @@ def tqt_scale(log2_t: torch.Tensor, bits: int, dmin: int, dmax: int) -> torch.Te
 def _tqt_forward(x: torch.Tensor, log2_t: torch.Tensor, bits: int, dmin: int, dmax: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x fake-quantized to `bits` at scale 2^-d, d). NaN -> 0; +-inf saturate."""
-    if _eager_cuda(x):
-        from ops import triton_quant
-        return triton_quant.tqt_forward(x, log2_t, bits, dmin, dmax)
+    fused = dispatch.tqt_forward(x, log2_t, bits, dmin, dmax, lambda: tqt_scale(log2_t, bits, dmin, dmax))
+    if fused is not None:
+        return fused
     qmin, qmax = int_range(bits)
     d = tqt_scale(log2_t, bits, dmin, dmax)
-    if _eager_cpu(x):
-        from ops import cpu_kernel  # one compiled pass (float32)
-        y = cpu_kernel.tqt_forward_cpu(x, int(d), qmin, qmax)
-        if y is not None:
-            return y, d
     s = torch.exp2(-d).to(compute_dtype(x))
     q = torch.round(torch.nan_to_num(x.to(s.dtype), nan=0.0) / s).clamp(qmin, qmax)
     return (q * s).to(x.dtype).contiguous(), d
@@ -70,15 +54,10 @@ def _tqt_backward(grad: torch.Tensor, x: torch.Tensor, d: torch.Tensor, bits: in
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(straight-through gradient of x: grad inside the clip range, 0 outside; the gradient of
     log2 t: sum of grad * s * ln 2 * (q - v) inside and grad * s * ln 2 * q at the clip)."""
-    if _eager_cuda(x) and grad.dtype == x.dtype:
-        from ops import triton_quant
-        return triton_quant.tqt_backward(grad, x, d, bits)
+    fused = dispatch.tqt_backward(grad, x, d, bits)
+    if fused is not None:
+        return fused
     qmin, qmax = int_range(bits)
-    if _eager_cpu(x):
-        from ops import cpu_kernel  # one compiled pass (float32); the sum in double
-        got = cpu_kernel.tqt_backward_cpu(grad, x, int(d), qmin, qmax)
-        if got is not None:
-            return got[0], torch.tensor(got[1] * math.log(2.0), dtype=torch.float32)
     s = torch.exp2(-d).to(compute_dtype(x))
     v = torch.nan_to_num(x.to(s.dtype), nan=0.0) / s
     q = torch.round(v).clamp(qmin, qmax)
@@ -140,10 +119,9 @@ def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin:
     """Fake-quantize x to `bits` at scale 2^-d, d = (bits-1) - ceil(log2_threshold) clamped to
     [dmin, dmax] (TQT, Jain et al. 2020); returns (x_q, d). Gradients: straight-through for x,
     TQT's for the threshold."""
-    if x.is_cuda and x.dtype in cuda_kernel.DTYPES and not tracing() and not exporting():
-        ext = cuda_kernel.extension()  # one C++ call with its own autograd node (ops/cuda_kernel.py)
-        if ext is not None:
-            return ext.tqt(x, log2_threshold, bits, dmin, dmax)
+    fused = dispatch.fused_quantizer(x, "tqt")  # one C++ call with its own autograd node
+    if fused is not None:
+        return fused(x, log2_threshold, bits, dmin, dmax)
     path = call_path(x, log2_threshold)
     if path == "plain":
         return _tqt_forward(x, log2_threshold, bits, dmin, dmax)
@@ -153,9 +131,9 @@ def tqt_quantize(x: torch.Tensor, log2_threshold: torch.Tensor, bits: int, dmin:
 
 
 def _weight_fq(w: torch.Tensor, bits: int) -> torch.Tensor:
-    if _eager_cuda(w) and w.dim() == 2:
-        from ops import triton_quant
-        return triton_quant.weight_fake_quant(w, bits)
+    fused = dispatch.weight_fake_quant(w, bits)
+    if fused is not None:
+        return fused
     qmax = 2 ** (bits - 1) - 1
     scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
     return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
@@ -187,10 +165,9 @@ class _WeightFQFunction(torch.autograd.Function):
 def weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel (dim 0) fake quantization at max |w| / (2^(bits-1) - 1),
     straight-through gradient; one kernel on CUDA."""
-    if w.is_cuda and w.dtype == torch.float32 and w.dim() == 2 and not tracing() and not exporting():
-        ext = cuda_kernel.extension()
-        if ext is not None:
-            return ext.weight_fake_quant(w, bits)
+    fused = dispatch.fused_quantizer(w, "weight_fake_quant")
+    if fused is not None:
+        return fused(w, bits)
     path = call_path(w)
     if path == "plain":
         return _weight_fq(w, bits)

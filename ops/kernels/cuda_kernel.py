@@ -1,5 +1,5 @@
 """The LUT op and the fake quantizers on CUDA as C++ operators with C++ autograd nodes
-(ops/csrc/lut_cuda.cu), built on first use.
+(ops/kernels/csrc/lut_cuda.cu), built on first use.
 
 Why: in eager mode a table or quantizer call on a mid-sized tensor is bound by its host side,
 not the GPU. Through the Python autograd.Function and Triton's launcher a LUT forward cost ~30
@@ -9,12 +9,12 @@ us of host time and a forward+backward ~200-280 us, against ~7 and ~70 us for `F
 is one pybind11 call from Python; its autograd node saves the input and runs the backward
 kernel without returning to Python.
 
-Built like the CPU kernel (ops/cpu_kernel.py), at first use rather than at install time, with
+Built like the CPU kernel (ops/kernels/cpu_kernel.py), at first use rather than at install time, with
 `torch.utils.cpp_extension.load` (nvcc and ninja, for the GPU in the machine) into the cache
 folder, keyed by the source, torch's version and the GPU's compute capability. The first call
 on a machine waits for the compiler (about a minute); later processes load the cached library.
 Without nvcc, with a failed build or with `GQA_LUT_CUDA_KERNEL=0`, `extension()` returns None and the
-Triton kernels (ops/triton_lut.py, ops/triton_quant.py) run, with the same forward bits;
+Triton kernels (ops/kernels/triton_lut.py, ops/kernels/triton_quant.py) run, with the same forward bits;
 `status()` says which.
 """
 from __future__ import annotations
@@ -30,11 +30,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ops.cpu_kernel import cache_dir
+from ops.kernels.cpu_kernel import cache_dir
+from ops.kernels.derivatives import DERIVATIVE_NUMBERS
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cuda.cu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the operators take (float64 keeps torch's path)
-CUDA_FLAGS = ["-O3"]  # no fast math: erff/expf/tanhf as libdevice has them, like Triton's
+# no fast math: erff/expf/tanhf as libdevice has them, like Triton's; the derivatives' numbers
+# from ops/registry.py as defines (GQA_D_GELU...), so the kernel's switch cannot drift from them
+CUDA_FLAGS = ["-O3"] + [f"-DGQA_D_{name.upper() or 'SLOPE'}={number}" for name, number in DERIVATIVE_NUMBERS.items()]
 
 _state: dict[str, object] = {}
 

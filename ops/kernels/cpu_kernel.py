@@ -1,4 +1,4 @@
-"""The LUT forward on the CPU as one compiled pass (ops/csrc/lut_cpu.c), built on first use.
+"""The LUT forward on the CPU as one compiled pass (ops/kernels/csrc/lut_cpu.c), built on first use.
 
 Why C and not torch ops: quantize-then-gather in torch is five passes over memory (multiply,
 round, clamp, convert, gather) where the native activation is one, so it ran 2-3x slower than
@@ -28,12 +28,14 @@ from typing import Optional
 
 import torch
 
+from ops.kernels.reference import dense, walkable
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_cpu.c"
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp"]
 NATIVE = ["-march=native"]  # the gathers need AVX2 or AVX-512; the bits do not depend on it
 
 _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
-# the library's functions (ops/csrc/lut_cpu.c): (return type, argument types); pointers, then
+# the library's functions (ops/kernels/csrc/lut_cpu.c): (return type, argument types); pointers, then
 # the element count, then scalars, the thread count last
 SIGNATURES = {
     "lut_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I]),
@@ -131,20 +133,6 @@ def status() -> str:
     """How the CPU forward runs here: the compiled library, or why the torch ops are used."""
     load()
     return str(_state["status"])
-
-
-def walkable(x: torch.Tensor) -> bool:
-    """Whether x's elements fill its memory in an order an elementwise pass can walk
-    (contiguous, channels-last)."""
-    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
-
-
-def dense(x: torch.Tensor) -> torch.Tensor:
-    """x itself where it is walkable, else a contiguous copy. The output is made with
-    `torch.empty_like` of this, so it keeps the input's layout, as torch's elementwise ops do:
-    a channels-last activation stays channels-last for the convolution after it."""
-    return x if walkable(x) else x.contiguous()
 
 
 def _map(x: torch.Tensor, call) -> torch.Tensor:

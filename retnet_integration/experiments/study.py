@@ -2,7 +2,7 @@
 
 Rows (`ROWS`): the quantizers compared at W8A8 with every LUT op after QAT (TQT, PACT, LSQ,
 min-max, percentile, LSQ per channel), bit widths (W6A6, W4A8 with PACT and LSQ, W4A4),
-latent QAT (float first, then quantized), the integer graph (int_graph.py: the retention
+latent QAT (float first, then quantized), the integer graph (integer/simulation.py: the retention
 quantized too, scored in its recurrent form), and a float model fine-tuned for the same steps;
 each of those with `seeds` seeds (calibration batches and QAT data order), mean and spread.
 Sensitivity rows (deterministic, no QAT): each quantizer alone, each LUT op alone, each tensor
@@ -27,11 +27,11 @@ from typing import Callable, Optional
 import torch
 
 from gqa_lut.errors import UsageError
-from gqa_lut.table import write_json_atomic, write_text_atomic
+from gqa_lut.io import write_json_atomic, write_text_atomic
 from retnet_integration.data import eval_windows, load_corpus
-from retnet_integration.int_graph import IntSim
+from retnet_integration.integer.simulation import IntSim
 from retnet_integration.layers import ActQuant
-from retnet_integration.pipeline import (bits_per_char, calib_batches, get_preset, load_checkpoint, pick_device,
+from retnet_integration.experiments.pipeline import (bits_per_char, calib_batches, get_preset, load_checkpoint, pick_device,
                                          train_steps)
 from retnet_integration.quantize import LUT_OPS, quantize_
 
@@ -46,7 +46,7 @@ class Row:
     group: str  # quantizer | bits | schedule | baseline | sensitivity
     mode: str = "all-lut"
     spec: str = "tqt"
-    kind: str = "qat"  # qat | latent | float-ft | ptq | int-qat (the integer graph, int_graph.py)
+    kind: str = "qat"  # qat | latent | float-ft | ptq | int-qat (the integer graph, integer/simulation.py)
     only: Optional[str] = None  # sensitivity: keep only the activation quantizers of this tensor type
 
 

@@ -21,8 +21,7 @@ import torch
 
 from gqa_lut.errors import UsageError
 from gqa_lut.progress import ProgressBar
-from gqa_lut.table import (check_readable, parse_json, read_text_capped, write_atomic, write_json_atomic,
-                           write_text_atomic)
+from gqa_lut.io import check_readable, parse_json, read_text_capped, write_atomic, write_json_atomic, write_text_atomic
 
 MAX_RESULTS_BYTES = 64 << 20
 from retnet_integration.data import Corpus, eval_windows, load_corpus, random_windows

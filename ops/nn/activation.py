@@ -1,0 +1,259 @@
+"""PyTorch drop-in modules whose non-linearity runs through an integer table, bit-exactly.
+
+Forward is fake-quant: the input is quantized to `input_bits` at a power-of-two scale 2^-d,
+the table is evaluated on the integer code exactly as docs/lut-format.md says, and the integer
+output is turned back into a real number. Backward is straight-through (see ops.kernels.autograd.lut_lookup).
+
+State is tensors only (safetensors, save_pretrained): the table itself travels as its JSON in a
+uint8 buffer, so a checkpoint is self-describing; a float checkpoint without these keys loads
+into a converted model with strict=True (the tables keep what they have).
+
+NaN and inf: NaN inputs are treated as 0 and +-inf saturate to the largest/smallest input
+code, so the output is always the table's finite value there, and the gradient there is 0.
+Integer and bool tensors raise TypeError (docs/lut-format.md section 7); float64 inputs are
+quantized in float64, narrower floats in float32.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from gqa_lut.evaluator import covering_scale
+from gqa_lut.table import Table, table_from_json
+from ops import registry
+from ops.kernels.autograd import lut_apply
+from ops.kernels.derivatives import CLOSED_FORM, derivative_of
+from ops.kernels.reference import dequantized, expand, require_float
+from ops.nn.fake_quant import tqt_quantize
+from ops.tables import as_table
+
+SCALE_MODES = ("fixed", "calibrate", "learned")
+GRAD_MODES = ("exact", "slope")
+
+
+class LUTActivation(nn.Module):
+    """Any table as an activation.
+
+    scale_mode: "fixed" (scale d given, or the finest that covers the fitted range),
+    "calibrate" (d set from observed inputs by `calibrate`), "learned" (TQT: a learnable log2
+    threshold picks d, trained with the straight-through estimator). grad: "exact" (the exact
+    function's derivative) or "slope" (the active segment's slope).
+    """
+
+    op: Optional[str] = None  # the table function of a named drop-in (LUTGELU: "gelu")
+    range_reduced = False  # True inside norms and softmax: the input's range is fixed by the drop-in
+
+    def __init__(self, table: Table, scale: Optional[int] = None, scale_mode: str = "fixed",
+                 grad: str = "exact", fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        super().__init__()
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode {scale_mode!r} is not allowed: use {', '.join(SCALE_MODES)}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad {grad!r} is not allowed: use {', '.join(GRAD_MODES)}")
+        self.scale_mode, self.grad = scale_mode, grad
+        self.fn = fn if fn is not None else registry.reference(table.op)
+        self._set_table(table)
+        if scale is None:
+            scale = covering_scale(table, max(abs(table.range[0]), abs(table.range[1])))
+        self.set_scale(scale)
+        self.register_buffer("amax", torch.zeros(()), persistent=False)
+        self.observing = False
+        self.bypass = False
+        if scale_mode == "learned":
+            self.log2_threshold = nn.Parameter(torch.tensor(float(table.input_bits - 1 - scale)))
+
+    def _set_table(self, table: Table) -> None:
+        self.table = table.validate()
+        dev = self.table_real.device if hasattr(self, "table_real") else None
+        derived = {**_real_tables(table), "scales": torch.tensor(table.scales, dtype=torch.int64),
+                   "breakpoints": torch.tensor([table.breakpoints[d].tolist() for d in table.scales],
+                                               dtype=torch.int32).reshape(len(table.scales), -1),
+                   "d_current": torch.zeros((), dtype=torch.int64)}
+        for name, t in derived.items():  # all derived from the table: not saved
+            self.register_buffer(name, t.to(dev) if dev is not None else t, persistent=False)
+        if not hasattr(self, "scale_index"):
+            self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
+        self._register_derivative()
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the tables; `.half()`, `.bfloat16()` or `.double()` must not round
+        them (LUTGELU().bfloat16().float() changed 502 of 2001 outputs): the derived buffers
+        keep their dtypes, rebuilt from the integer table where a cast touched them."""
+        out = super()._apply(fn, recurse)
+        buf = self._buffers
+        if any(buf[k].dtype != dt for k, dt in REAL_TABLE_DTYPES.items()):
+            dev = buf["table_real"].device
+            buf.update({k: t.to(dev) for k, t in _real_tables(self.table).items()})
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "table_spec"] = _spec_tensor(self.table.to_json(), self.scale_mode, self.grad)
+
+    def _register_derivative(self) -> None:
+        """The exact backward: a closed form named by the op where the table's function is the
+        registry's, the function's autograd derivative otherwise, the slope without a function."""
+        if self.fn is None:
+            self.derivative = ""
+        elif self.table.op in CLOSED_FORM and self.fn is registry.reference(self.table.op):
+            self.derivative = self.table.op
+        else:
+            self.derivative = derivative_of(self.fn)
+
+    # the state_dict holds table_spec (written from the table when saved), scale_index and,
+    # when learned, log2_threshold; a float checkpoint has none of them
+    _OWN_KEYS = ("scale_index", "log2_threshold")
+    _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        raw = state_dict.pop(prefix + "table_spec", None)
+        legacy = state_dict.pop(prefix + "_extra_state", None)  # checkpoints before tensor-only state
+        for key in self._DERIVED_KEYS:
+            state_dict.pop(prefix + key, None)
+        spec = None
+        if raw is not None:
+            spec = json.loads(bytes(raw.to("cpu", torch.uint8).tolist()).decode())
+        elif legacy is not None:
+            spec = {"table": json.loads(legacy["table"]), "scale_mode": legacy["scale_mode"], "grad": legacy["grad"]}
+            state_dict.setdefault(prefix + "scale_index", torch.tensor(table_from_json(spec["table"]).scales.index(
+                int(legacy["scale"]))))
+        if spec is not None:
+            table = table_from_json(spec["table"])
+            if self.op is not None:
+                _check_slot(table, self.op, type(self).__name__)
+            if spec["scale_mode"] not in SCALE_MODES or spec["grad"] not in GRAD_MODES:
+                raise ValueError(f"{prefix}table_spec: scale_mode {spec['scale_mode']!r} / grad {spec['grad']!r} "
+                                 f"is not allowed: use {', '.join(SCALE_MODES)} / {', '.join(GRAD_MODES)}")
+        scales = len((table if spec is not None else self.table).scales)
+        index = state_dict.get(prefix + "scale_index")
+        if index is not None and not (index.numel() == 1 and 0 <= int(index) < scales):
+            raise ValueError(f"{prefix}scale_index {index.tolist()} is not allowed: the table has {scales} "
+                             f"scales, index 0 to {scales - 1}")
+        if spec is not None:
+            self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
+            if table.to_json() != self.table.to_json():
+                self._set_table(table)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a float checkpoint has none of these: the module keeps its table and scale
+        mine = {prefix + k for k in self._OWN_KEYS}
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in mine]
+        self.d_current.fill_(int(self.scales[self.scale_index]))
+
+    @property
+    def scale(self) -> int:
+        return int(self.scales[self.scale_index])
+
+    def set_scale(self, d: int) -> None:
+        if d not in self.table.scales:
+            raise ValueError(f"scale {d} is not in the table: it has scales {self.table.scales}")
+        self.scale_index.fill_(self.table.scales.index(d))
+        self.d_current.fill_(d)  # kept beside the index so a fixed-scale call launches no lookup of it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_float(x, type(self).__name__)
+        if self.observing:
+            self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
+                                                                  posinf=0.0, neginf=0.0).abs().max())
+        if self.scale_mode == "learned":
+            xq, d = tqt_quantize(x, self.log2_threshold, self.table.input_bits,
+                                 min(self.table.scales), max(self.table.scales))
+            index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
+            return self._lut(xq, index, self.scales[index])
+        buf = self._buffers
+        return self._lut(x, buf["scale_index"], buf["d_current"])
+
+    def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if self.bypass:  # the probe of ops.replace: the drop-in's own arithmetic with exact functions
+            return self.fn(x)
+        buf = self._buffers  # not self.<buffer>: nn.Module's __getattr__ costs host time on every call
+        table = buf["table_real64"] if x.dtype == torch.float64 else buf["table_real"]
+        return lut_apply(x, table, buf["slopes_real"], buf["breakpoints"], index, d, self.table.input_bits,
+                         self.derivative if self.grad == "exact" else "")
+
+    def start_observing(self) -> None:
+        """Record the largest finite |input| of the next forward passes (ops.replace.observe)."""
+        self.amax.zero_()
+        self.observing = True
+
+    def finish_observing(self) -> int:
+        """The finest scale that holds what was observed; returns it."""
+        self.observing = False
+        d = covering_scale(self.table, float(self.amax))
+        self.set_scale(d)
+        if self.scale_mode == "learned":
+            with torch.no_grad():
+                self.log2_threshold.fill_(float(self.table.input_bits - 1 - d))
+        return d
+
+    def extra_repr(self) -> str:
+        return (f"op={self.table.op}, segments={self.table.segments}, bits={self.table.param_bits}/"
+                f"{self.table.input_bits}, scale={self.scale}, scale_mode={self.scale_mode}, grad={self.grad}")
+
+
+    @classmethod
+    def from_float(cls, module: nn.Module, tables: dict[str, Table], **kw: Any) -> "LUTActivation":
+        """The drop-in for a float activation module (replace_ops), with its table from `tables`."""
+        return cls(tables.get(cls.op), **kw)
+
+
+REAL_TABLE_DTYPES = {"table_real": torch.float32, "table_real64": torch.float64, "slopes_real": torch.float32}
+
+
+def _real_tables(table: Table) -> dict[str, torch.Tensor]:
+    """The float views of a table the lookups read (exact reals: every 8-bit table's outputs
+    and slopes hold in float32), derived from its integers, never saved."""
+    values, frac = expand(table)
+    slopes = torch.tensor(table.slopes.tolist(), dtype=torch.float64) * 2.0 ** -table.frac_bits
+    return {k: (dequantized(values, frac, dt) if k != "slopes_real" else slopes.to(dt))
+            for k, dt in REAL_TABLE_DTYPES.items()}
+
+
+def _spec_tensor(table_json: dict, scale_mode: str, grad: str) -> torch.Tensor:
+    """A table and its modes as UTF-8 JSON bytes in a uint8 tensor: tensor-only state."""
+    spec = json.dumps({"table": table_json, "scale_mode": scale_mode, "grad": grad})
+    return torch.tensor(list(spec.encode()), dtype=torch.uint8)
+
+
+def _check_slot(table: Table, op: str, who: str) -> Table:
+    """A named drop-in computes its own function: a table of another op in its slot (a LUTSiLU
+    state loaded into a LUTGELU) would silently compute that op instead."""
+    if table.op != op:
+        raise ValueError(f"{who} takes a table of op {op!r}, got one of {table.op!r}: use LUTActivation(table) "
+                         "for a table of another function")
+    return table
+
+
+def activation_class(op: str) -> type:
+    """The drop-in class of an activation record of ops/registry.py."""
+    rec = registry.torch_op(op)
+
+    def __init__(self, table: Table | str | None = None, **kw: Any) -> None:
+        LUTActivation.__init__(self, _check_slot(as_table(table, rec.tables[0]), rec.tables[0], rec.drop_in), **kw)
+
+    return type(rec.drop_in, (LUTActivation,), {
+        "__init__": __init__, "op": rec.tables[0], "__module__": __name__,
+        "__doc__": f"Drop-in for nn.{rec.doc}: the {rec.tables[0]} table (shipped default unless given)."})
+
+
+LUTGELU = activation_class("gelu")
+LUTGELUTanh = activation_class("gelu_tanh")
+LUTSiLU = activation_class("swish")
+LUTHardswish = activation_class("hswish")
+LUTSigmoid = activation_class("sigmoid")
+LUTTanh = activation_class("tanh")
+LUTHardsigmoid = activation_class("hsigmoid")
+LUTSoftplus = activation_class("softplus")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model lives: its first parameter's (or buffer's) device, the CPU for an empty one."""
+    anchor = next(model.parameters(), None)
+    if anchor is None:
+        anchor = next(model.buffers(), None)
+    return anchor.device if anchor is not None else torch.device("cpu")
