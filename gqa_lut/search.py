@@ -133,12 +133,12 @@ def initial_population(problem: Problem, size: int) -> list:
     seeds = [union_breakpoints(problem), curvature_breakpoints(problem.fn, lo, hi, n1),
              np.linspace(lo, hi, n1 + 2)[1:-1]]
     pop = [creator.GQAIndividual(s.tolist()) for s in seeds]
-    curv = seeds[0]
+    around = seeds[0]  # jittered copies of the union-grid optimum fill every other slot
     while len(pop) < size:
         if len(pop) % 2:
             g = sorted(random.uniform(lo, hi) for _ in range(n1))
         else:
-            g = sorted(min(max(v + random.gauss(0, 0.5 * (hi - lo) / (n1 + 1)), lo), hi) for v in curv)
+            g = sorted(min(max(v + random.gauss(0, 0.5 * (hi - lo) / (n1 + 1)), lo), hi) for v in around)
         pop.append(creator.GQAIndividual(g))
     return pop
 

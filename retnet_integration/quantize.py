@@ -28,6 +28,7 @@ from gqa_lut.table import load_table
 from ops.convert.replace import calibrate, observe, replace_ops
 from retnet_integration.integer.spec import DECAY_TABLE
 from retnet_integration.layers import ActQuant, Decay, QuantLinear
+from retnet_integration.model import MultiScaleRetention
 from retnet_integration.quantizers import QuantSpec, parse_spec
 
 LUT_OPS = ("gelu", "swish", "groupnorm", "layernorm", "decay")
@@ -101,7 +102,7 @@ def quantize_(model: nn.Module, mode: str | QuantMode, calib_batches: Iterable[t
             if isinstance(mod, Decay):
                 mod.use_table(table)
         swaps.append({"name": "*.decay", "old": "Decay", "new": "Decay(table)", "table": table.op})
-    accumulators = [a for mod in model.modules() if hasattr(mod, "score_quant") and hasattr(mod, "state_quant")
+    accumulators = [a for mod in model.modules() if isinstance(mod, MultiScaleRetention)
                     for a in (mod.score_quant, mod.state_quant)]
     for mod in model.modules():
         if isinstance(mod, QuantLinear):

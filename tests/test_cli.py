@@ -205,13 +205,13 @@ def test_help_shows_defaults_and_examples(command, tmp_path):
 
 @pytest.mark.slow
 def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
-    """The README's acts.npy snippet runs as written on a small model, and `fit` takes the file."""
+    """The acts.npy snippet of docs/search.md runs as written on a small model, and `fit` takes the file."""
     import re
 
     import torch
     import torch.nn as nn
 
-    code = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    code = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "search.md").read_text(), re.S)
                 if "acts.npy" in b)
     model = nn.Sequential()
     model.mlp = nn.Sequential(nn.Linear(4, 8))
