@@ -133,6 +133,14 @@ def _ratio(num: str, den: str) -> Callable[[dict], Any]:
     return f
 
 
+SPEED = ("op", "elements", "dtype", "mode", "native_ms", "lut_ms", "ratio")
+HOST_COST = (Table("rows", ("dtype", "mode", "native_us", "lut_us", "lut_triton_us")),)
+RETNET_ROWS = (Table("rows", ("step", "test_bpc", "rel_to_float", "note")),)
+RETNET_FACTS = ("preset", "params", "train_seconds", "test_windows", "seq_len")
+STUDY = (Table("summary", ("group", "row", "seeds", "mean_bpc", "spread", "vs_float", "vs_float_finetuned")),)
+CHECK_INT = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
+             "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")
+
 SECTIONS = (
     Section("approximation.json", "Against the published GQA-LUT tables", "python -m bench.approximation",
             "Our tables against the tables the paper's code published (GELU, HSwish, exp at 8 and 16 segments), "
@@ -157,19 +165,16 @@ SECTIONS = (
                             "seconds", "peak_rss_mb")),)),
     Section("ops_speed.json", "Speed of the drop-ins", "python -m bench.ops_speed",
             "Forward (and forward + backward) time of a table drop-in against the native torch op, same process.",
-            (Table("cpu.rows", ("op", "elements", "dtype", "mode", "native_ms", "lut_ms", "ratio"), caption="CPU"),
-             Table("cuda.rows", ("op", "elements", "dtype", "mode", "native_ms", "lut_ms", "ratio",
-                                 "lut_bandwidth_tbs"), caption="CUDA"))),
+            (Table("cpu.rows", SPEED, caption="CPU"), Table("cuda.rows", SPEED + ("lut_bandwidth_tbs",), caption="CUDA"))),
     Section("ops_speed_h200.json", "Speed of the drop-ins on the H200", "python -m bench.ops_speed",
             "The same benchmark on an NVIDIA H200.",
-            (Table("cuda.rows", ("op", "elements", "dtype", "mode", "native_ms", "lut_ms", "ratio",
-                                 "lut_bandwidth_tbs", "lut_fraction_of_datasheet")),)),
+            (Table("cuda.rows", SPEED + ("lut_bandwidth_tbs", "lut_fraction_of_datasheet")),)),
     Section("lut_host_cost.json", "Host cost of one table call", "python -m bench.lut_host_cost",
             "Microseconds per call for a small tensor, where launch and dispatch dominate.",
-            (Table("rows", ("dtype", "mode", "native_us", "lut_us", "lut_triton_us")),), ("device", "cuda_path")),
+            HOST_COST, ("device", "cuda_path")),
     Section("lut_host_cost_h200.json", "Host cost of one table call on the H200", "python -m bench.lut_host_cost",
             "The same on an NVIDIA H200.",
-            (Table("rows", ("dtype", "mode", "native_us", "lut_us", "lut_triton_us")),), ("device", "cuda_path")),
+            HOST_COST, ("device", "cuda_path")),
     Section("qat_speed.json", "Training step with tables in place", "python -m bench.qat_speed",
             "One QAT step of a small model with every op through tables, against the float step.",
             (Table("cpu.rows", ("model", "mode", "way", "step_ms", "ratio_to_float"), caption="CPU"),
@@ -191,28 +196,22 @@ SECTIONS = (
                    "bpc_float_tuned")),
     Section("retnet_cpu.json", "RetNet end to end (CPU preset)", "gqa-lut retnet train && gqa-lut retnet eval",
             "Bits per character on held-out fortunes after each quantization step.",
-            (Table("rows", ("step", "test_bpc", "rel_to_float", "note")),),
-            ("preset", "params", "train_seconds", "test_windows", "seq_len")),
+            RETNET_ROWS, RETNET_FACTS),
     Section("retnet_gpu.json", "RetNet end to end (GPU preset)", "gqa-lut retnet train --preset gpu",
             "The same on the larger GPU preset.",
-            (Table("rows", ("step", "test_bpc", "rel_to_float", "note")),),
-            ("preset", "params", "train_seconds", "test_windows", "seq_len")),
+            RETNET_ROWS, RETNET_FACTS),
     Section("retnet_study_cpu.json", "RetNet quantization study (CPU preset)", "gqa-lut retnet study",
             "What each quantization choice costs: mean bits per character over seeds and its spread.",
-            (Table("summary", ("group", "row", "seeds", "mean_bpc", "spread", "vs_float", "vs_float_finetuned")),),
-            ("preset", "qat_steps", "test_windows")),
+            STUDY, ("preset", "qat_steps", "test_windows")),
     Section("retnet_study_gpu.json", "RetNet quantization study (GPU preset)", "gqa-lut retnet study --device cuda",
             "The same study on the GPU preset.",
-            (Table("summary", ("group", "row", "seeds", "mean_bpc", "spread", "vs_float", "vs_float_finetuned")),),
-            ("preset", "qat_steps", "test_windows")),
+            STUDY, ("preset", "qat_steps", "test_windows")),
     Section("retnet_int_cpu.json", "The RetNet on integers and in C (CPU preset)", "gqa-lut retnet check-int",
             "Float, fake-quant, the integer reference and the C program on the same text.",
-            facts=("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
-                   "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")),
+            facts=CHECK_INT),
     Section("retnet_int_gpu.json", "The RetNet on integers and in C (GPU preset)", "gqa-lut retnet check-int",
             "The same for the GPU preset's model.",
-            facts=("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
-                   "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")),
+            facts=CHECK_INT),
     Section("rtl_area.json", "Area of the Verilog units", "python -m bench.rtl_area",
             "yosys + abc onto the shared sky130 area library: the INT8 PWL unit against the same PWL in 32 bits, "
             "a ROM of every output, the pipelined unit, the selection logic and an 8x8 multiplier alone.",

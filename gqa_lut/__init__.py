@@ -3,22 +3,10 @@
 The front door: `from gqa_lut import fit, FitConfig, Table, load_table, save_table`. They are
 imported on first use, so `gqa-lut --help` and a table load do not pay for the search.
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from gqa_lut.lazy import lazy_exports
 
 __version__ = "0.2.0"
 _EXPORTS = {"fit": "gqa_lut.search", "FitConfig": "gqa_lut.config", "Table": "gqa_lut.table",
             "load_table": "gqa_lut.table", "save_table": "gqa_lut.table"}
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'gqa_lut' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
