@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gqa_lut.quantization import int_range
+from ops.nn import sync
 from ops.nn.fake_quant import tqt_quantize, weight_fake_quant
 from retnet_integration.quantizers import (PERCENTILE, QuantSpec, fake_quant, lsq, pact, tqt, weight_amax,
                                              weight_quant)
@@ -80,6 +81,18 @@ class ActQuant(nn.Module):
         self.amax = torch.zeros((), device=self.amax.device)
         self._abs_sum, self._count, self._samples = 0.0, 0, []
         self.observing = True
+
+    def sync_observations(self) -> None:
+        """What every rank observed, combined (torch.distributed): the max (per channel too, also
+        where a rank saw nothing), the mean's sums, the percentile's samples in rank order."""
+        if sync.world_size() <= 1:
+            return
+        self.amax = sync.all_max_shape(self.amax, 0.0)
+        self._abs_sum, self._count = sync.all_sum([self._abs_sum, float(self._count)])
+        if self.spec is not None and self.spec.act_method == "percentile":
+            width = self.amax.numel() if self._channel() else 1
+            rows = sync.all_gather_rows(torch.cat(self._samples) if self._samples else None, width)
+            self._samples = [rows] if rows is not None else []
 
     def finish_observing(self) -> None:
         """Each method's starting point from what was observed, then quantize."""

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from gqa_lut.table import Table
 from ops import nn as lut_nn, registry
+from ops.nn import sync
 from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
 
 # The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
@@ -119,6 +120,17 @@ class ExpSite(nn.Module):
     def start_observing(self) -> None:
         self.seen_max.fill_(-math.inf)
         self.observing = True
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.use_table.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.use_table.is_meta:  # to_empty: uninitialised memory
+            self.use_table.fill_(self.table_on)
+            self.seen_max.fill_(-math.inf)
+        return out
+
+    def sync_observations(self) -> None:
+        sync.all_max_(self.seen_max)  # a positive input on any rank sends the site to float on all
 
     def finish_observing(self) -> None:
         self.observing = False

@@ -155,9 +155,12 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
 
 def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module],
             forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> None:
-    """Run batches through the model while `observers` (modules with start_observing and
-    finish_observing: the LUT activations, the RetNet's activation quantizers) record the
-    largest |input| they see; each then sets its scale from it. The one calibration loop."""
+    """Run batches through the model while `observers` (modules with start_observing,
+    sync_observations and finish_observing: the LUT activations, exp call sites, the RetNet's
+    activation quantizers) record what they see; each then sets its scale from it. The one
+    calibration loop. Under torch.distributed each rank runs its own batches and the observers
+    combine what they saw over the ranks before choosing (ops/nn/sync.py), so every rank ends
+    with the same scales, also for a module that saw no input on some rank."""
     batches = list(batches)
     if not batches:
         raise ValueError("calibration got no batches: give at least one batch of real inputs")
@@ -167,6 +170,8 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
         with torch.no_grad():
             for batch in batches:
                 forward(model, batch) if forward is not None else model(batch)
+        for m in observers:
+            m.sync_observations()
     finally:
         for m in observers:
             m.finish_observing()

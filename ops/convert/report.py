@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from gqa_lut.table import Table
-from ops.nn import LUTActivation
+from ops.nn import LUTActivation, sync
 
 TableLike = Table | str | Path
 # a probed drop-in (tables bypassed) may differ from the original by float rounding only
@@ -121,11 +121,15 @@ class Report:
                 router.paused = False
             for h in handles:
                 h.remove()
+            # a swap any rank rejects is undone on every rank (torch.distributed): one model
+            verdicts = {name: p.error or (p.rel is not None and p.rel > PROBE_TOL.get(p.dtype, 1e-3))
+                        for name, p in probes.items()}
+            agreed = dict(zip(verdicts, sync.any_rank([bool(v) for v in verdicts.values()])))
             for name, (parent, attr, old) in self.originals.items():
                 p = probes[name]
-                bad = p.error or (p.rel is not None and p.rel > PROBE_TOL.get(p.dtype, 1e-3))
-                if bad:
-                    why = p.error or f"output differs from {type(old).__name__}'s by rel {p.rel:.2g}"
+                if agreed[name]:
+                    why = p.error or (f"output differs from {type(old).__name__}'s by rel {p.rel:.2g}"
+                                      if verdicts[name] else "another rank's inputs rejected it")
                     setattr(parent, attr, old)
                     if router is not None:
                         router.hook(old)

@@ -27,6 +27,7 @@ from ops import registry
 from ops.kernels.autograd import lut_apply
 from ops.kernels.derivatives import CLOSED_FORM, derivative_of
 from ops.kernels.reference import dequantized, expand, require_float
+from ops.nn import sync
 from ops.nn.fake_quant import tqt_quantize
 from ops.tables import as_table
 
@@ -63,7 +64,8 @@ class LUTActivation(nn.Module):
         self.observing = False
         self.bypass = False
         if scale_mode == "learned":
-            self.log2_threshold = nn.Parameter(torch.tensor(float(table.input_bits - 1 - scale)))
+            # one element, not a scalar: FSDP2 shards no 0-d parameter (forward reads it as 0-d)
+            self.log2_threshold = nn.Parameter(torch.tensor([float(table.input_bits - 1 - scale)]))
 
     def _set_table(self, table: Table) -> None:
         self.table = table.validate()
@@ -76,22 +78,39 @@ class LUTActivation(nn.Module):
             self.register_buffer(name, t.to(dev) if dev is not None else t, persistent=False)
         if not hasattr(self, "scale_index"):
             self.register_buffer("scale_index", torch.zeros((), dtype=torch.int64))
+        self._register_spec()
         self._register_derivative()
+
+    def _register_spec(self) -> None:
+        """The table and its modes as a saved uint8 buffer (tensor-only state that a
+        torch.distributed checkpoint can name: every state-dict key is a module attribute)."""
+        dev = self.table_real.device
+        self.register_buffer("table_spec", _spec_tensor(self.table.to_json(), self.scale_mode, self.grad).to(dev))
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the tables; `.half()`, `.bfloat16()` or `.double()` must not round
         them (LUTGELU().bfloat16().float() changed 502 of 2001 outputs): the derived buffers
         keep their dtypes, rebuilt from the integer table where a cast touched them."""
+        was_meta = self._buffers["table_real"].is_meta
         out = super()._apply(fn, recurse)
         buf = self._buffers
-        if any(buf[k].dtype != dt for k, dt in REAL_TABLE_DTYPES.items()):
+        if was_meta and not buf["table_real"].is_meta:
+            self._materialise()
+        elif any(buf[k].dtype != dt for k, dt in REAL_TABLE_DTYPES.items()):
             dev = buf["table_real"].device
             buf.update({k: t.to(dev) for k, t in _real_tables(self.table).items()})
         return out
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "table_spec"] = _spec_tensor(self.table.to_json(), self.scale_mode, self.grad)
+    def _materialise(self) -> None:
+        """After `to_empty` from the meta device every tensor is uninitialised memory: the
+        derived tables come again from the table, the scale (and a learned threshold) from the
+        one this module holds; a checkpoint loaded next overwrites the saved ones as usual."""
+        self._set_table(self.table)
+        self.set_scale(self._scale_d)
+        self.amax.zero_()
+        if self.scale_mode == "learned":
+            with torch.no_grad():
+                self.log2_threshold.fill_(float(self.table.input_bits - 1 - self._scale_d))
 
     def _register_derivative(self) -> None:
         """The exact backward: a closed form named by the op where the table's function is the
@@ -105,7 +124,7 @@ class LUTActivation(nn.Module):
 
     # the state_dict holds table_spec (written from the table when saved), scale_index and,
     # when learned, log2_threshold; a float checkpoint has none of them
-    _OWN_KEYS = ("scale_index", "log2_threshold")
+    _OWN_KEYS = ("scale_index", "log2_threshold", "table_spec")
     _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -137,6 +156,10 @@ class LUTActivation(nn.Module):
             self.scale_mode, self.grad = spec["scale_mode"], spec["grad"]
             if table.to_json() != self.table.to_json():
                 self._set_table(table)
+            self._register_spec()
+        threshold = state_dict.get(prefix + "log2_threshold")
+        if threshold is not None and threshold.dim() == 0:  # saved before it had one element
+            state_dict[prefix + "log2_threshold"] = threshold.reshape(1)
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -144,6 +167,7 @@ class LUTActivation(nn.Module):
         mine = {prefix + k for k in self._OWN_KEYS}
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in mine]
         self.d_current.fill_(int(self.scales[self.scale_index]))
+        self._scale_d = int(self.d_current)
 
     @property
     def scale(self) -> int:
@@ -154,6 +178,7 @@ class LUTActivation(nn.Module):
             raise ValueError(f"scale {d} is not in the table: it has scales {self.table.scales}")
         self.scale_index.fill_(self.table.scales.index(d))
         self.d_current.fill_(d)  # kept beside the index so a fixed-scale call launches no lookup of it
+        self._scale_d = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
@@ -161,7 +186,7 @@ class LUTActivation(nn.Module):
             self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
                                                                   posinf=0.0, neginf=0.0).abs().max())
         if self.scale_mode == "learned":
-            xq, d = tqt_quantize(x, self.log2_threshold, self.table.input_bits,
+            xq, d = tqt_quantize(x, self.log2_threshold.reshape(()), self.table.input_bits,
                                  min(self.table.scales), max(self.table.scales))
             index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
             return self._lut(xq, index, self.scales[index])
@@ -180,6 +205,10 @@ class LUTActivation(nn.Module):
         """Record the largest finite |input| of the next forward passes (ops.replace.observe)."""
         self.amax.zero_()
         self.observing = True
+
+    def sync_observations(self) -> None:
+        """The largest |input| over every rank (torch.distributed), so all choose one scale."""
+        sync.all_max_(self.amax)
 
     def finish_observing(self) -> int:
         """The finest scale that holds what was observed; returns it."""

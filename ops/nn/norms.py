@@ -26,7 +26,9 @@ def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 
 def _with_params(old: nn.Module, new: nn.Module) -> nn.Module:
     """The float norm's weight and bias in its drop-in (replace_ops moves it to the model's device)."""
-    new.load_state_dict(old.state_dict(), strict=False)
+    state = old.state_dict()
+    # a model built on the meta device has no data to copy: the drop-in takes the tensors
+    new.load_state_dict(state, strict=False, assign=any(t.is_meta for t in state.values()))
     return new
 
 
