@@ -34,13 +34,25 @@ class ActQuant(nn.Module):
     def __init__(self, bits: int = 8):
         super().__init__()
         self.bits = bits
-        self.enabled = False
         self.observing = False
         self.spec: Optional[QuantSpec] = None
-        self.log2_threshold = nn.Parameter(torch.zeros(()))
+        # one element, not a scalar: FSDP2 shards no 0-d parameter (forward reads it as 0-d)
+        self.log2_threshold = nn.Parameter(torch.zeros(1))
+        self.enabled = False
         self.register_buffer("amax", torch.zeros(()), persistent=False)
-        self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.register_buffer("scale", torch.ones(()))  # min-max and percentile: saved with the model
         self._abs_sum, self._count, self._samples = 0.0, 0, []
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        """The TQT threshold trains only while it is the quantizer in use: DDP refuses a
+        parameter that gets no gradient (a switched-off quantizer's, or one another method replaces)."""
+        self._enabled = bool(on)
+        self.log2_threshold.requires_grad_(self._enabled and self._fused())
 
     def _fused(self) -> bool:
         return self.spec is None or (self.spec.act_method == "tqt" and self.spec.act_granularity == "tensor")
@@ -51,7 +63,7 @@ class ActQuant(nn.Module):
         if not self.enabled:
             return x
         if self._fused():
-            xq, _ = tqt_quantize(x, self.log2_threshold, self.bits, -40, 40)
+            xq, _ = tqt_quantize(x, self.log2_threshold.reshape(()), self.bits, -40, 40)
             return xq
         method = self.spec.act_method
         if method == "tqt":
@@ -59,7 +71,8 @@ class ActQuant(nn.Module):
         if method == "pact":
             return pact(x, self.qparam, self.bits)
         if method == "lsq":
-            n = x.numel() // (self.qparam.numel() or 1)
+            # LSQ's gradient scale counts the elements per step over the whole (data-parallel) batch
+            n = x.numel() // (self.qparam.numel() or 1) * sync.world_size()
             return lsq(x, self.qparam, self.bits, n)
         return fake_quant(x, self.scale.to(x.dtype), self.bits)  # minmax, percentile
 
@@ -121,8 +134,22 @@ class ActQuant(nn.Module):
                 self.scale = (amax / qmax).to(self.scale.dtype)
                 self._samples = []
                 return
-        self.qparam = nn.Parameter(init.to(self.log2_threshold.dtype))
+        self.qparam = nn.Parameter(init.reshape(-1).to(self.log2_threshold.dtype))  # >= 1-d, for FSDP2
         self._samples = []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        threshold = state_dict.get(prefix + "log2_threshold")
+        if threshold is not None and threshold.dim() == 0:  # saved before it had one element
+            state_dict[prefix + "log2_threshold"] = threshold.reshape(1)
+        scale = state_dict.get(prefix + "scale")
+        if scale is not None and scale.shape != self.scale.shape:  # a per-channel scale: take its shape
+            self.scale = torch.empty_like(scale, device=self.scale.device)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # checkpoints from before the scale was saved (float ones) keep the module's own
+        missing_keys[before:] = [k for k in missing_keys[before:] if k != prefix + "scale"]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}, spec={None if self.spec is None else self.spec.label}"
@@ -144,7 +171,8 @@ class QuantLinear(nn.Linear):
         self.weight_bits = spec.weight_bits if spec is not None else self.weight_bits
         if self.weight_spec is not None and spec.weight_method == "lsq":
             _, qmax = int_range(spec.weight_bits)
-            self.weight_step = nn.Parameter((weight_amax(self.weight, spec) / qmax).clamp_min(1e-8))
+            step = (weight_amax(self.weight, spec) / qmax).clamp_min(1e-8)
+            self.weight_step = nn.Parameter(step.reshape(-1) if step.dim() == 0 else step)  # >= 1-d, for FSDP2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_weight:

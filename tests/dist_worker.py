@@ -80,16 +80,63 @@ def case_calibrate(rank: int, world: int) -> dict:
     return {"scales": scales(m), "union": scales(union), "swaps": [s.new for s in m._gqa_lut_report.swaps]}
 
 
-def train(wrap: str, rank: int, world: int) -> dict:
-    m = learned()
-    calibrate(m, batches(rank))
+def calib_tokens(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + rank)
+    return [torch.randint(0, 256, (4, 16), generator=g) for _ in range(2)]
+
+
+def retnet(calib: list[torch.Tensor], spec: str) -> nn.Module:
+    """A tiny RetNet through `quantize_` (all-lut: W8A8 and every LUT op)."""
+    from retnet_integration import RetNet, RetNetConfig, quantize_
+    torch.manual_seed(0)
+    net = RetNet(RetNetConfig(d_model=32, n_layers=1, n_heads=2))
+    quantize_(net, "all-lut", calib, spec=spec)
+    return net
+
+
+def train_alone(kind: str, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, no process group: calibrated on every rank's data, trained on the combined
+    batch (the reference for LSQ, whose gradient scale counts the whole batch's elements)."""
+    ref = retnet([b for r in range(world) for b in calib_tokens(r)], kind.split("-")[1])
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    losses = []
+    for step in range(STEPS):
+        xs, ys = zip(*(_data(kind, step, r) for r in range(world)))
+        loss = _loss(ref, torch.cat(xs), torch.cat(ys))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses, {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.int64:  # tokens: next-token cross entropy
+        return nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _data(kind: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "lut":
+        return step_data(step, rank)
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    t = torch.randint(0, 256, (4, 17), generator=g)
+    return t[:, :-1], t[:, 1:]
+
+
+def train(wrap: str, rank: int, world: int, kind: str = "lut", out: Path | None = None) -> dict:
+    if kind == "lut":
+        m = learned()
+        calibrate(m, batches(rank))
+    else:  # "retnet-tqt", "retnet-lsq", "retnet-pact": the RetNet's own quantizers
+        m = retnet(calib_tokens(rank), kind.split("-")[1])
     ref = copy.deepcopy(m)  # calibrated alike on every rank (synced), trained on the combined batch
     if wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(m)
     else:
         from torch.distributed.fsdp import fully_shard
-        for layer in m:
+        for layer in m.modules() if kind == "lut" else ():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
         model = fully_shard(m)
@@ -97,23 +144,26 @@ def train(wrap: str, rank: int, world: int) -> dict:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     losses, ref_losses = [], []
     for step in range(STEPS):
-        x, y = step_data(step, rank)
-        loss = nn.functional.mse_loss(model(x), y)
+        x, y = _data(kind, step, rank)
+        loss = _loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)
-        xs, ys = zip(*(step_data(step, r) for r in range(world)))
-        ref_loss = nn.functional.mse_loss(ref(torch.cat(xs)), torch.cat(ys))
+        xs, ys = zip(*(_data(kind, step, r) for r in range(world)))
+        ref_loss = _loss(ref, torch.cat(xs), torch.cat(ys))
         ref_opt.zero_grad()
         ref_loss.backward()
         ref_opt.step()
         ref_losses.append(float(ref_loss))
     params = {n: _full(p.detach()) for n, p in m.named_parameters()}
+    if out is not None:
+        torch.save(params, out / f"params{rank}.pt")
     diff = max(float((params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
-    thresholds = [float(params[n]) for n in sorted(params) if n.endswith("log2_threshold")]
+    thresholds = [params[n].reshape(-1).tolist() for n in sorted(params)
+                  if n.endswith(("log2_threshold", "qparam", "weight_step"))]
     digest = hashlib.sha256(json.dumps([scales(m), thresholds]).encode()).hexdigest()
     return {"losses": losses, "ref_losses": ref_losses, "max_param_diff": diff, "thresholds": thresholds,
             "digest": digest, "scales": scales(m)}
@@ -147,10 +197,13 @@ def main() -> None:
         doc = case_calibrate(rank, world)
     elif case in ("ddp", "fsdp"):
         doc = train(case, rank, world)
+    elif case.startswith(("ddp-retnet", "fsdp-retnet")):
+        wrap, kind = case.split("-", 1)
+        doc = train(wrap, rank, world, kind, out)
     elif case == "dcp":
         doc = case_dcp(rank, world, out)
     else:
-        raise SystemExit(f"case {case!r} is not allowed: calibrate, ddp, fsdp, dcp")
+        raise SystemExit(f"case {case!r} is not allowed: calibrate, ddp, fsdp, dcp, ddp-retnet-<q>, fsdp-retnet-<q>")
     (out / f"rank{rank}.json").write_text(json.dumps(doc))
     dist.barrier()
     dist.destroy_process_group()

@@ -47,6 +47,21 @@ def test_two_ranks_train_as_one_process_with_the_combined_batch(tmp_path, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["ddp-retnet-tqt", "fsdp-retnet-pact", "ddp-retnet-lsq"])
+def test_retnet_quantizers_train_on_two_ranks_as_one_process(tmp_path, case):
+    """The RetNet's quantize_ quantizers (TQT, PACT, LSQ with learned weight steps off) under
+    DDP and FSDP2; the reference is one process without a process group, calibrated on both
+    ranks' data and trained on the combined batch."""
+    r0, r1 = _ranks(case, tmp_path)
+    assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"]
+    losses, params = w.train_alone(case.split("-", 1)[1], 2)
+    for got, want in zip(r0["losses"], losses):
+        assert abs(got - want) <= TOL * max(1.0, abs(want))
+    mine = torch.load(tmp_path / "params0.pt")
+    assert max(float((mine[n] - p).abs().max()) for n, p in params.items()) <= TOL
+
+
+@pytest.mark.slow
 def test_checkpoint_saved_on_two_ranks_loads_on_one_bit_equal(tmp_path):
     import torch.distributed.checkpoint as dcp
 
