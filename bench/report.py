@@ -141,6 +141,12 @@ STUDY = (Table("summary", ("group", "row", "seeds", "mean_bpc", "spread", "vs_fl
 CHECK_INT = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
              "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")
 
+DQAT = (Table("rows", ("model", "ranks_agree", ("loss first", lambda r: r["losses"][0]),
+                       ("loss last", lambda r: r["losses"][-1]),
+                       ("loss last, 1 process", lambda r: r["single_process_losses"][-1]),
+                       "max_loss_rel_diff", "ms_per_step", "single_process_ms_per_step")),)
+DQAT_FACTS = ("backend", "world", "steps", "batch_per_rank", "device_name")
+
 SECTIONS = (
     Section("approximation.json", "Against the published GQA-LUT tables", "python -m bench.approximation",
             "Our tables against the tables the paper's code published (GELU, HSwish, exp at 8 and 16 segments), "
@@ -190,6 +196,15 @@ SECTIONS = (
             "The same models under torch.compile: bit-exact against eager, and compiled forward time.",
             (Table("results", ("model", "compiled_bit_exact", "ms_float_compiled", "ms_module_swaps_compiled",
                                "ms_tables_compiled")),)),
+    Section("distributed_qat_gloo.json", "Distributed fine-tuning with the tables",
+            "torchrun --standalone --nproc-per-node 2 -m bench.distributed_qat --backend gloo",
+            "Each rank calibrates on its own windows, then DDP fine-tunes; the same fine-tune in one process on the "
+            "combined batch for comparison; the digest of every rank's scales and thresholds.",
+            DQAT, DQAT_FACTS),
+    Section("distributed_qat_nccl.json", "Distributed fine-tuning with the tables (NCCL)",
+            "torchrun --standalone --nproc-per-node 1 -m bench.distributed_qat --backend nccl",
+            "The same on GPUs through NCCL.",
+            DQAT, DQAT_FACTS),
     Section("hf_trained.json", "A trained Hugging Face model with tables", "python -m bench.hf_trained",
             "A small `transformers` model trained on fortunes, then every op through tables, with and without QAT.",
             facts=("model", "train_steps", "qat_steps", "test_windows", "coverage", "bpc_float", "bpc_tables",

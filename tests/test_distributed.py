@@ -107,3 +107,32 @@ def test_learned_threshold_is_one_element_and_old_scalar_checkpoints_load():
     m2 = w.LUTGELU(scale_mode="learned")
     m2.load_state_dict(state)
     assert torch.equal(m2.log2_threshold, m.log2_threshold)
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FORTUNES.is_dir(), reason="needs Debian's fortunes (apt-get install fortunes)")
+def test_distributed_qat_benchmark_runs_under_torchrun(tmp_path):
+    out = tmp_path / "dq.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "bench.distributed_qat", "--steps", "3", "--batch", "2", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["world"] == 2 and [row["model"] for row in doc["rows"]] == ["retnet", "hf"]
+    for row in doc["rows"]:
+        assert row["ranks_agree"] and len(row["losses"]) == 3
+        assert row["max_loss_rel_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("args, bad", [((), "run under torchrun"), (("--steps", "1"), "--steps 1"),
+                                       (("--models", "retnet,gpt5"), "gpt5")])
+def test_distributed_qat_benchmark_refuses_bad_input(args, bad):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RANK"}
+    if args:
+        env["RANK"] = "0"
+    r = subprocess.run([sys.executable, "-m", "bench.distributed_qat", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 2 and bad in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr
