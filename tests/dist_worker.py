@@ -99,15 +99,18 @@ def train_alone(kind: str, world: int) -> tuple[list[float], dict[str, torch.Ten
     batch (the reference for LSQ, whose gradient scale counts the whole batch's elements)."""
     ref = retnet([b for r in range(world) for b in calib_tokens(r)], kind.split("-")[1])
     opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    losses = []
-    for step in range(STEPS):
-        xs, ys = zip(*(_data(kind, step, r) for r in range(world)))
-        loss = _loss(ref, torch.cat(xs), torch.cat(ys))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = [combined_step(ref, opt, kind, step, world) for step in range(STEPS)]
     return losses, {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def combined_step(model: nn.Module, opt, kind: str, step: int, world: int) -> float:
+    """One SGD step on every rank's batch of this step at once; its loss."""
+    xs, ys = zip(*(_data(kind, step, r) for r in range(world)))
+    loss = _loss(model, torch.cat(xs), torch.cat(ys))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -152,12 +155,7 @@ def train(wrap: str, rank: int, world: int, kind: str = "lut", out: Path | None 
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)
-        xs, ys = zip(*(_data(kind, step, r) for r in range(world)))
-        ref_loss = _loss(ref, torch.cat(xs), torch.cat(ys))
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-        ref_losses.append(float(ref_loss))
+        ref_losses.append(combined_step(ref, ref_opt, kind, step, world))
     params = {n: _full(p.detach()) for n, p in m.named_parameters()}
     if out is not None:
         torch.save(params, out / f"params{rank}.pt")
