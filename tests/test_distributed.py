@@ -14,12 +14,18 @@ from tests import dist_worker as w
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float sums over ranks and over one batch reduce in different orders
+LAUNCH_ERRORS = ("Address already in use", "EADDRINUSE", "RendezvousConnectionError", "RendezvousTimeoutError",
+                 "Connection refused", "Connection reset by peer")
 
 
 def _ranks(case: str, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "dist_worker.py"), case, str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # the launcher's own network setup on a loaded machine (not what is tested) may fail once
+        if r.returncode == 0 or attempt or not any(m in r.stderr for m in LAUNCH_ERRORS):
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
 
