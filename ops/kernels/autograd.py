@@ -92,9 +92,10 @@ def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tens
     eager with no gradient to carry, or a jit trace, calls `lookup` itself; eager training and
     torch.compile use the autograd function (`_LUTFunction`); torch.export (and the ONNX export
     built on it) gets the custom op, one node per table with its own ONNX translation."""
-    fused = dispatch.fused_lut(x, derivative)
+    fused = dispatch.fused_lut(x, table_real, slopes_real, breakpoints, scale_index, d, *int_range(input_bits),
+                               derivative)
     if fused is not None:
-        return fused(x, table_real, slopes_real, breakpoints, scale_index, d, *int_range(input_bits))
+        return fused
     path = call_path(x)
     if path == "plain":
         return lookup(x, table_real, scale_index, d, input_bits)

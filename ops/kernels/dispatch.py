@@ -58,17 +58,18 @@ def lookup_backward(grad: Tensor, x: Tensor, slopes_real: Tensor, breakpoints: T
     return lookup_backward_torch(grad, x, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
 
 
-def fused_lut(x: Tensor, derivative: str | Callable[[Tensor], Tensor]) -> Optional[Callable[..., Tensor]]:
-    """The C++ CUDA operator with its own autograd node (forward and straight-through backward),
-    bound to the derivative's number, where it is built and serves x; else None. Takes
-    (x, table_real, slopes_real, breakpoints, scale_index, d, qmin, qmax)."""
+def fused_lut(x: Tensor, table_real: Tensor, slopes_real: Tensor, breakpoints: Tensor, scale_index: Tensor,
+              d: Tensor, qmin: int, qmax: int, derivative: str | Callable[[Tensor], Tensor]) -> Optional[Tensor]:
+    """The table's value through the C++ CUDA operator with its own autograd node (forward and
+    straight-through backward, the derivative by its number), where it is built and serves x;
+    else None."""
     if not isinstance(derivative, str) or not _eager(x, "cuda") or exporting():
         return None
     kind = DERIVATIVE_NUMBERS.get(derivative)
     fast = cuda_kernel.op()
     if fast is None or kind is None or x.dtype not in cuda_kernel.DTYPES:
         return None
-    return lambda *args: fast(*args, kind)
+    return fast(x, table_real, slopes_real, breakpoints, scale_index, d, qmin, qmax, kind)
 
 
 def range_reduced(v: Tensor, lut, rsqrt: bool) -> Optional[Tensor]:

@@ -52,22 +52,23 @@ def all_max_shape(t: torch.Tensor, fill: float) -> torch.Tensor:
     return all_max_(out)
 
 
+def _reduced(values: list[float], op: dist.ReduceOp) -> list[float]:
+    """A few numbers reduced over ranks in float64 (exact for counts and flags)."""
+    work = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(work, op=op)
+    return work.cpu().tolist()
+
+
 def all_sum(values: list[float]) -> list[float]:
     """The sums over ranks of a few numbers (float64: exact for counts, and the same on every rank)."""
-    if world_size() <= 1:
-        return list(values)
-    work = torch.tensor(values, dtype=torch.float64, device=_device())
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.cpu().tolist()
+    return _reduced(values, dist.ReduceOp.SUM) if world_size() > 1 else list(values)
 
 
 def any_rank(flags: list[bool]) -> list[bool]:
     """Each flag true where it is true on any rank (a swap one rank rejects is undone on all)."""
     if world_size() <= 1 or not flags:
         return list(flags)
-    work = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=_device())
-    dist.all_reduce(work, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in work.cpu().tolist()]
+    return [v > 0 for v in _reduced([float(f) for f in flags], dist.ReduceOp.MAX)]
 
 
 def all_gather_rows(t: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
@@ -78,6 +79,5 @@ def all_gather_rows(t: Optional[torch.Tensor], width: int) -> Optional[torch.Ten
     mine = t if t is not None else torch.zeros((0, width))
     parts: list[Optional[torch.Tensor]] = [None] * world_size()
     dist.all_gather_object(parts, mine.cpu())
-    rows = torch.cat([p for p in parts if p is not None and p.numel()], 0) if any(
-        p is not None and p.numel() for p in parts) else None
-    return rows
+    rows = [p for p in parts if p is not None and p.numel()]
+    return torch.cat(rows, 0) if rows else None
