@@ -172,4 +172,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # gloo's threads can abort the interpreter's teardown (exit -6) after the JSON is written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
