@@ -44,6 +44,7 @@ def _is_retnet(model: nn.Module) -> bool:
 def build(name: str, calib: list[torch.Tensor], device: torch.device) -> nn.Module:
     """The converted, calibrated model (the same on every rank: seeded, then synced scales)."""
     torch.manual_seed(0)
+    calib = [w.to(device) for w in calib]
     if name == "retnet":
         from retnet_integration import RetNet, quantize_
         from retnet_integration.experiments.pipeline import get_preset
