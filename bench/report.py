@@ -141,6 +141,10 @@ STUDY = (Table("summary", ("group", "row", "seeds", "mean_bpc", "spread", "vs_fl
 CHECK_INT = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
              "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")
 
+def _pct(v: Optional[float]) -> Optional[str]:
+    return None if v is None else f"{100 * v:+.2f}%"
+
+
 DQAT = (Table("rows", ("model", "ranks_agree", ("loss first", lambda r: r["losses"][0]),
                        ("loss last", lambda r: r["losses"][-1]),
                        ("loss last, 1 process", lambda r: r["single_process_losses"][-1]),
@@ -205,6 +209,23 @@ SECTIONS = (
             "torchrun --standalone --nproc-per-node 1 -m bench.distributed_qat --backend nccl",
             "The same on GPUs through NCCL.",
             DQAT, DQAT_FACTS),
+    Section("real_models.json", "Real pretrained models with every op through tables",
+            "python -m bench.real_models",
+            "SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their packages, `replace_ops` + `calibrate` "
+            "(the README's default path, no fine-tuning) against the float model on fortunes text held out "
+            "from calibration. Figure: `bench/results/real_models.png`.",
+            (Table("smollm2.rows", ("row", "sites", "perplexity", ("vs float", lambda r: _pct(r.get("perplexity_rel"))),
+                                    "bits_per_byte", ("bits/byte vs float", lambda r: _pct(r.get("bits_per_byte_rel"))),
+                                    "greedy_token_agreement", "greedy_tokens_before_divergence", "calibration_s",
+                                    ("forward vs float", lambda r: r.get("forward_ratio"))),
+                   caption="SmolLM2-135M: perplexity and bits per byte on the test split, greedy continuations"),
+             Table("minilm.rows", ("row", "sites", "accuracy", "accuracy_points", "embedding_cosine_mean",
+                                   "embedding_cosine_min", "calibration_s"),
+                   caption="MiniLM: nearest-centroid accuracy of fortune source files from sentence embeddings")),
+            facts=("smollm2.scored_tokens", "smollm2.scored_bytes", "smollm2.calibration", "smollm2.prompts",
+                   "smollm2.qat.steps", "smollm2.qat.batch", "smollm2.qat.lr", "smollm2.qat.windows",
+                   "smollm2.qat.perplexity_vs_fine_tuned_float",
+                   "minilm.task", "minilm.train", "minilm.test", "minilm.chance", "threads")),
     Section("hf_trained.json", "A trained Hugging Face model with tables", "python -m bench.hf_trained",
             "A small `transformers` model trained on fortunes, then every op through tables, with and without QAT.",
             facts=("model", "train_steps", "qat_steps", "test_windows", "coverage", "bpc_float", "bpc_tables",
@@ -244,7 +265,27 @@ def headline() -> str:
     for r in rows:
         out.append(f"| {r['op']}, {r['segments']} | {fmt(r['ours']['mse'])} | {fmt(r['published']['mse'])} | {fmt(r['mse_ratio'])} "
                    f"| {fmt(r['ours']['max_abs_err'])} | {fmt(r['published']['max_abs_err'])} |")
+    real = RESULTS / "real_models.json"
+    line = real_models_line(json.loads(real.read_text())) if real.is_file() else None
+    if line:
+        out += ["", line]
     return "\n".join(out)
+
+
+def real_models_line(doc: dict) -> Optional[str]:
+    """The README's sentence on the real pretrained models (bench/real_models.py's headline row)."""
+    pick = lambda part: next((r for r in doc.get(part, {}).get("rows", [])  # noqa: E731
+                              if r["row"] == "all tables, fitted per site"), None)
+    s, m = pick("smollm2"), pick("minilm")
+    if s is None or m is None:
+        return None
+    qat = doc["smollm2"].get("qat")
+    tail = (f"; after {qat['steps']} QAT steps {_pct(qat['perplexity_vs_fine_tuned_float'])} against the float model "
+            "fine-tuned as long") if qat else ""
+    return (f"Real pretrained SmolLM2-135M with all {s['sites'].split(' of ')[1].split()[0]} call sites through "
+            f"8-bit tables (`calibrate(..., fit=True)`, no fine-tuning): perplexity {_pct(s['perplexity_rel'])} "
+            f"against float{tail}; MiniLM sentence embeddings: cosine {fmt(m['embedding_cosine_mean'])} to float, "
+            f"task accuracy {m['accuracy_points']:+.2f} points (`python -m bench.real_models`).")
 
 
 def document() -> str:

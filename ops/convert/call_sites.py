@@ -184,10 +184,12 @@ def sdpa(site: LUTSoftmax, q: T, k: T, v: T, attn_mask: Optional[T] = None, drop
     if enable_gqa and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
-    s = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~keep, -math.inf)
+    if math.frexp(scale)[0] == 0.5:  # a power of two (head dim 64: 1/8): exact on q, one L x S pass less
+        s = (q * scale) @ k.transpose(-2, -1)
+    else:
+        s = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:  # s is this function's own tensor: masked in place
+        s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), -math.inf)
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask
     p = site.along(s, -1)
@@ -250,6 +252,7 @@ class CallRouter:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update(stack=[], mode=None, depth=0, names={})
+        state.pop("_composite", None)  # built again on first use
         return state
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -431,18 +434,17 @@ def _unchecked(func: types.FunctionType, name: str, **rebind: Callable) -> types
     return copy
 
 
-_COMPOSITES: "weakref.WeakKeyDictionary[CallRouter, Callable]" = weakref.WeakKeyDictionary()
-
-
 def _inside(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) -> Any:
     """Run F.multi_head_attention_forward with the non-linear calls inside it through the
     router: a mode sees the composite as one call and runs it with the mode off, so its
     softmax or attention would stay float. Its copy here calls the router for exactly those two
     (the only non-linear calls it makes) and runs everything else plainly, with no mode in the
     way of its ~40 other torch calls (running the copy under the mode cost each of them a trip
-    through Python). Built once per router, holding it weakly."""
+    through Python). Built once per router, kept on it and holding it weakly (not in a global
+    weak dict: torch.compile guarded on that dict's key list, which shrank whenever an earlier
+    model's router was collected, and failed with an IndexError now and then)."""
     router = mode.router
-    copy = _COMPOSITES.get(router)
+    copy = getattr(router, "_composite", None)
     if copy is None:
         ref = weakref.ref(router)
 
@@ -454,5 +456,5 @@ def _inside(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) 
 
         copy = _unchecked(func, f"{__name__}._composite_{id(router):x}", scaled_dot_product_attention=sdpa_site,
                           softmax=softmax_site)
-        _COMPOSITES[router] = copy
+        router._composite = copy
     return copy(*args, **kwargs)

@@ -27,7 +27,20 @@ def _translation() -> dict:
         idx = op.Cast(op.Sub(v, op.Constant(value_float=qmin)), to=7)
         return op.CastLike(op.Gather(row, idx, axis=0), x)
 
-    return {torch.ops.gqa_lut.lookup.default: lookup}
+    def lookup_channels(x, table_real, channel_index, d, input_bits, derivative):
+        """A scale per feature of the last dim: the same quantizer with d broadcast over the
+        features, then one Gather from the flattened table at row * width + code."""
+        qmin = float(-(1 << (input_bits - 1)))
+        qmax = float((1 << (input_bits - 1)) - 1)
+        step = op.Pow(op.Constant(value_float=2.0), op.Cast(d, to=1))
+        v = op.Round(op.Mul(op.Cast(x, to=1), step))
+        v = op.Where(op.IsNaN(v), op.Constant(value_float=0.0), v)
+        v = op.Clip(v, op.Constant(value_float=qmin), op.Constant(value_float=qmax))
+        width = op.Cast(op.Gather(op.Shape(table_real), op.Constant(value_int=1), axis=0), to=7)
+        idx = op.Add(op.Cast(op.Sub(v, op.Constant(value_float=qmin)), to=7), op.Mul(channel_index, width))
+        return op.CastLike(op.Gather(op.Reshape(table_real, op.Constant(value_ints=[-1])), idx, axis=0), x)
+
+    return {torch.ops.gqa_lut.lookup.default: lookup, torch.ops.gqa_lut.lookup_channels.default: lookup_channels}
 
 
 def export_onnx(model: torch.nn.Module, args: tuple, path: str | Path, **kwargs: Any) -> Path:

@@ -41,6 +41,14 @@ class Row:
     tables: str = ""
     scale: Optional[int] = None
     reason: str = ""
+    channel_scales: str = ""  # "lo-hi": the range of per-feature scales, where calibrate set them
+
+
+def _channels(m: Optional[nn.Module]) -> str:
+    if isinstance(m, LUTActivation) and m._channels_differ:
+        ds = m.channel_scales()
+        return f"{min(ds)}-{max(ds)}"
+    return ""
 
 
 def _scale(m: Optional[nn.Module]) -> Optional[int]:
@@ -149,13 +157,14 @@ class Report:
         for s in self.swaps:
             if s.new is not None:
                 mod = model.get_submodule(s.name) if model is not None else None
-                out.append(Row(s.name, s.old, True, s.table or "", _scale(mod)))
+                out.append(Row(s.name, s.old, True, s.table or "", _scale(mod), channel_scales=_channels(mod)))
             elif not calls_on:
                 out.append(Row(s.name, s.old, False, reason=s.reason))
         if calls_on:
             for r in self.router.sites():
                 mod = model.get_submodule(r.name) if model is not None and r.tables else None
-                out.append(Row(r.name, r.kind, bool(r.tables), ", ".join(r.tables), _scale(mod), r.reason))
+                out.append(Row(r.name, r.kind, bool(r.tables), ", ".join(r.tables), _scale(mod), r.reason,
+                               _channels(mod)))
         return out
 
     def kept(self) -> list[Swap]:
@@ -185,6 +194,7 @@ class Report:
             lines.append(f"{'site'.ljust(w)}  {'kind':<22} {'':5} {'tables':<20} {'scale':>5}  reason")
             for r in rows:
                 scale = "" if r.scale is None else str(r.scale)
+                scale = f"{scale} (features {r.channel_scales})" if r.channel_scales else scale
                 lines.append(f"{r.name.ljust(w)}  {r.kind:<22} {'table' if r.through else 'float':5} "
                              f"{r.tables:<20} {scale:>5}  {r.reason}")
         for s in self.kept():

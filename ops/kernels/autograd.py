@@ -11,7 +11,8 @@ import torch
 from gqa_lut.quantization import int_range
 from ops.kernels import dispatch
 from ops.kernels.dispatch import lookup, lookup_backward
-from ops.kernels.reference import call_path
+from ops.kernels.dispatch import lookup_channels
+from ops.kernels.reference import call_path, lookup_backward_torch
 
 
 @torch.library.custom_op("gqa_lut::lookup", mutates_args=())
@@ -102,3 +103,64 @@ def lut_apply(x: torch.Tensor, table_real: torch.Tensor, slopes_real: torch.Tens
     if path == "export" and isinstance(derivative, str):
         return lut_lookup(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
     return _LUTFunction.apply(x, table_real, slopes_real, breakpoints, scale_index, d, input_bits, derivative)
+
+
+class _ChannelLUTFunction(torch.autograd.Function):
+    """The per-feature-scale lookup (`lookup_channels`) with the straight-through backward of
+    the per-tensor one, each feature masked outside its own input range. Torch ops both ways:
+    the fused kernels take one scale per call."""
+
+    @staticmethod
+    def forward(ctx, x, table_real, channel_index, d, input_bits, derivative):
+        ctx.save_for_backward(x, d)
+        ctx.input_bits, ctx.derivative = input_bits, derivative
+        with torch._C.DisableTorchFunction():
+            return lookup_channels(x, table_real, channel_index, d, input_bits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, d = ctx.saved_tensors
+        with torch._C.DisableTorchFunction():
+            gx = lookup_backward_torch(grad, x, None, None, None, d, ctx.input_bits, ctx.derivative)
+        return gx, None, None, None, None, None
+
+
+@torch.library.custom_op("gqa_lut::lookup_channels", mutates_args=())
+def lut_lookup_channels(x: torch.Tensor, table_real: torch.Tensor, channel_index: torch.Tensor, d: torch.Tensor,
+                        input_bits: int, derivative: str) -> torch.Tensor:
+    """The per-feature-scale lookup as one opaque op for torch.export and ONNX (one node per
+    table, translated in ops/convert/onnx_export.py); straight-through backward as below."""
+    return lookup_channels(x, table_real, channel_index, d, input_bits).contiguous()
+
+
+@lut_lookup_channels.register_fake
+def _lut_lookup_channels_fake(x, table_real, channel_index, d, input_bits, derivative):
+    return x.new_empty(x.shape)
+
+
+def _channels_setup(ctx, inputs, output):
+    x, _, _, d, input_bits, derivative = inputs
+    ctx.save_for_backward(x, d)
+    ctx.input_bits, ctx.derivative = input_bits, derivative
+
+
+def _channels_backward(ctx, grad):
+    x, d = ctx.saved_tensors
+    return lookup_backward_torch(grad, x, None, None, None, d, ctx.input_bits, ctx.derivative), None, None, None, \
+        None, None
+
+
+lut_lookup_channels.register_autograd(_channels_backward, setup_context=_channels_setup)
+
+
+def lut_channels(x: torch.Tensor, table_real: torch.Tensor, channel_index: torch.Tensor, d: torch.Tensor,
+                 input_bits: int, derivative: str | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The table at a scale per feature of the last dim (d[c], row channel_index[c]), with the
+    exact function's straight-through derivative (`derivative`: a CLOSED_FORM name or a function)."""
+    path = call_path(x)
+    if path == "export" and isinstance(derivative, str):
+        return lut_lookup_channels(x, table_real, channel_index, d, input_bits, derivative)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        with torch._C.DisableTorchFunction():
+            return lookup_channels(x, table_real, channel_index, d, input_bits)
+    return _ChannelLUTFunction.apply(x, table_real, channel_index, d, input_bits, derivative)

@@ -40,6 +40,8 @@ _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 SIGNATURES = {
     "lut_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I]),
     "lut_bf16": (None, [_P, _P, _P, _N, _F, _I, _I, _I]),
+    "lut_channels_f32": (None, [_P, _P, _P, _P, _P, _N, _N, _I, _I, _I]),
+    "softmax_exp_f32": (None, [_P, _P, _P, _N, _N, _P, _F, _I, _I, _F, _F, _F, _I, _I]),
     "lut_mask_f32": (None, [_P, _P, _N, _F, _I, _I, _I]),
     "lut_mask_bf16": (None, [_P, _P, _N, _F, _I, _I, _I]),
     "lut_range_reduced_f32": (None, [_P, _P, _P, _N, _F, _I, _I, _I, _I]),
@@ -169,6 +171,45 @@ def lookup_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qm
     table = rows[index].contiguous()
     fn = dll.lut_f32 if x.dtype == torch.float32 else dll.lut_bf16
     return _map(x, lambda xp, yp, n: fn(xp, yp, table.data_ptr(), n, 2.0 ** d, qmin, qmax, torch.get_num_threads()))
+
+
+def lookup_channels_cpu(x: torch.Tensor, table_real: torch.Tensor, channel_index: torch.Tensor, d: torch.Tensor,
+                        qmin: int, qmax: int) -> Optional[torch.Tensor]:
+    """The per-feature-scale lookup (ops.kernels.reference.lookup_channels) for a contiguous
+    float32 CPU tensor in one pass, or None where the kernel cannot run."""
+    if x.dtype != torch.float32 or table_real.dtype != torch.float32 or not x.is_contiguous() or x.dim() == 0:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    c = x.shape[-1]
+    table = table_real.contiguous()
+    offset = (channel_index * table.shape[1]).to(torch.int32).contiguous()
+    scale = torch.exp2(d.to(torch.float32)).contiguous()
+    y = torch.empty_like(x)
+    if x.numel():
+        dll.lut_channels_f32(x.data_ptr(), y.data_ptr(), table.data_ptr(), offset.data_ptr(), scale.data_ptr(),
+                             x.numel() // c, c, qmin, qmax, torch.get_num_threads())
+    return y
+
+
+def softmax_exp_cpu(x: torch.Tensor, table_real: torch.Tensor, index: int, d: int, qmin: int, qmax: int,
+                    zmin: float, inv_ln2: float, ln2: float, nmax: int) -> Optional[torch.Tensor]:
+    """Softmax's range-reduced exp numerators over the last dim of a contiguous float32 CPU
+    tensor in one pass per row (ops/nn/softmax.py's torch ops, bit for bit), or None."""
+    if x.dtype != torch.float32 or table_real.dtype != torch.float32 or not x.is_contiguous() or x.dim() == 0:
+        return None
+    dll = load()
+    if dll is None:
+        return None
+    table = table_real[index].contiguous()
+    e = torch.empty_like(x)
+    if x.numel():
+        cols = x.shape[-1]
+        top = x.amax(-1).contiguous()  # torch's reduction: NaN where a row has one, as the torch ops
+        dll.softmax_exp_f32(x.data_ptr(), e.data_ptr(), top.data_ptr(), x.numel() // cols, cols, table.data_ptr(),
+                            2.0 ** d, qmin, qmax, zmin, inv_ln2, ln2, nmax, torch.get_num_threads())
+    return e
 
 
 def mask_outside_(grad: torch.Tensor, x: torch.Tensor, d: int, qmin: int, qmax: int) -> Optional[torch.Tensor]:

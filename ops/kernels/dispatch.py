@@ -17,6 +17,7 @@ import torch
 from gqa_lut.quantization import int_range
 from ops.kernels import cpu_kernel, cuda_kernel, triton_lut, triton_norm, triton_quant
 from ops.kernels.derivatives import DERIVATIVE_NUMBERS, NATIVE_BACKWARD
+from ops.kernels import reference
 from ops.kernels.reference import dense, exporting, lookup_backward_torch, lookup_torch, tracing
 
 Tensor = torch.Tensor
@@ -38,6 +39,27 @@ def lookup(x: Tensor, table_real: Tensor, scale_index: Tensor, d: Tensor, input_
         if y is not None:
             return y
     return lookup_torch(x, table_real, scale_index, d, input_bits)
+
+
+def lookup_channels(x: Tensor, table_real: Tensor, channel_index: Tensor, d: Tensor, input_bits: int) -> Tensor:
+    """The lookup at a scale per feature of the last dim: compiled C on the CPU for float32,
+    torch ops elsewhere (ops.kernels.reference.lookup_channels, which the C is tested against)."""
+    if _eager(x, "cpu"):
+        y = cpu_kernel.lookup_channels_cpu(x, table_real, channel_index, d, *int_range(input_bits))
+        if y is not None:
+            return y
+    return reference.lookup_channels(x, table_real, channel_index, d, input_bits)
+
+
+def softmax_numerators(x: Tensor, lut, zmin: float, inv_ln2: float, ln2: float, nmax: int) -> Optional[Tensor]:
+    """LUTSoftmax's exp numerators over the last dim in one compiled pass (eager CPU float32,
+    a fixed-scale exp table, no gradient to carry); None where its torch ops must run."""
+    if not (_eager(x, "cpu") and lut.scale_mode == "fixed" and not lut.bypass and not lut.observing
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    qmin, qmax = int_range(lut.table.input_bits)
+    return cpu_kernel.softmax_exp_cpu(x, lut.table_real, int(lut.scale_index), lut.scale, qmin, qmax, zmin, inv_ln2,
+                                      ln2, nmax)
 
 
 def lookup_backward(grad: Tensor, x: Tensor, slopes_real: Tensor, breakpoints: Tensor, scale_index: Tensor,

@@ -154,6 +154,26 @@ def lookup_torch(x: torch.Tensor, table_real: torch.Tensor, scale_index: torch.T
     return row[(codes - qmin).long()]
 
 
+def lookup_channels(x: torch.Tensor, table_real: torch.Tensor, channel_index: torch.Tensor, d: torch.Tensor,
+                    input_bits: int) -> torch.Tensor:
+    """`lookup_torch` with a scale per feature of the last dim: feature c's codes at its own d[c],
+    read from its own row channel_index[c] of the expanded table (one gather from the flat
+    table, so it is the same arithmetic as the per-tensor lookup, feature by feature)."""
+    qmin, qmax = int_range(input_bits)
+    flat_table = table_real.reshape(-1).to(x.dtype)
+    offset = channel_index * table_real.shape[1]
+    if x.device.type == "cpu" and x.dtype != torch.float64 and not tracing():
+        v, idx = _workspace(x.numel(), x.device)  # the per-tensor CPU path's passes, plus the row offset
+        v = v.view(x.shape)
+        torch.mul(x, torch.exp2(d.float()), out=v)
+        v.round_().sub_(qmin).nan_to_num_(nan=float(-qmin)).clamp_(0, qmax - qmin).add_(offset.float())
+        idx.view(x.shape).copy_(v)
+        return torch.index_select(flat_table, 0, idx).reshape(x.shape)
+    dt = compute_dtype(x)
+    codes = torch.round(torch.nan_to_num(x.to(dt), nan=0.0) * torch.exp2(d.to(dt))).clamp_(qmin, qmax)
+    return flat_table[codes.sub_(qmin).to(torch.int64).add_(offset)]
+
+
 def straight_through(grad: torch.Tensor, x: torch.Tensor, d: torch.Tensor, input_bits: int,
                      g_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`grad * g` inside the representable input range and 0 outside it (the input quantizer

@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from gqa_lut.evaluator import covering_scale
+from gqa_lut.quantization import int_range
 from gqa_lut.table import Table, table_from_json
 from ops import registry
-from ops.kernels.autograd import lut_apply
+from ops.kernels.autograd import lut_apply, lut_channels
 from ops.kernels.derivatives import CLOSED_FORM, derivative_of
 from ops.kernels.reference import dequantized, expand, require_float
 from ops.nn import sync
@@ -61,8 +62,18 @@ class LUTActivation(nn.Module):
             scale = covering_scale(table, max(abs(table.range[0]), abs(table.range[1])))
         self.set_scale(scale)
         self.register_buffer("amax", torch.zeros(()), persistent=False)
+        # per-channel scales (empty: one scale for the tensor): the index into table.scales of
+        # each feature of the last dim, set by `calibrate(..., scales="channel")`
+        self.register_buffer("channel_index", torch.zeros(0, dtype=torch.int64))
         self.observing = False
         self.bypass = False
+        self.per_channel = False  # calibrate sets it: observe the last dim's features one by one
+        self._channel_list: list[int] = []
+        self._channels_differ = False
+        self._channel_amax: Optional[torch.Tensor] = None
+        self._channels_ok = True
+        self.collect_samples = 0  # calibrate(fit=True): keep up to this many inputs per batch
+        self._samples: list[torch.Tensor] = []
         if scale_mode == "learned":
             # one element, not a scalar: FSDP2 shards no 0-d parameter (forward reads it as 0-d)
             self.log2_threshold = nn.Parameter(torch.tensor([float(table.input_bits - 1 - scale)]))
@@ -105,9 +116,11 @@ class LUTActivation(nn.Module):
         """After `to_empty` from the meta device every tensor is uninitialised memory: the
         derived tables come again from the table, the scale (and a learned threshold) from the
         one this module holds; a checkpoint loaded next overwrites the saved ones as usual."""
+        channels = getattr(self, "_channel_list", [])
         self._set_table(self.table)
         self.set_scale(self._scale_d)
         self.amax.zero_()
+        self._set_channels(channels)
         if self.scale_mode == "learned":
             with torch.no_grad():
                 self.log2_threshold.fill_(float(self.table.input_bits - 1 - self._scale_d))
@@ -124,7 +137,7 @@ class LUTActivation(nn.Module):
 
     # the state_dict holds table_spec (written from the table when saved), scale_index and,
     # when learned, log2_threshold; a float checkpoint has none of them
-    _OWN_KEYS = ("scale_index", "log2_threshold", "table_spec")
+    _OWN_KEYS = ("scale_index", "log2_threshold", "table_spec", "channel_index")
     _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -157,6 +170,13 @@ class LUTActivation(nn.Module):
             if table.to_json() != self.table.to_json():
                 self._set_table(table)
             self._register_spec()
+        channels = state_dict.get(prefix + "channel_index")
+        if channels is not None:
+            if channels.dim() != 1 or (channels.numel() and not (0 <= int(channels.min()) and
+                                                               int(channels.max()) < scales)):
+                raise ValueError(f"{prefix}channel_index: indices into the table's {scales} scales "
+                                 f"(0 to {scales - 1}) along one dim are allowed, got shape {tuple(channels.shape)}")
+            self._buffers["channel_index"] = torch.zeros_like(channels, device=self.table_real.device)
         threshold = state_dict.get(prefix + "log2_threshold")
         if threshold is not None and threshold.dim() == 0:  # saved before it had one element
             state_dict[prefix + "log2_threshold"] = threshold.reshape(1)
@@ -168,6 +188,8 @@ class LUTActivation(nn.Module):
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in mine]
         self.d_current.fill_(int(self.scales[self.scale_index]))
         self._scale_d = int(self.d_current)
+        self._channel_list = self.channel_index.tolist()
+        self._channels_differ = len(set(self._channel_list)) > 1
 
     @property
     def scale(self) -> int:
@@ -183,14 +205,24 @@ class LUTActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
         if self.observing:
-            self.amax = torch.maximum(self.amax, torch.nan_to_num(x.detach().float(), nan=0.0,
-                                                                  posinf=0.0, neginf=0.0).abs().max())
+            seen = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).abs()
+            self.amax = torch.maximum(self.amax, seen.max())
+            if self.per_channel:
+                self._observe_channels(seen)
+            if self.collect_samples:
+                flat = torch.nan_to_num(x.detach().reshape(-1).float(), nan=0.0, posinf=0.0, neginf=0.0)
+                self._samples.append(flat[::max(1, flat.numel() // self.collect_samples)].cpu())
+        buf = self._buffers
+        channels = buf["channel_index"]
+        if self._channels_differ and x.dim() and x.shape[-1] == channels.numel() and not self.bypass:
+            table = buf["table_real64"] if x.dtype == torch.float64 else buf["table_real"]
+            return lut_channels(x, table, channels, buf["scales"].index_select(0, channels), self.table.input_bits,
+                                self.derivative)
         if self.scale_mode == "learned":
             xq, d = tqt_quantize(x, self.log2_threshold.reshape(()), self.table.input_bits,
                                  min(self.table.scales), max(self.table.scales))
             index = (d.long() - self.scales[0]).clamp(0, len(self.table.scales) - 1)
             return self._lut(xq, index, self.scales[index])
-        buf = self._buffers
         return self._lut(x, buf["scale_index"], buf["d_current"])
 
     def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -202,19 +234,92 @@ class LUTActivation(nn.Module):
                          self.derivative if self.grad == "exact" else "")
 
     def start_observing(self) -> None:
-        """Record the largest finite |input| of the next forward passes (ops.replace.observe)."""
+        """Record the largest finite |input| of the next forward passes (ops.replace.observe),
+        and with `per_channel` that of each feature of the last dim."""
         self.amax.zero_()
+        self._channel_amax, self._channels_ok = None, True
         self.observing = True
+
+    def _observe_channels(self, seen: torch.Tensor) -> None:
+        """Per-feature maxima of 2-D (batch, features) and 3-D (batch, tokens, features) inputs,
+        where the last dim is a linear layer's output features: the requantization before the
+        table is per output channel anyway, so each feature can have its own power-of-two scale.
+        Other ranks (images: NCHW) or a feature count that changes between calls: one scale."""
+        if seen.dim() not in (2, 3) or (self._channel_amax is not None
+                                        and self._channel_amax.numel() != seen.shape[-1]):
+            self._channels_ok = False
+            return
+        cm = seen.reshape(-1, seen.shape[-1]).amax(0) if seen.numel() else None
+        if cm is not None:
+            self._channel_amax = cm if self._channel_amax is None else torch.maximum(self._channel_amax, cm)
 
     def sync_observations(self) -> None:
         """The largest |input| over every rank (torch.distributed), so all choose one scale."""
         sync.all_max_(self.amax)
+        if self.per_channel:
+            self._channels_ok = not sync.any_rank([not self._channels_ok])[0]
+            cm = self._channel_amax if self._channel_amax is not None else torch.zeros((), device=self.amax.device)
+            cm = sync.all_max_shape(cm, 0.0)
+            self._channel_amax = cm if cm.dim() else None
+
+    def take_samples(self) -> Optional[torch.Tensor]:
+        """The inputs kept while observing (every rank's, under torch.distributed), then forgotten."""
+        mine = torch.cat(self._samples)[:, None] if self._samples else None
+        self._samples = []
+        rows = sync.all_gather_rows(mine, 1)
+        return None if rows is None else rows[:, 0]
+
+    def scales_in_use(self) -> list[int]:
+        """The scales this module's inputs are quantized at: its features' and the tensor's."""
+        return sorted(set(self.channel_scales()) | {self.scale})
+
+    def adopt_table(self, table: Table) -> None:
+        """Another table of the same function in place of this one (a per-site fit), keeping the
+        tensor's and the features' scales: each must be one of the new table's scales."""
+        channels, d = self.channel_scales(), self.scale
+        missing = sorted(set(channels + [d]) - set(table.scales))
+        if missing:
+            raise ValueError(f"the new table has scales {table.scales}, not the scales {missing} in use")
+        if self.op is not None:
+            _check_slot(table, self.op, type(self).__name__)
+        self._set_table(table)
+        self.set_scale(d)
+        self._set_channels([table.scales.index(c) for c in channels])
+        if self.scale_mode == "learned":
+            with torch.no_grad():
+                self.log2_threshold.fill_(float(table.input_bits - 1 - d))
+
+    def _set_channels(self, index: list[int]) -> None:
+        """The per-feature scale indices (kept whole even where all are equal, so that a state dict
+        has the same shapes on every rank and in every calibrated copy: torch.distributed.checkpoint
+        loads in place); the per-feature path runs only where they differ."""
+        self._buffers["channel_index"] = torch.tensor(index, dtype=torch.int64, device=self.table_real.device)
+        self._channel_list = list(index)
+        self._channels_differ = len(set(index)) > 1
+
+    def channel_scales(self) -> list[int]:
+        """Each feature's scale d (empty where the module has one scale for the tensor)."""
+        return [self.table.scales[i] for i in self.channel_index.tolist()]
 
     def finish_observing(self) -> int:
-        """The finest scale that holds what was observed; returns it."""
+        """The finest scale that holds what was observed; returns it. With `per_channel`, also
+        each feature's finest scale where 2-D/3-D inputs let it differ (the rest of the time the
+        tensor's scale)."""
         self.observing = False
         d = covering_scale(self.table, float(self.amax))
         self.set_scale(d)
+        index: list[int] = []
+        if (self.per_channel and self._channels_ok and self._channel_amax is not None
+                and self.scale_mode != "learned" and self.grad == "exact" and self.derivative):
+            scales = torch.tensor(self.table.scales, dtype=torch.float64)
+            _, qmax = int_range(self.table.input_bits)
+            fits = self._channel_amax.double().cpu()[:, None] * torch.exp2(scales)[None, :] <= qmax + 0.5
+            # the finest fitting scale, else the coarsest (covering_scale, one feature at a time)
+            finest = torch.where(fits, scales[None, :], scales.min() - 1).amax(1)
+            finest = torch.where(finest < scales.min(), scales.min(), finest)
+            index = [self.table.scales.index(int(v)) for v in finest.tolist()]
+        self._set_channels(index)
+        self._channel_amax = None
         if self.scale_mode == "learned":
             with torch.no_grad():
                 self.log2_threshold.fill_(float(self.table.input_bits - 1 - d))
@@ -222,7 +327,8 @@ class LUTActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"op={self.table.op}, segments={self.table.segments}, bits={self.table.param_bits}/"
-                f"{self.table.input_bits}, scale={self.scale}, scale_mode={self.scale_mode}, grad={self.grad}")
+                f"{self.table.input_bits}, scale={self.scale}, scale_mode={self.scale_mode}, grad={self.grad}"
+                + (f", channel scales {sorted(set(self.channel_scales()))}" if self._channels_differ else ""))
 
 
     @classmethod

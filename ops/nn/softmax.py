@@ -3,40 +3,43 @@ reciprocal of the sum; the exp table as a module and as a function."""
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+import math
+from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from gqa_lut.evaluator import evaluate_codes
-from gqa_lut.quantization import int_range
 from gqa_lut.table import Table
+from ops.kernels import dispatch
 from ops.kernels.reference import compute_dtype, require_float
 from ops.nn.activation import LUTActivation, covering_scale
 from ops.nn.range_reduced import RangeReducedLUT
 from ops.tables import as_table
 
 
+# exp(z) = exp(r) * 2^-n with n = floor(-z / ln 2) and r = z + n ln 2 in (-ln 2, 0]: the table
+# sees only r (at its finest scale there) and the 2^-n is a shift, so every weight keeps the
+# table's relative precision. Without it an exp table over [-8, 0] with 8-bit parameters has
+# ~0.003 of absolute error, which is most of a small weight: on SmolLM2-135M that cost +1.1%
+# perplexity, this +0.01% (docs/pytorch.md). Beyond N_MAX shifts a weight is 0 (exp(-16.6) =
+# 6e-8 of the row's largest), which also makes masked (-inf) inputs exactly 0.
+LN2 = math.log(2.0)
+N_MAX = 24
+Z_MIN = -(N_MAX + 2) * LN2
+
+
 class LUTSoftmax(nn.Module):
-    """Softmax with exp through the exp table (inputs minus their max, so <= 0) and the
-    normalising 1/sum through the reciprocal table with range reduction."""
+    """Softmax with exp through the exp table after range reduction (exp(z) = exp(r) * 2^-n for
+    z = x - max <= 0, r in (-ln 2, 0]: a multiply by 1/ln 2 and a shift in integer hardware) and
+    the normalising 1/sum through the reciprocal table with range reduction."""
 
     def __init__(self, dim: int = -1, exp_table: Table | str | None = None,
                  reciprocal_table: Table | str | None = None):
         super().__init__()
         self.dim = dim
-        self.exp = exp_module(as_table(exp_table, "exp"))
+        self.exp = exp_module(as_table(exp_table, "exp"), LN2)
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
-        self._note_floor()
         self.register_load_state_dict_post_hook(_after_load)
-
-    def _note_floor(self) -> None:
-        """Whether the exp table gives exactly 0 at its most negative code (the shipped one does),
-        so that a -inf (masked) input already weighs 0 without a pass to zero it: a Python bool,
-        no device sync and no data-dependent branch in forward."""
-        t = self.exp.table
-        self.masked_is_zero = bool(evaluate_codes(t, np.array([int_range(t.input_bits)[0]]), self.exp.scale)[0] == 0)
 
     @classmethod
     def from_float(cls, m: nn.Softmax, tables: dict[str, Table], **kw: Any) -> "LUTSoftmax":
@@ -52,24 +55,36 @@ class LUTSoftmax(nn.Module):
         xf = x.to(compute_dtype(x))
         if xf.numel() == 0:  # amax has no identity over an empty dim; softmax of nothing is nothing
             return xf.to(x.dtype).clone()
-        # a row with every input -inf (all masked) has max -inf: lifted to the lowest float, so
-        # that its z stays -inf instead of -inf - -inf = NaN (one op for isneginf/where)
-        top = xf.amax(dim, keepdim=True).detach().clamp_min(torch.finfo(xf.dtype).min)
-        z = xf - top
-        e = self.exp(z)
-        if not self.masked_is_zero:  # the table's saturated end is not 0: zero the masked ones
-            e = torch.where(torch.isneginf(z), torch.zeros_like(z), e)
-        return (e * self.reciprocal(e.sum(dim, keepdim=True))).to(x.dtype)
+        last = dim in (-1, xf.dim() - 1)
+        e = dispatch.softmax_numerators(xf, self.exp, Z_MIN, -1.0 / LN2, LN2, N_MAX) if last else None
+        if e is None:
+            e = self.numerators(xf, dim)
+            return (e * self.reciprocal(e.sum(dim, keepdim=True))).to(x.dtype)
+        return e.mul_(self.reciprocal(e.sum(dim, keepdim=True))).to(x.dtype)  # the kernel's own tensor
+
+    def numerators(self, xf: torch.Tensor, dim: int) -> torch.Tensor:
+        """exp(x - max) through the table after range reduction, in torch ops (what the CPU
+        kernel of ops/kernels is tested against, and what autograd, compile and export see)."""
+        top = xf.amax(dim, keepdim=True).detach()
+        # a difference below -(N_MAX + 1) ln 2 weighs 0 anyway: clamped a halving further down
+        # (n > N_MAX whatever the rounding), -inf (masked) and rows with every input -inf (top
+        # -inf, z NaN) weigh 0
+        z = torch.nan_to_num(xf - top, nan=-math.inf).clamp_min(Z_MIN)
+        n = torch.floor(z.detach() * (-1.0 / LN2))
+        e = self.exp(z + n * LN2) * torch.exp2(-n)
+        return torch.where(n > N_MAX, torch.zeros_like(e), e)
 
 
 def _after_load(module: "LUTSoftmax", keys: Any) -> None:
-    module._note_floor()  # a module-level function: a model holding a LUTSoftmax still pickles
+    """The exp table's input is the reduced r: a checkpoint saved before range reduction holds
+    the scale for [-8, 0]; the drop-in's own scale is the one that fits r."""
+    module.exp.set_scale(covering_scale(module.exp.table, LN2))
 
 
-def exp_module(table: Table) -> LUTActivation:
-    """The exp table at the scale that covers its whole fitted range (x <= 0 down to lo); its
-    input is a difference to the maximum, so calibration never re-scales it."""
-    m = LUTActivation(table, scale=covering_scale(table, abs(table.range[0])))
+def exp_module(table: Table, reach: Optional[float] = None) -> LUTActivation:
+    """The exp table at the finest scale that covers its inputs down to -reach (its whole fitted
+    range by default); its input is a difference to the maximum, so calibration never re-scales it."""
+    m = LUTActivation(table, scale=covering_scale(table, abs(table.range[0]) if reach is None else reach))
     m.range_reduced = True
     return m
 

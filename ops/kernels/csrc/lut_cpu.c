@@ -170,6 +170,36 @@ void lut_bf16(const uint16_t *x, uint16_t *y, const uint32_t *table, int64_t n, 
     SPLIT(n, threads, part_bf16(x + a, y + a, table, b - a, scale, qmin, qmax));
 }
 
+/* A scale per feature of the last dim (calibrate(scales="channel")): element (r, j) of a
+ * rows x c tensor takes its code at scale[j] and its entry from the expanded table's row that
+ * starts at offset[j]. The same code_of as the per-tensor lookup, so each feature's outputs are
+ * bit-identical to a per-tensor call at that feature's scale. Rows are split over the threads. */
+static void run_channels_f32(const float *restrict x, float *restrict y, const float *restrict table,
+                             const int32_t *restrict offset, const float *restrict scale, int64_t rows, int64_t c,
+                             int32_t qmin, int32_t qmax) {
+    const float lo = (float)qmin, hi = (float)qmax;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * c;
+        float *restrict yr = y + r * c;
+        for (int64_t j = 0; j < c; j++)
+            yr[j] = table[offset[j] + code_of(xr[j], scale[j], lo, hi, qmin)];
+    }
+}
+
+void lut_channels_f32(const float *x, float *y, const float *table, const int32_t *offset, const float *scale,
+                      int64_t rows, int64_t c, int32_t qmin, int32_t qmax, int32_t threads) {
+    if (rows * c < PARALLEL_MIN || threads <= 1 || rows < 2) {
+        run_channels_f32(x, y, table, offset, scale, rows, c, qmin, qmax);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t m = omp_get_num_threads(), k = omp_get_thread_num(), per = (rows + m - 1) / m;
+        int64_t a = per * k < rows ? per * k : rows, b = per * (k + 1) < rows ? per * (k + 1) : rows;
+        run_channels_f32(x + a * c, y + a * c, table, offset, scale, b - a, c, qmin, qmax);
+    }
+}
+
 /* The straight-through mask of the backward, in place: the gradient is kept where
  * x * 2^d lies within [qmin - 1/2, qmax + 1/2] (the codes the quantizer does not clamp) and set
  * to 0 elsewhere, NaN and +-inf included (their comparisons are false). The gradient itself
@@ -244,6 +274,87 @@ void lut_range_reduced_f32(const float *v, float *y, const float *table, int64_t
 
 /* TQT fake quantization (ops/fake_quant.py), float32, with the torch path's arithmetic:
  * v = x * 2^d (NaN -> 0; +-inf saturate), q = clamp(rint(v)), y = q * 2^-d. */
+/* Softmax's numerators with exp range-reduced (ops/nn/softmax.py, LUTSoftmax.along), one row
+ * of `cols` at a time, and each row's sum: the same float32 operations in the same order as
+ * the torch ops there, so the bits agree. top = the row's max (given: torch's amax); z = x - top,
+ * NaN -> -inf, clamped below at zmin; n = floor(z * inv_ln2); r = z + n * ln2 (two roundings,
+ * no FMA: -std=c99 keeps contraction off); e = table[code(r)] * 2^-n, 0 where n > nmax.
+ * The sum runs in torch's order only for rows it sums the same way: the caller sums e itself. */
+static void softmax_exp_row(const float *restrict xr, float *restrict er, int64_t cols, float top,
+                            const float *restrict table, float scale, int32_t qmin, int32_t qmax, float zmin,
+                            float inv_ln2, float ln2, int32_t nmax) {
+    const float lo = (float)qmin, hi = (float)qmax;
+    float pw[64]; /* 2^-k, k = 0 .. nmax + 2 (nmax < 62): exact, gathered like the table */
+    for (int k = 0; k < 64; k++)
+        pw[k] = k <= nmax + 2 ? ldexpf(1.0f, -k) : 0.0f;
+    for (int64_t j = 0; j < cols; j++) {
+        float z = xr[j] - top;
+        z = (z >= zmin) ? z : zmin; /* NaN (compares false) and -inf -> zmin, as nan_to_num + clamp */
+        float n = floorf(z * inv_ln2);
+        float t = n * ln2;
+        float c = rintf((z + t) * scale);
+        c = c < lo ? lo : (c > hi ? hi : c);
+        int32_t k = (int32_t)n; /* 0 <= k <= nmax + 2 */
+        float v = table[(int32_t)c - qmin] * pw[k];
+        er[j] = k > nmax ? 0.0f : v;
+    }
+}
+
+#if defined(__AVX512F__)
+/* softmax_exp_row sixteen lanes at a time (the compiler leaves that loop scalar): the same
+ * operations, roundscale for floorf and rintf, the 2^-k from its exponent bits. */
+static void softmax_exp_row_512(const float *xr, float *er, int64_t cols, float top, const float *table,
+                                float scale, int32_t qmin, int32_t qmax, float zmin, float inv_ln2, float ln2,
+                                int32_t nmax) {
+    const __m512 vtop = _mm512_set1_ps(top), vzmin = _mm512_set1_ps(zmin), vinv = _mm512_set1_ps(inv_ln2);
+    const __m512 vln2 = _mm512_set1_ps(ln2), vs = _mm512_set1_ps(scale);
+    const __m512 lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
+    const __m512i q0 = _mm512_set1_epi32(qmin), vnmax = _mm512_set1_epi32(nmax), b127 = _mm512_set1_epi32(127);
+    int64_t j = 0;
+    for (; j + 16 <= cols; j += 16) {
+        __m512 z = _mm512_sub_ps(_mm512_loadu_ps(xr + j), vtop);
+        z = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, vzmin, _CMP_GE_OQ), vzmin, z);
+        __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, vinv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_add_ps(z, _mm512_mul_ps(n, vln2));
+        __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(r, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c = _mm512_min_ps(_mm512_max_ps(c, lo), hi);
+        __m512 tv = _mm512_i32gather_ps(_mm512_sub_epi32(_mm512_cvttps_epi32(c), q0), table, 4);
+        __m512i k = _mm512_cvttps_epi32(n);
+        __m512 v = _mm512_mul_ps(tv, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(b127, k), 23)));
+        _mm512_storeu_ps(er + j, _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(k, vnmax), v, _mm512_setzero_ps()));
+    }
+    softmax_exp_row(xr + j, er + j, cols - j, top, table, scale, qmin, qmax, zmin, inv_ln2, ln2, nmax);
+}
+#define SOFTMAX_EXP_ROW softmax_exp_row_512
+#else
+#define SOFTMAX_EXP_ROW softmax_exp_row
+#endif
+
+/* Rows [a, b) of softmax_exp_f32; `top` holds each row's max (torch's amax: NaN if any is NaN). */
+static void softmax_exp_rows(const float *restrict x, float *restrict e, const float *restrict top, int64_t rows,
+                             int64_t cols, const float *restrict table, float scale, int32_t qmin, int32_t qmax,
+                             float zmin, float inv_ln2, float ln2, int32_t nmax) {
+    for (int64_t r = 0; r < rows; r++)
+        SOFTMAX_EXP_ROW(x + r * cols, e + r * cols, cols, top[r], table, scale, qmin, qmax, zmin, inv_ln2, ln2,
+                        nmax);
+}
+
+void softmax_exp_f32(const float *x, float *e, const float *top, int64_t rows, int64_t cols, const float *table,
+                     float scale, int32_t qmin, int32_t qmax, float zmin, float inv_ln2, float ln2, int32_t nmax,
+                     int32_t threads) {
+    if (rows * cols < PARALLEL_MIN || threads <= 1 || rows < 2) {
+        softmax_exp_rows(x, e, top, rows, cols, table, scale, qmin, qmax, zmin, inv_ln2, ln2, nmax);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t m = omp_get_num_threads(), k = omp_get_thread_num(), per = (rows + m - 1) / m;
+        int64_t a = per * k < rows ? per * k : rows, b = per * (k + 1) < rows ? per * (k + 1) : rows;
+        softmax_exp_rows(x + a * cols, e + a * cols, top + a, b - a, cols, table, scale, qmin, qmax, zmin, inv_ln2,
+                         ln2, nmax);
+    }
+}
+
 static void tqt_fwd(const float *restrict x, float *restrict y, int64_t n, float scale, float inv, float lo,
                     float hi) {
     for (int64_t i = 0; i < n; i++) {
