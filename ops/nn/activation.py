@@ -116,7 +116,7 @@ class LUTActivation(nn.Module):
         """After `to_empty` from the meta device every tensor is uninitialised memory: the
         derived tables come again from the table, the scale (and a learned threshold) from the
         one this module holds; a checkpoint loaded next overwrites the saved ones as usual."""
-        channels = getattr(self, "_channel_list", [])
+        channels = self._channel_list
         self._set_table(self.table)
         self.set_scale(self._scale_d)
         self.amax.zero_()
@@ -205,12 +205,13 @@ class LUTActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_float(x, type(self).__name__)
         if self.observing:
-            seen = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).abs()
+            finite = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+            seen = finite.abs()
             self.amax = torch.maximum(self.amax, seen.max())
             if self.per_channel:
                 self._observe_channels(seen)
             if self.collect_samples:
-                flat = torch.nan_to_num(x.detach().reshape(-1).float(), nan=0.0, posinf=0.0, neginf=0.0)
+                flat = finite.reshape(-1)
                 self._samples.append(flat[::max(1, flat.numel() // self.collect_samples)].cpu())
         buf = self._buffers
         channels = buf["channel_index"]
