@@ -61,6 +61,8 @@ def test_calibrate_gives_each_feature_the_finest_scale_that_holds_it():
 def test_scales_argument_is_checked():
     with pytest.raises(ValueError, match="scales='row' is not allowed"):
         calibrate(nn.Sequential(LUTSiLU()), [torch.randn(2, 3)], scales="row")
+    with pytest.raises(ValueError, match="fit='yes' is not allowed: use True or False"):
+        calibrate(nn.Sequential(LUTSiLU()), [torch.randn(2, 3)], fit="yes")
 
 
 def test_images_learned_scales_and_slope_gradients_keep_one_scale():
@@ -189,6 +191,39 @@ def test_softmax_exp_uses_the_scale_of_the_reduced_range_even_from_an_old_checkp
     state["exp.scale_index"] = torch.tensor(old)  # a checkpoint from before range reduction
     sm.load_state_dict(state)
     assert sm.exp.scale == want
+
+
+def _as_pickled_before_channels(m: nn.Module) -> nn.Module:
+    """What torch.save(model) of an older release holds: no channel state in any activation, no
+    load hook and the [-8, 0] exp scale in any softmax."""
+    for sub in m.modules():
+        if isinstance(sub, LUTActivation):
+            del sub._buffers["channel_index"]
+            for name in ("per_channel", "_channel_list", "_channels_differ", "_channel_amax", "_channels_ok",
+                         "collect_samples", "_samples"):
+                del sub.__dict__[name]
+        if isinstance(sub, LUTSoftmax):
+            sub._load_state_dict_post_hooks.clear()
+            sub.exp.set_scale(covering_scale(sub.exp.table, 8.0))
+    return m
+
+
+def test_a_whole_model_pickled_by_an_older_release_loads_and_runs_as_a_new_one(tmp_path):
+    x = outlier_batch()
+    new = nn.Sequential(LUTSiLU(), LUTSoftmax(-1))
+    old = _as_pickled_before_channels(nn.Sequential(LUTSiLU(), LUTSoftmax(-1)))
+    torch.save(old, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    assert torch.equal(loaded(x), new(x))
+    assert loaded[0].channel_index.numel() == 0 and loaded[1].exp.scale == new[1].exp.scale
+    calibrate(loaded, [x])  # and it calibrates per feature like a new one
+    calibrate(new, [x])
+    assert loaded[0].channel_scales() == new[0].channel_scales()
+    assert torch.equal(loaded(x), new(x))
+    state = new.state_dict()  # the load hook is back: an old state dict's exp scale is replaced
+    state["1.exp.scale_index"] = torch.tensor(new[1].exp.table.scales.index(covering_scale(new[1].exp.table, 8.0)))
+    loaded.load_state_dict(state)
+    assert loaded[1].exp.scale == new[1].exp.scale
 
 
 def test_softmax_range_reduction_is_exp_of_r_times_a_power_of_two():

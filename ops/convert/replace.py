@@ -221,6 +221,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     (python -m bench.real_models)."""
     if scales not in SCALE_GRAINS:
         raise ValueError(f"scales={scales!r} is not allowed: use {' or '.join(map(repr, SCALE_GRAINS))}")
+    if not isinstance(fit, bool):
+        raise ValueError(f"fit={fit!r} is not allowed: use True or False")
     batches = list(batches)
     if not batches:
         raise ValueError("calibration got no batches: give at least one batch of real inputs")

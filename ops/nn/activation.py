@@ -78,6 +78,22 @@ class LUTActivation(nn.Module):
             # one element, not a scalar: FSDP2 shards no 0-d parameter (forward reads it as 0-d)
             self.log2_threshold = nn.Parameter(torch.tensor([float(table.input_bits - 1 - scale)]))
 
+    def __setstate__(self, state: dict) -> None:
+        """A whole module pickled (torch.save(model)) before per-feature scales and per-site fits
+        existed has none of their state: it gets a fresh module's (one scale for the tensor), so it
+        runs as it did when it was saved."""
+        super().__setstate__(state)
+        buf = self._buffers
+        if "channel_index" not in buf:
+            buf["channel_index"] = torch.zeros(0, dtype=torch.int64, device=buf["table_real"].device)
+        fresh = {"per_channel": False, "_channel_amax": None, "_channels_ok": True, "collect_samples": 0}
+        for name, value in fresh.items():
+            self.__dict__.setdefault(name, value)
+        self.__dict__.setdefault("_samples", [])
+        if "_channel_list" not in self.__dict__:
+            self._channel_list = buf["channel_index"].tolist()
+            self._channels_differ = len(set(self._channel_list)) > 1
+
     def _set_table(self, table: Table) -> None:
         self.table = table.validate()
         dev = self.table_real.device if hasattr(self, "table_real") else None

@@ -41,6 +41,14 @@ class LUTSoftmax(nn.Module):
         self.reciprocal = RangeReducedLUT("reciprocal", reciprocal_table)
         self.register_load_state_dict_post_hook(_after_load)
 
+    def __setstate__(self, state: dict) -> None:
+        """A whole module pickled before the exp's range reduction holds the exp scale for [-8, 0]
+        and no load hook: both as a new module has them."""
+        super().__setstate__(state)
+        if not any(h is _after_load for h in self._load_state_dict_post_hooks.values()):
+            self.register_load_state_dict_post_hook(_after_load)
+        _after_load(self, None)
+
     @classmethod
     def from_float(cls, m: nn.Softmax, tables: dict[str, Table], **kw: Any) -> "LUTSoftmax":
         return cls(m.dim if m.dim is not None else -1, tables.get("exp"), tables.get("reciprocal"))
