@@ -13,6 +13,7 @@ from ops import LUTActivation, LUTRMSNorm, calibrate, replace_ops
 from ops.convert.call_sites import sdpa
 from ops.nn import LUTSoftmax
 from ops.convert.report import _bypass
+from gqa_lut.evaluator import covering_scale
 from ops.tables import default_table
 
 # the float calls a converted model may still make, each with the reason its report gives
@@ -421,3 +422,52 @@ def test_a_float_checkpoint_loads_strictly_into_every_kind_of_call_site():
     before = m(x)
     m.load_state_dict(SoftmaxByHand().state_dict(), strict=True)  # new weights, same tables
     assert not torch.equal(m(x), before) and [r.through for r in report.rows()] == [True]
+
+
+class ExpOf(nn.Module):
+    """exp of an activation (xLSTM's exponential gates, a decay) and of a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_a = nn.Parameter(torch.tensor([0.5, -1.0]))
+
+    def forward(self, x):
+        return torch.exp(x), -torch.exp(self.log_a)
+
+
+def test_exp_call_sites_are_right_for_either_sign_and_far_below_the_tables_range():
+    m = ExpOf()
+    report = replace_ops(m)
+    calibrate(m, [torch.linspace(-3.0, 0.0, 64)])  # only x <= 0 while calibrating
+    x = torch.cat([torch.linspace(-30.0, 12.0, 4001), torch.tensor([math.inf, -math.inf])])
+    y, a = m(x)
+    want = torch.exp(x)
+    # the table's relative precision everywhere (r on the 1/64 grid of scale 6: up to 0.8% from
+    # rounding r, plus the table's error): exp(-30) ~ 1e-13 is not 0, exp(12) is not exp(1)
+    rel = ((y[:-2] - want[:-2]) / want[:-2]).abs()
+    assert float(rel.max()) < 0.03 and float(rel.mean()) < 0.01, (float(rel.max()), float(rel.mean()))
+    assert y[-2] == math.inf and y[-1] == 0.0 and torch.isnan(m(torch.tensor([math.nan]))[0]).all()
+    assert torch.allclose(a, -torch.exp(m.log_a), rtol=0, atol=0)  # the parameter stays float
+    rows = {r.kind: r for r in report.rows()}
+    float_rows = [r for r in report.rows() if not r.through]
+    assert len(float_rows) == 1 and "parameter" in float_rows[0].reason and rows["exp"].kind == "exp"
+    xg = torch.tensor([-50.0, -1.0, 0.5, 80.0], requires_grad=True)  # exp(80) overflows float32 too
+    m(xg)[0][:3].sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad[3] == 0
+
+
+def test_an_exp_site_checkpoint_from_before_range_reduction_loads_strictly():
+    m = ExpOf()
+    replace_ops(m)
+    calibrate(m, [torch.linspace(-3.0, 0.0, 64)])
+    site = m.lut_calls.exp_0
+    state = m.state_dict()
+    state["lut_calls.exp_0.use_table"] = torch.tensor(True)  # what those checkpoints held
+    t = site.lut.table
+    state["lut_calls.exp_0.lut.scale_index"] = torch.tensor(t.scales.index(covering_scale(t, 8.0)))
+    fresh = ExpOf()
+    replace_ops(fresh)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.linspace(-10.0, 5.0, 101)
+    assert torch.equal(fresh(x)[0], m(x)[0])
+    assert fresh.lut_calls.exp_0.lut.scale == covering_scale(t, math.log(2.0))

@@ -13,8 +13,8 @@ carries its table and calibrated scale and a later load recreates it. With
 that made a call (`CallRouter.record`): the rest of the model pays no per-operation Python.
 
 Calls that stay float are recorded with the reason (`sites()`): ops with no table
-(log_softmax, erf, ...), exp of inputs that are not <= 0 (the exp table's domain), non-float
-inputs. A site's own arithmetic runs with the mode off, so nothing inside it is intercepted.
+(log_softmax, erf, ...), non-float inputs, parameters (Mamba's -exp(A_log): a constant). exp
+itself is range-reduced (exp(r) * 2^-n), so it is right for inputs of either sign. A site's own arithmetic runs with the mode off, so nothing inside it is intercepted.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from gqa_lut.evaluator import covering_scale
 from gqa_lut.table import Table
 from ops import nn as lut_nn, registry
-from ops.nn import sync
 from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
+from ops.nn.softmax import LN2, exp_reduced
 
 # The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
 # the tables its site uses, the registry op it stands for (`replace_ops(ops=...)`), and each
@@ -91,59 +92,36 @@ class SiteRecord:
 
 
 class ExpSite(nn.Module):
-    """exp through the exp table where its input is <= 0 (a softmax-like numerator, a decay);
-    float otherwise. Which one is decided from the inputs seen on the first call and again at
-    calibration (`use_table`, saved)."""
+    """exp through the exp table after range reduction (exp(r) * 2^-n, `exp_reduced`): right
+    for every input, positive or far below the table's floor, so nothing is decided from the
+    inputs seen and a later input of another sign is as exact as the first."""
 
     def __init__(self, table: Table):
         super().__init__()
-        self.lut = exp_module(table)
-        self.register_buffer("use_table", torch.ones((), dtype=torch.bool))
-        self.register_buffer("seen_max", torch.full((), -math.inf), persistent=False)
-        self.table_on = True  # use_table as a Python bool: no device sync per call
-        self.decided = False  # by the first call's inputs, until calibration or a load says
-        self.observing = False
+        self.lut = exp_module(table, LN2)
+        self.register_load_state_dict_post_hook(_exp_site_loaded)
 
     def forward(self, x: T) -> T:
-        if self.observing or not self.decided:
-            top = x.detach().float().nan_to_num(nan=0.0).amax() if x.numel() else x.new_full((), -math.inf)
-            if self.observing:
-                self.seen_max = torch.maximum(self.seen_max, top)
-                return torch.exp(x)
-            self._use(bool(top <= 0))
-        return self.lut(x) if self.table_on else torch.exp(x)
+        return exp_reduced(self.lut, x)
 
-    def _use(self, on: bool) -> None:
-        self.table_on, self.decided = on, True
-        self.use_table.fill_(on)
-
-    def start_observing(self) -> None:
-        self.seen_max.fill_(-math.inf)
-        self.observing = True
-
-    def _apply(self, fn, recurse=True):
-        was_meta = self.use_table.is_meta
-        out = super()._apply(fn, recurse)
-        if was_meta and not self.use_table.is_meta:  # to_empty: uninitialised memory
-            self.use_table.fill_(self.table_on)
-            self.seen_max.fill_(-math.inf)
-        return out
-
-    def sync_observations(self) -> None:
-        sync.all_max_(self.seen_max)  # a positive input on any rank sends the site to float on all
-
-    def finish_observing(self) -> None:
-        self.observing = False
-        self._use(bool(self.seen_max <= 0))
+    def __setstate__(self, state: dict) -> None:
+        """A whole model pickled before range reduction: the exp scale of (-ln 2, 0], a load hook."""
+        super().__setstate__(state)
+        if not any(h is _exp_site_loaded for h in self._load_state_dict_post_hooks.values()):
+            self.register_load_state_dict_post_hook(_exp_site_loaded)
+        _exp_site_loaded(self, None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        before = len(missing_keys)
+        state_dict.pop(prefix + "use_table", None)  # the table-or-float flag of checkpoints before range reduction
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # a float checkpoint has no use_table: the site keeps its decision
-        missing_keys[before:] = [k for k in missing_keys[before:] if k != prefix + "use_table"]
-        self._use(bool(self.use_table))
+
+
+def _exp_site_loaded(site: ExpSite, keys: Any) -> None:
+    """A checkpoint from before range reduction holds the exp scale for [-8, 0]: the site's own
+    scale is the one that fits r in (-ln 2, 0]."""
+    site.lut.set_scale(covering_scale(site.lut.table, LN2))
 
 
 # the LUT module serving each registry `site`, from the tables given
@@ -379,6 +357,9 @@ class CallRouter:
             why = "out= form" if kwargs.get("out") is not None else "non-float input"
             self.note_float(frame, kind, f"{why}: kept float")
             return func(*args, **kwargs)
+        if isinstance(x, nn.Parameter):  # Mamba's A = -exp(A_log): folded into a constant, not run per input
+            self.note_float(frame, kind, "input is a parameter (a constant of the model, not an activation): kept float")
+            return func(*args, **kwargs)
         site = self.site(frame.module, kind, frame.next_index(kind), x.device)
         y = run_site(kind, site, func, args, kwargs)
         if inplace:
@@ -395,10 +376,7 @@ class CallRouter:
             for key, site in calls.items():
                 kind = key.rsplit("_", 1)[0]
                 full = f"{name}.lut_calls.{key}" if name else f"lut_calls.{key}"
-                if isinstance(site, ExpSite) and not site.table_on:
-                    out.append(SiteRecord(full, kind, reason="exp of inputs > 0 seen: the exp table is for x <= 0"))
-                else:
-                    out.append(SiteRecord(full, kind, SITE_TABLES[kind]))
+                out.append(SiteRecord(full, kind, SITE_TABLES[kind]))
         return out + list(self.floats.values())
 
 

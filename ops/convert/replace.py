@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gqa_lut.functions import OPS, canonical_name
 from ops import nn as lut_nn, registry
 from ops.convert import adapters, site_tables
-from ops.convert.call_sites import KIND_OP, SITE_TABLES, CallRouter, ExpSite
+from ops.convert.call_sites import KIND_OP, SITE_TABLES, CallRouter
 from ops.nn import LUTActivation, LUTGELU, RangeReducedLUT, device_of
 from ops.convert.report import Report, Swap, TableLike
 from ops.tables import as_table
@@ -156,8 +156,8 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
 def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module],
             forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> None:
     """Run batches through the model while `observers` (modules with start_observing,
-    sync_observations and finish_observing: the LUT activations, exp call sites, the RetNet's
-    activation quantizers) record what they see; each then sets its scale from it. The one
+    sync_observations and finish_observing: the LUT activations, the RetNet's activation
+    quantizers) record what they see; each then sets its scale from it. The one
     calibration loop. Under torch.distributed each rank runs its own batches and the observers
     combine what they saw over the ranks before choosing (ops/nn/sync.py), so every rank ends
     with the same scales, also for a module that saw no input on some rank."""
@@ -204,7 +204,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     sites. Then every LUT activation (modules and call sites) observes its largest |input| over
     all batches and takes the finest scale that does not clip it. Tables whose input a drop-in
     range-reduces (the rsqrt inside norms, exp and 1/x inside softmax) keep the scale that fits
-    that fixed range; exp call sites switch to float if they see inputs > 0.
+    that fixed range (exp call sites range-reduce too: right for inputs of either sign).
 
     scales="channel" (the default): an activation whose inputs are 2-D or 3-D (features last: a
     linear layer's outputs) gets a power-of-two scale per feature, each the finest that holds
@@ -235,12 +235,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
             if report.router is not None:
                 run(batches[0])  # meets the call sites (the probe's pass runs with interception paused)
     acts = {n: m for n, m in model.named_modules() if isinstance(m, LUTActivation) and not m.range_reduced}
-    exps = [m for m in model.modules() if isinstance(m, ExpSite)]
     for m in acts.values():
         m.per_channel = scales == "channel"
         m.collect_samples = site_tables.SAMPLES_PER_BATCH if fit else 0
     try:
-        observe(model, batches, list(acts.values()) + exps, forward)
+        observe(model, batches, list(acts.values()), forward)
         if fit:
             _fit_sites(acts)
     finally:

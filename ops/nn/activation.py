@@ -16,6 +16,7 @@ quantized in float64, narrower floats in float32.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -227,8 +228,7 @@ class LUTActivation(nn.Module):
             if self.per_channel:
                 self._observe_channels(seen)
             if self.collect_samples:
-                flat = finite.reshape(-1)
-                self._samples.append(flat[::max(1, flat.numel() // self.collect_samples)].cpu())
+                self._samples.append(_spread_sample(finite, self.collect_samples))
         buf = self._buffers
         channels = buf["channel_index"]
         if self._channels_differ and x.dim() and x.shape[-1] == channels.numel() and not self.bypass:
@@ -355,6 +355,18 @@ class LUTActivation(nn.Module):
 
 
 REAL_TABLE_DTYPES = {"table_real": torch.float32, "table_real64": torch.float64, "slopes_real": torch.float32}
+
+
+def _spread_sample(x: torch.Tensor, count: int) -> torch.Tensor:
+    """About `count` of x's elements, every k-th in memory order with k coprime to the last dim:
+    a stride that divides the feature count (24 of SmolLM2's 1536) would sample a few features
+    only, and a per-site fit would see their distribution, not the site's."""
+    flat = x.reshape(-1)
+    k = max(1, flat.numel() // count)
+    last = x.shape[-1] if x.dim() else 1
+    while k > 1 and math.gcd(k, last) != 1:
+        k += 1
+    return flat[::k].cpu()
 
 
 def _real_tables(table: Table) -> dict[str, torch.Tensor]:

@@ -83,6 +83,21 @@ class LUTSoftmax(nn.Module):
         return torch.where(n > N_MAX, torch.zeros_like(e), e)
 
 
+def exp_reduced(exp: LUTActivation, x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for any x through `exp` (an exp table at the scale of (-ln 2, 0]): exp(r) * 2^-n
+    with n = floor(-x / ln 2), r = x + n ln 2, so a positive input is as good as a negative one
+    and a very negative one keeps the table's relative precision instead of reaching its floor
+    (about -4.8 for the shipped table at 8 bits). +-inf and NaN give what exp gives."""
+    xf = x.to(compute_dtype(x))
+    finite = torch.isfinite(xf)
+    zeros = torch.zeros_like(xf)
+    xs = torch.where(finite, xf, zeros)
+    n = torch.floor(xs.detach() * (-1.0 / LN2))
+    y = exp(xs + n * LN2) * torch.exp2(-n)
+    # exp(-inf) = 0, exp(inf) = inf, exp(nan) = nan, without a float exp call
+    return torch.where(finite, y, torch.where(torch.isneginf(xf), zeros, xf)).to(x.dtype)
+
+
 def _after_load(module: "LUTSoftmax", keys: Any) -> None:
     """The exp table's input is the reduced r: a checkpoint saved before range reduction holds
     the scale for [-8, 0]; the drop-in's own scale is the one that fits r."""
