@@ -237,7 +237,7 @@ SECTIONS = (
                                           lambda r: _pct(r.get("perplexity_vs_fine_tuned_float")))),
                    caption="Fine-tuning curve: held-out perplexity after each 100 steps")),
             facts=("device", "torch", "smollm2.qat.steps", "smollm2.qat.batch", "smollm2.qat.lr",
-                   "smollm2.qat.perplexity_vs_fine_tuned_float")),
+                   "smollm2.qat.perplexity_vs_fine_tuned_float", "smollm2.qat.calibrated_again_vs_fine_tuned_float")),
     Section("hf_trained.json", "A trained Hugging Face model with tables", "python -m bench.hf_trained",
             "A small `transformers` model trained on fortunes, then every op through tables, with and without QAT.",
             facts=("model", "train_steps", "qat_steps", "test_windows", "coverage", "bpc_float", "bpc_tables",

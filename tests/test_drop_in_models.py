@@ -471,3 +471,83 @@ def test_an_exp_site_checkpoint_from_before_range_reduction_loads_strictly():
     x = torch.linspace(-10.0, 5.0, 101)
     assert torch.equal(fresh(x)[0], m(x)[0])
     assert fresh.lut_calls.exp_0.lut.scale == covering_scale(t, math.log(2.0))
+
+
+class Mixed(nn.Module):
+    """A module swap (GELU), a call site in the root (F.silu) and a child with both."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.act = nn.GELU()
+        self.block = Block()
+
+    def forward(self, x):
+        return F.silu(self.act(self.lin(x))) + self.block(x)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return torch.sigmoid(self.act(self.lin(x)))
+
+
+def test_replace_ops_refuses_unknown_arguments_and_values():
+    with pytest.raises(ValueError, match="unknown argument 'bits'"):
+        replace_ops(Mixed(), bits=4)
+    with pytest.raises(ValueError, match="scale_mode='tqt' is not allowed"):
+        replace_ops(Mixed(), scale_mode="tqt")
+    with pytest.raises(ValueError, match="filter_fn=3 is not allowed"):
+        replace_ops(Mixed(), filter_fn=3)
+
+
+def test_learned_scales_hold_for_module_swaps_and_call_sites_alike():
+    torch.manual_seed(0)
+    m = Mixed()
+    report = replace_ops(m, scale_mode="learned")
+    calibrate(m, [torch.randn(16, 8)])
+    assert all(r.through for r in report.rows()) and len(report.rows()) == 4  # the probe kept every swap
+    learned = {n for n, _ in m.named_parameters() if n.endswith("log2_threshold")}
+    assert learned == {"act.log2_threshold", "block.act.log2_threshold", "lut_calls.silu_0.log2_threshold",
+                       "block.lut_calls.sigmoid_0.log2_threshold"}
+    m(torch.randn(16, 8)).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in m.named_parameters() if n in learned)
+
+
+def test_filter_fn_keeps_a_module_and_its_own_calls_float(tmp_path):
+    torch.manual_seed(0)
+    m = Mixed()
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        ref_block = m.block(x)
+    report = replace_ops(m, filter_fn=lambda mod, name: not name.startswith("block"))
+    calibrate(m, [x])
+    assert isinstance(m.act, LUTActivation) and isinstance(m.block.act, nn.SiLU)
+    rows = {r.name: r for r in report.rows()}
+    assert rows["lut_calls.silu_0"].through
+    assert not rows["block:sigmoid_0"].through and "filter_fn" in rows["block:sigmoid_0"].reason
+    with torch.no_grad():
+        assert torch.equal(m.block(x), ref_block)  # the excluded block is the float one
+    torch.save(m, tmp_path / "m.pt")  # a lambda filter does not make the model unpicklable
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(again(x), m(x))
+
+
+def test_calibrate_takes_dict_batches_without_forward():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = F.gelu(self.lin(input_ids))
+            return h if attention_mask is None else h * attention_mask
+
+    m = Keywords()
+    report = replace_ops(m)
+    calibrate(m, [{"input_ids": torch.randn(4, 8), "attention_mask": torch.ones(4, 8)}])
+    assert [r.through for r in report.rows()] == [True]

@@ -133,11 +133,15 @@ MAKERS: dict[str, Callable[[str, dict[str, Table]], nn.Module]] = {
 }
 
 
-def make_site(kind: str, tables: dict[str, Table]) -> nn.Module:
-    """A fresh LUT module for one call site of `kind`, with the tables given."""
+def make_site(kind: str, tables: dict[str, Table], **module_kwargs: Any) -> nn.Module:
+    """A fresh LUT module for one call site of `kind`, with the tables given; module_kwargs
+    (scale_mode, grad) go to an activation site, as replace_ops gives them to the modules."""
     if kind not in registry.CALL_KINDS:
         raise ValueError(f"no call site for kind {kind!r}")
-    return MAKERS[registry.CALL_KINDS[kind].site](kind, tables)
+    site = registry.CALL_KINDS[kind].site
+    if site == "activation":
+        return LUTActivation(tables[SITE_TABLES[kind][0]], **module_kwargs)
+    return MAKERS[site](kind, tables)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -215,8 +219,15 @@ class CallRouter:
     """The state of call-site interception for one model: the running-module stack, the
     sites met so far, and the float calls with their reasons. Picklable (torch.save(model))."""
 
-    def __init__(self, root: nn.Module, tables: dict[str, Table], kinds: set[str], opaque: tuple[type, ...]):
+    def __init__(self, root: nn.Module, tables: dict[str, Table], kinds: set[str], opaque: tuple[type, ...],
+                 module_kwargs: Optional[dict[str, Any]] = None,
+                 filter_fn: Optional[Callable[[nn.Module, str], bool]] = None):
         self.tables, self.kinds, self.opaque = tables, kinds, opaque
+        self.module_kwargs = dict(module_kwargs or {})  # scale_mode, grad: for activation sites
+        # the modules replace_ops' filter_fn excluded, by name (a set, not the function: a
+        # lambda would make the model unpicklable); their own calls stay float
+        self.excluded = ({n for n, m in root.named_modules() if not filter_fn(m, n)} if filter_fn is not None
+                         else set())
         self.names: dict[int, str] = {}
         self.stack: list[Frame] = []
         self.floats: dict[str, SiteRecord] = {}
@@ -303,7 +314,7 @@ class CallRouter:
             owner.add_module("lut_calls", calls)
         key = f"{kind}_{index}"
         if key not in calls:
-            calls[key] = make_site(kind, self.tables).to(device)
+            calls[key] = make_site(kind, self.tables, **getattr(self, "module_kwargs", {})).to(device)
             self.names = {}
         return calls[key]
 
@@ -351,6 +362,9 @@ class CallRouter:
         if kind == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
         if KIND_OP[kind] not in self.kinds:
+            return func(*args, **kwargs)
+        if getattr(self, "excluded", None) and self._name(frame.module) in self.excluded:
+            self.note_float(frame, kind, "excluded by replace_ops' filter_fn: kept float")
             return func(*args, **kwargs)
         x = _arg(args, kwargs, 0, "query" if kind == "sdpa" else "input")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or kwargs.get("out") is not None:

@@ -4,6 +4,7 @@ knows for their LUT drop-ins and routes every other non-linear call through a ta
 The returned `Report` stays live: print it after a forward to see every call site."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -15,6 +16,7 @@ from ops import nn as lut_nn, registry
 from ops.convert import adapters, site_tables
 from ops.convert.call_sites import KIND_OP, SITE_TABLES, CallRouter
 from ops.nn import LUTActivation, LUTGELU, RangeReducedLUT, device_of
+from ops.nn.activation import GRAD_MODES, SCALE_MODES
 from ops.convert.report import Report, Swap, TableLike
 from ops.tables import as_table
 
@@ -67,8 +69,23 @@ def _load_tables(chosen: list[str], tables: Optional[dict[str, TableLike]]) -> d
     return loaded
 
 
+# what replace_ops passes on to the activation drop-ins (modules and call sites alike)
+MODULE_KWARGS = {"scale_mode": SCALE_MODES, "grad": GRAD_MODES}
+Filter = Callable[[nn.Module, str], bool]
+
+
+def _check_module_kwargs(kwargs: dict[str, Any]) -> None:
+    for key, value in kwargs.items():
+        if key not in MODULE_KWARGS:
+            raise ValueError(f"replace_ops got an unknown argument {key!r}: the drop-ins take "
+                             f"{', '.join(MODULE_KWARGS)}")
+        if value not in MODULE_KWARGS[key]:
+            raise ValueError(f"{key}={value!r} is not allowed: use {', '.join(map(repr, MODULE_KWARGS[key]))}")
+
+
 def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
-                ops: Optional[Iterable[str]] = None, calls: bool | str = True, **module_kwargs: Any) -> Report:
+                ops: Optional[Iterable[str]] = None, calls: bool | str = True,
+                filter_fn: Optional[Filter] = None, **module_kwargs: Any) -> Report:
     """Convert `model` in place; return its live Report.
 
     Modules are swapped where their meaning is known: torch's own classes (a subclass only if
@@ -84,10 +101,17 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     tables: table name (gelu, gelu_tanh, swish, hswish, hsigmoid, softplus, sigmoid, tanh,
     exp, rsqrt, reciprocal) -> Table or file; the shipped defaults otherwise. ops: which ops
     (ops/registry.py names or aliases; rsqrt and exp are call sites only), all by default.
-    module_kwargs (scale_mode, grad, ...) go to the activation drop-ins.
+    filter_fn(module, name) -> bool (torchao's quantize_ filter): a module for which it is False
+    is not swapped, and the calls its own forward makes stay float (reported with that reason);
+    its children are asked on their own. module_kwargs: scale_mode ('fixed', 'calibrate',
+    'learned') and grad ('exact', 'slope') for every activation drop-in, modules and call sites.
     """
     if calls not in (True, False, "model", "recorded"):
         raise ValueError(f"calls={calls!r} is not allowed: use True (or 'model'), 'recorded' or False")
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(f"filter_fn={filter_fn!r} is not allowed: give a function (module, name) -> bool")
+    _check_module_kwargs(module_kwargs)
+    keep = filter_fn if filter_fn is not None else (lambda m, name: True)
     chosen = _chosen_ops(ops)
     loaded = _load_tables(chosen, tables)
     prior: Optional[Report] = getattr(model, "_gqa_lut_report", None)
@@ -106,6 +130,9 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
         for child_name, child in list(parent.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, LUT_TYPES) or child_name == "lut_calls":
+                continue
+            if not keep(child, full):
+                visit(child, full)
                 continue
             rec = next((r for r in swappable if isinstance(child, r.replaces) and (r.when is None or r.when(child))),
                        None)
@@ -128,7 +155,7 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
                     continue
             visit(child, full)
         if (isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and "gelu" in chosen
-                and getattr(parent, "activation", None) is F.gelu):
+                and getattr(parent, "activation", None) is F.gelu and keep(parent, prefix)):
             parent.activation = LUTGELU(loaded["gelu"], **module_kwargs).to(device)
             report.swaps.append(Swap(f"{prefix}.activation" if prefix else "activation", "F.gelu", "LUTGELU",
                                      loaded["gelu"].op))
@@ -144,13 +171,19 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
             report.notes.append(f"attention: {old} -> {adapters.HF_ATTENTION} (Hugging Face's sdpa path, "
                                 "its softmax through the tables)")
     if calls and report.router is None:
-        report.router = CallRouter(model, loaded, set(chosen), LUT_TYPES)
+        report.router = CallRouter(model, loaded, set(chosen), LUT_TYPES, module_kwargs, filter_fn)
         report.record_after_calibration = calls == "recorded"
     elif report.router is not None:
         report.router.hook(model)
     report.model_ref = model
     model._gqa_lut_report = report
     return report
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """A calibration batch into the model: a dict (a tokenizer's output) as keyword arguments,
+    anything else as the one argument (give `forward=` for other signatures)."""
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
 def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module],
@@ -169,7 +202,7 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
     try:
         with torch.no_grad():
             for batch in batches:
-                forward(model, batch) if forward is not None else model(batch)
+                forward(model, batch) if forward is not None else call_model(model, batch)
         for m in observers:
             m.sync_observations()
     finally:
@@ -227,7 +260,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     if not batches:
         raise ValueError("calibration got no batches: give at least one batch of real inputs")
     report: Optional[Report] = getattr(model, "_gqa_lut_report", None)
-    run = (lambda b: forward(model, b)) if forward is not None else (lambda b: model(b))
+    run = (lambda b: forward(model, b)) if forward is not None else (lambda b: call_model(model, b))
     if report is not None:
         with torch.no_grad():
             if report.originals:
