@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._common import machine, names_in, positive_int, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
-from ops.convert.call_sites import KIND_OF
+from ops.convert.call_sites import KIND_OF, NO_TABLE
 
 Inputs = dict[str, torch.Tensor]
 
@@ -176,9 +176,24 @@ class CountFloatCalls(TorchFunctionMode):
         self.calls: Counter = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in KIND_OF:
-            self.calls[KIND_OF[func].rstrip("_")] += 1
+        kind = KIND_OF.get(func)
+        if kind is not None and table_op_call(kind.rstrip("_"), args, kwargs or {}):
+            self.calls[kind.rstrip("_")] += 1
+        elif func in NO_TABLE:  # non-linear with no table: the report must name it
+            self.calls[func.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+def table_op_call(kind: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of this kind is one a table stands for: x ** 2 is not (only ** +-0.5 is),
+    nor the sqrt of a constant (sqrt(head_dim)): the rules of ops/convert/call_sites.py."""
+    x = args[0] if args else kwargs.get("input")
+    if kind == "pow":
+        e = args[1] if len(args) > 1 else kwargs.get("exponent")
+        return not isinstance(e, torch.Tensor) and e in (0.5, -0.5)
+    if kind in ("sqrt", "rsqrt", "reciprocal") and isinstance(x, torch.Tensor):
+        return not (x.numel() == 1 and not x.requires_grad)
+    return True
 
 
 def float_calls(model: nn.Module, inputs: Inputs) -> Counter:

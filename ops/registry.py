@@ -141,12 +141,12 @@ class CallKind:
 
     name: str
     op: str  # the TorchOp it stands for (`replace_ops(ops=...)`)
-    site: str  # "activation" | "softmax" | "rsqrt" | "exp"
+    site: str  # "activation" | "softmax" | "rsqrt" | "exp" | "reciprocal"
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
 
 
-SITES = ("activation", "softmax", "rsqrt", "exp")
+SITES = ("activation", "softmax", "rsqrt", "exp", "reciprocal")
 CALLS = (
     CallKind("gelu", "gelu", "activation", (F.gelu,)),
     CallKind("gelu_tanh", "gelu_tanh", "activation"),  # F.gelu(approximate="tanh"), told apart per call
@@ -164,6 +164,11 @@ CALLS = (
     CallKind("group_norm", "groupnorm", "rsqrt", (F.group_norm,)),
     CallKind("rsqrt", "rsqrt", "rsqrt", (), ("rsqrt",)),
     CallKind("exp", "exp", "exp", (), ("exp",)),
+    CallKind("sqrt", "rsqrt", "rsqrt", (), ("sqrt",)),  # x * rsqrt(x)
+    # x ** 0.5 and x ** -0.5 (Gemma's RMSNorm): routed as sqrt / rsqrt; other exponents run as they are
+    CallKind("pow", "rsqrt", "rsqrt", (torch.Tensor.__pow__,), ("pow",)),
+    CallKind("glu", "sigmoid", "activation", (F.glu,)),  # a * sigmoid(b) of the two halves
+    CallKind("reciprocal", "reciprocal", "reciprocal", (), ("reciprocal",)),  # sign(x) / |x|, range-reduced
 )
 CALL_KINDS: dict[str, CallKind] = {c.name: c for c in CALLS}
 

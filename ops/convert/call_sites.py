@@ -53,8 +53,23 @@ NO_TABLE: dict[Callable, str] = {
     T.erf: "erf has no table", F.mish: "mish has no table (fit one with gqa-lut fit --expr)",
     F.elu: "elu has no table", F.selu: "selu has no table", F.celu: "celu has no table",
     F.logsigmoid: "logsigmoid has no table", F.softsign: "softsign has no table",
-    torch.sqrt: "sqrt has no table", T.sqrt: "sqrt has no table",
 }
+# (not exp2 nor log2: the drop-ins' own range reductions take exponents and scale by 2^n with
+# them, shifts and leading-zero counts in integer hardware, and they run under the interception)
+for _name, _why in (("expm1", "expm1 has no table"), ("log", "log has no table"),
+                    ("log1p", "log1p has no table"), ("log10", "log10 has no table"),
+                    ("logsumexp", "logsumexp has no table (a log of a sum)"), ("erfc", "erfc has no table"),
+                    ("erfinv", "erfinv has no table"), ("norm", "a vector norm: sqrt of a sum, no table")):
+    for _owner in (torch, T):
+        if hasattr(_owner, _name):
+            NO_TABLE[getattr(_owner, _name)] = _why
+NO_TABLE.update({torch.special.erf: "erf has no table", torch.special.erfc: "erfc has no table",
+                 torch.special.expm1: "expm1 has no table",
+                 torch.special.log1p: "log1p has no table", torch.special.logsumexp: "logsumexp has no table",
+                 F.instance_norm: "instance_norm has no table (its rsqrt is inside one kernel)",
+                 F.normalize: "normalize: a vector norm (sqrt of a sum), no table",
+                 torch.linalg.vector_norm: "a vector norm: sqrt of a sum, no table",
+                 torch.linalg.norm: "a vector norm: sqrt of a sum, no table"})
 
 
 class Frame:
@@ -130,6 +145,7 @@ MAKERS: dict[str, Callable[[str, dict[str, Table]], nn.Module]] = {
     "softmax": lambda kind, tables: LUTSoftmax(-1, tables["exp"], tables["reciprocal"]),
     "rsqrt": lambda kind, tables: RangeReducedLUT("rsqrt", tables["rsqrt"]),
     "exp": lambda kind, tables: ExpSite(tables["exp"]),
+    "reciprocal": lambda kind, tables: RangeReducedLUT("reciprocal", tables["reciprocal"]),
 }
 
 
@@ -188,8 +204,15 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
         threshold = float(_arg(args, kwargs, 2, "threshold", 20.0))
         y = site(x * beta) / beta if beta != 1.0 else site(x)
         return torch.where(x * beta > threshold, x, y)
+    if kind == "glu":
+        a, b = x.chunk(2, dim=_arg(args, kwargs, 1, "dim", -1))
+        return a * site(b)
     if kind in ACTIVATIONS or kind in ("exp", "rsqrt"):
         return site(x)
+    if kind == "sqrt":  # x * rsqrt(x): 0 at 0, NaN below as torch.sqrt
+        return torch.where(x < 0, torch.full_like(x, math.nan), x * site(x))
+    if kind == "reciprocal":  # the table's range reduction takes |x|; 1/0 = inf as torch's
+        return torch.where(x == 0, 1.0 / x, torch.sign(x) * site(x.abs()))
     if kind == "softmax":
         dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype")
         if dtype is not None:
@@ -361,6 +384,12 @@ class CallRouter:
             args, kwargs = (-x,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "input"}
         if kind == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
+        if kind == "pow":
+            exponent = _arg(args, kwargs, 1, "exponent")
+            if exponent not in (0.5, -0.5) or isinstance(exponent, torch.Tensor):
+                return func(*args, **kwargs)  # polynomial powers are not table ops
+            kind, func = ("sqrt", torch.sqrt) if exponent == 0.5 else ("rsqrt", torch.rsqrt)
+            args, kwargs = args[:1], {}
         if KIND_OP[kind] not in self.kinds:
             return func(*args, **kwargs)
         if getattr(self, "excluded", None) and self._name(frame.module) in self.excluded:
@@ -371,6 +400,8 @@ class CallRouter:
             why = "out= form" if kwargs.get("out") is not None else "non-float input"
             self.note_float(frame, kind, f"{why}: kept float")
             return func(*args, **kwargs)
+        if kind in ("sqrt", "rsqrt", "reciprocal") and x.numel() == 1 and not x.requires_grad:
+            return func(*args, **kwargs)  # sqrt(head_dim) and the like: a constant, not an activation
         if isinstance(x, nn.Parameter):  # Mamba's A = -exp(A_log): folded into a constant, not run per input
             self.note_float(frame, kind, "input is a parameter (a constant of the model, not an activation): kept float")
             return func(*args, **kwargs)

@@ -134,6 +134,11 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
             if not keep(child, full):
                 visit(child, full)
                 continue
+            if isinstance(child, nn.RNNBase):  # its gates are inside one ATen kernel: no call to route
+                report.swaps.append(Swap(full, type(child).__name__, None, None,
+                                         f"kept float: {type(child).__name__}'s sigmoid/tanh gates run inside "
+                                         "torch's fused RNN kernel", opaque=True))
+                continue
             rec = next((r for r in swappable if isinstance(child, r.replaces) and (r.when is None or r.when(child))),
                        None)
             if rec is not None:

@@ -31,6 +31,9 @@ class Swap:
     new: Optional[str]
     table: Optional[str]
     reason: str = ""
+    # a kept module whose non-linear work no call site can see (an RNN's fused gates): a float
+    # row of its own even where call sites are on
+    opaque: bool = False
 
 
 @dataclass
@@ -158,7 +161,7 @@ class Report:
             if s.new is not None:
                 mod = model.get_submodule(s.name) if model is not None else None
                 out.append(Row(s.name, s.old, True, s.table or "", _scale(mod), channel_scales=_channels(mod)))
-            elif not calls_on:
+            elif not calls_on or s.opaque:
                 out.append(Row(s.name, s.old, False, reason=s.reason))
         if calls_on:
             for r in self.router.sites():
