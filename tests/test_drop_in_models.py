@@ -612,3 +612,33 @@ def test_an_lstm_is_reported_float_with_its_reason():
     report = replace_ops(m)
     rows = report.rows()
     assert len(rows) == 1 and not rows[0].through and "fused RNN kernel" in rows[0].reason
+
+
+class Recurrent(nn.Module):
+    """A Python loop over time steps, as RWKV and xLSTM run their recurrences."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.lin(x[:, t]) + h) * torch.sigmoid(x[:, t])
+        return h
+
+
+def test_a_loop_has_one_site_per_code_location_whatever_its_length():
+    torch.manual_seed(0)
+    m = Recurrent()
+    report = replace_ops(m)
+    calibrate(m, [torch.randn(4, 32, 8)])
+    assert sorted(r.kind for r in report.rows()) == ["sigmoid", "tanh"]
+    keys = set(m.state_dict())
+    long = torch.randn(4, 256, 8)
+    y = m(long)
+    assert set(m.state_dict()) == keys and len(report.rows()) == 2  # no new sites at 256 steps
+    fresh = Recurrent()
+    replace_ops(fresh)
+    fresh.load_state_dict(m.state_dict(), strict=True)
+    assert torch.equal(fresh(long), y)

@@ -23,6 +23,7 @@ import re
 import sys
 import types
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -73,18 +74,54 @@ NO_TABLE.update({torch.special.erf: "erf has no table", torch.special.erfc: "erf
 
 
 class Frame:
-    """One running module: calls of each kind counted since it started (the call index)."""
+    """One running module, whose calls get their site index from where they are made."""
 
     __slots__ = ("module", "counts")
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # calls of each kind since the module started
 
     def next_index(self, kind: str) -> int:
-        index = self.counts.get(kind, 0)
-        self.counts[kind] = index + 1
+        """The index of the site of this kind at the calling code location in this module: the
+        first location met gets 0, the next 1, ... and a location met again (a Python loop over
+        tokens, a helper called per step) gets its index again, so a recurrent model has as many
+        sites at 1024 tokens as at 32. The map lives on the module (pickled with it); a freshly
+        converted copy meets the locations in the same order, so saved keys still match.
+        torch.compile cannot trace frame inspection: there the n-th call of a kind takes the site
+        the n-th call took in the last eager forward (calibration ran one)."""
+        d = self.module.__dict__
+        n = self.counts.get(kind, 0)
+        self.counts[kind] = n + 1
+        order = d.setdefault("_gqa_lut_call_order", {}).setdefault(kind, [])
+        if torch.compiler.is_compiling():
+            return order[n] if n < len(order) else (order[-1] if order else n)
+        where = (kind, caller_location())
+        seen = d.setdefault("_gqa_lut_sites", {})
+        index = seen.get(where)
+        if index is None:
+            counts = d.setdefault("_gqa_lut_site_counts", {})
+            index = seen[where] = counts.get(kind, 0)
+            counts[kind] = index + 1
+        if n < len(order):
+            order[n] = index
+        else:
+            order.append(index)
         return index
+
+
+_SKIP = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
+
+def caller_location() -> tuple[str, int, int]:
+    """File, line and bytecode offset of the call in the first frame outside torch and this
+    package: the model's own call expression (through F's Python wrappers and the mode's
+    dispatch). The offset tells apart two calls on one line (F.softplus(h) + F.softplus(2 * h))
+    and is the same on every pass of a loop."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.startswith(_SKIP):
+        f = f.f_back
+    return ("", 0, 0) if f is None else (f.f_code.co_filename, f.f_lineno, f.f_lasti)
 
 
 # torch layers whose forward makes no call that could be a site: no stack hooks on them
