@@ -642,3 +642,37 @@ def test_a_loop_has_one_site_per_code_location_whatever_its_length():
     replace_ops(fresh)
     fresh.load_state_dict(m.state_dict(), strict=True)
     assert torch.equal(fresh(long), y)
+
+
+class SoftCap(nn.Module):
+    """Gemma2's logit soft-capping: tanh(x / cap) * cap."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        return torch.tanh(x / self.cap) * self.cap
+
+
+def test_a_site_below_the_tables_resolution_runs_float_and_the_report_says_so(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 32) * 0.05  # x / 30 stays below half of the finest step (1/128)
+    m = SoftCap(30.0)
+    report = replace_ops(m)
+    calibrate(m, [x])
+    assert torch.equal(m(x), SoftCap(30.0)(x))  # not all zeros: the exact function
+    [row] = report.rows()
+    assert not row.through and "resolution" in row.reason and "1 of 1" not in report.coverage()
+    assert any("rounds to code 0" in n for n in report.notes) and "rounds to code 0" in str(report)
+    fresh = SoftCap(30.0)
+    replace_ops(fresh)
+    fresh(x)
+    fresh.load_state_dict(m.state_dict(), strict=True)  # the decision is saved
+    assert torch.equal(fresh(x), m(x))
+    coarse = SoftCap(30.0)  # inputs up to ~0.1: a few codes only, warned about but through the table
+    report = replace_ops(coarse)
+    calibrate(coarse, [torch.randn(64, 32)])
+    assert report.rows()[0].through and any("warning" in n and "reach only" in n for n in report.notes)
+    calibrate(coarse, [torch.randn(64, 32) * 100])  # calibrating again on wide inputs clears it
+    assert not any(n.startswith("resolution") for n in report.notes)

@@ -5,8 +5,9 @@ of Hugging Face), `F.softmax` and `F.scaled_dot_product_attention` from their ow
 `CallRouter` catches those calls with a TorchFunctionMode that hooks on the root module enter
 and leave around each forward (the user writes a plain `model(x)`), and hooks on the
 submodules that may make such calls keep a stack of which module is running. A call is keyed, as in Brevitas's
-functional quantization, by that module, the kind of call and its index among the calls of
-that kind in one forward of the module; the first time a key is met it gets its own LUT
+functional quantization, by that module, the kind of call and its code location (file, line,
+bytecode offset: a Python loop over steps meets one site, not one per step), numbered in the
+order the locations are first met; the first time a key is met it gets its own LUT
 module, stored in the calling module under `lut_calls.<kind>_<index>`, so the state_dict
 carries its table and calibrated scale and a later load recreates it. With
 `replace_ops(calls="recorded")` the mode, after calibration, runs only inside the modules

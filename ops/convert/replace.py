@@ -216,6 +216,26 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
 
 
 SCALE_GRAINS = ("channel", "tensor")
+COARSE_CODES = 16  # fewer input codes than this (of 127) at the chosen scale: the report warns
+RESOLUTION_NOTE = "resolution: "
+
+
+def resolution_notes(acts: dict[str, LUTActivation]) -> list[str]:
+    """After observing: a site whose every input rounds to code 0 even at the table's finest scale
+    runs its exact function instead (and says so); one that reaches only a few codes is warned
+    about. Its largest input decides (per-feature scales only refine the grid)."""
+    notes = []
+    for name, m in acts.items():
+        amax = float(m.amax)
+        codes = amax * 2.0 ** m.scale
+        m.set_exact_fallback(bool(amax > 0 and amax * 2.0 ** max(m.table.scales) < 0.5))
+        if m._exact:
+            notes.append(f"{RESOLUTION_NOTE}{name}: every input (|x| <= {amax:.3g}) rounds to code 0 at the "
+                         f"table's finest step 2^-{max(m.table.scales)}: it runs float")
+        elif 0 < codes < COARSE_CODES:
+            notes.append(f"{RESOLUTION_NOTE}warning: {name}: inputs (|x| <= {amax:.3g}) reach only "
+                         f"{codes:.0f} input codes at step 2^-{m.scale}: the table is coarse there")
+    return notes
 
 
 def _fit_sites(acts: dict[str, LUTActivation]) -> None:
@@ -278,8 +298,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
         m.collect_samples = site_tables.SAMPLES_PER_BATCH if fit else 0
     try:
         observe(model, batches, list(acts.values()), forward)
+        notes = resolution_notes(acts)
+        if report is not None:
+            report.notes[:] = [n for n in report.notes if not n.startswith(RESOLUTION_NOTE)] + notes
         if fit:
-            _fit_sites(acts)
+            _fit_sites({n: m for n, m in acts.items() if not m._exact})
     finally:
         for m in acts.values():
             m.collect_samples, m._samples = 0, []

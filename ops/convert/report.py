@@ -54,6 +54,13 @@ def _channels(m: Optional[nn.Module]) -> str:
     return ""
 
 
+EXACT_REASON = "inputs below the table's resolution (every one rounds to code 0): kept float"
+
+
+def _exact(m: Optional[nn.Module]) -> bool:
+    return isinstance(m, LUTActivation) and m._exact
+
+
 def _scale(m: Optional[nn.Module]) -> Optional[int]:
     if isinstance(m, LUTActivation) and not m.range_reduced:
         return m.scale
@@ -160,12 +167,18 @@ class Report:
         for s in self.swaps:
             if s.new is not None:
                 mod = model.get_submodule(s.name) if model is not None else None
+                if _exact(mod):
+                    out.append(Row(s.name, s.old, False, reason=EXACT_REASON))
+                    continue
                 out.append(Row(s.name, s.old, True, s.table or "", _scale(mod), channel_scales=_channels(mod)))
             elif not calls_on or s.opaque:
                 out.append(Row(s.name, s.old, False, reason=s.reason))
         if calls_on:
             for r in self.router.sites():
                 mod = model.get_submodule(r.name) if model is not None and r.tables else None
+                if _exact(mod):
+                    out.append(Row(r.name, r.kind, False, reason=EXACT_REASON))
+                    continue
                 out.append(Row(r.name, r.kind, bool(r.tables), ", ".join(r.tables), _scale(mod), r.reason,
                                _channels(mod)))
         return out

@@ -66,6 +66,10 @@ class LUTActivation(nn.Module):
         # per-channel scales (empty: one scale for the tensor): the index into table.scales of
         # each feature of the last dim, set by `calibrate(..., scales="channel")`
         self.register_buffer("channel_index", torch.zeros(0, dtype=torch.int64))
+        # set by calibrate where every input rounds to code 0 at the table's finest scale (a
+        # logit soft-cap's tanh(x / 30)): the exact function runs instead, and the report says so
+        self.register_buffer("exact_fallback", torch.zeros((), dtype=torch.bool))
+        self._exact = False
         self.observing = False
         self.bypass = False
         self.per_channel = False  # calibrate sets it: observe the last dim's features one by one
@@ -91,6 +95,9 @@ class LUTActivation(nn.Module):
         for name, value in fresh.items():
             self.__dict__.setdefault(name, value)
         self.__dict__.setdefault("_samples", [])
+        if "exact_fallback" not in buf:
+            buf["exact_fallback"] = torch.zeros((), dtype=torch.bool, device=buf["table_real"].device)
+        self.__dict__.setdefault("_exact", False)
         if "_channel_list" not in self.__dict__:
             self._channel_list = buf["channel_index"].tolist()
             self._channels_differ = len(set(self._channel_list)) > 1
@@ -137,6 +144,7 @@ class LUTActivation(nn.Module):
         self._set_table(self.table)
         self.set_scale(self._scale_d)
         self.amax.zero_()
+        self.exact_fallback.fill_(self._exact)
         self._set_channels(channels)
         if self.scale_mode == "learned":
             with torch.no_grad():
@@ -154,7 +162,7 @@ class LUTActivation(nn.Module):
 
     # the state_dict holds table_spec (written from the table when saved), scale_index and,
     # when learned, log2_threshold; a float checkpoint has none of them
-    _OWN_KEYS = ("scale_index", "log2_threshold", "table_spec", "channel_index")
+    _OWN_KEYS = ("scale_index", "log2_threshold", "table_spec", "channel_index", "exact_fallback")
     _DERIVED_KEYS = ("table_real", "scales", "slopes_real", "breakpoints")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -207,6 +215,11 @@ class LUTActivation(nn.Module):
         self._scale_d = int(self.d_current)
         self._channel_list = self.channel_index.tolist()
         self._channels_differ = len(set(self._channel_list)) > 1
+        self._exact = bool(self.exact_fallback)
+
+    def set_exact_fallback(self, on: bool) -> None:
+        self.exact_fallback.fill_(on)
+        self._exact = on
 
     @property
     def scale(self) -> int:
@@ -229,8 +242,8 @@ class LUTActivation(nn.Module):
                 self._observe_channels(seen)
             if self.collect_samples:
                 self._samples.append(_spread_sample(finite, self.collect_samples))
-        if self.bypass:  # the probe of ops.replace: the exact function, before any quantization
-            return self.fn(x)  # (a learned scale's TQT quantizer included: the probe compares meaning)
+        if self.bypass or self._exact:  # the probe of ops.replace (the exact function, before any
+            return self.fn(x)  # quantization, a learned scale's included), or a site below one code
         buf = self._buffers
         channels = buf["channel_index"]
         if self._channels_differ and x.dim() and x.shape[-1] == channels.numel():
