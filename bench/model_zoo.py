@@ -1,9 +1,12 @@
 """`replace_ops` on the models people use. Run: python -m bench.model_zoo [--models a,b] [--reps N]
 
-Small random-init configs of Hugging Face's BERT, GPT-2, ViT, Llama, Mistral, Qwen2, T5 and
-Mamba (its plain-PyTorch path), local mimics of timm's LayerNorm2d and GroupNormAct and of a
-MobileNetV3 block (no timm/torchvision: their wheels need a CUDA torch here), and
-nn.TransformerEncoder. Per model: the non-linear calls one forward makes, how many of those
+Small random-init configs of 28 Hugging Face families (decoders: GPT-2, Llama, Mistral, Qwen2/3,
+Gemma2/3, Phi-3, GPT-NeoX, OPT, BLOOM, Falcon; mixtures of experts: Qwen3-MoE, Mixtral; state-space and
+recurrent: Mamba (its plain-PyTorch path), RWKV, xLSTM; encoders: BERT, DeBERTa-v2, DistilBERT,
+ELECTRA, ViT, CLIP's vision and text towers; encoder-decoders: T5, BART; audio: Whisper,
+wav2vec2-Conformer), local mimics of timm's LayerNorm2d and GroupNormAct and of a MobileNetV3 block
+(no timm/torchvision: their wheels need a CUDA torch here), nn.TransformerEncoder and an nn.LSTM
+language model. Per model: the non-linear calls one forward makes, how many of those
 sites run through tables and which stay float (why), the calls a counting TorchFunctionMode
 still sees in float after conversion, the rel-L2 of the output against float after
 calibration, and the forward time against float and against the module-swap path alone
@@ -106,6 +109,20 @@ class Encoder(nn.Module):
         return self.head(self.encoder(self.embed(input_ids)))
 
 
+class Recurrent(nn.Module):
+    """An nn.LSTM language model: its gates run inside torch's fused kernel (reported float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 64)
+        self.lstm = nn.LSTM(64, 64, num_layers=2, batch_first=True)
+        self.act = nn.GELU()
+        self.head = nn.Linear(64, 100)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.lstm(self.embed(input_ids))[0]))
+
+
 # --- the zoo ---------------------------------------------------------------------------------
 
 def _hf(kind: str) -> tuple[nn.Module, str]:
@@ -125,13 +142,55 @@ def _hf(kind: str) -> tuple[nn.Module, str]:
                                                                feed_forward_proj="gated-gelu")), "t5"),
         "mamba": lambda: (T.MambaForCausalLM(T.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100,
                                                            state_size=8)), "ids"),
+        "gemma2": lambda: (T.Gemma2ForCausalLM(T.Gemma2Config(**causal, head_dim=16, final_logit_softcapping=30.0,
+                                                              attn_logit_softcapping=50.0)), "ids"),
+        "gemma3": lambda: (T.Gemma3ForCausalLM(T.Gemma3TextConfig(**causal, head_dim=16)), "ids"),
+        "qwen3": lambda: (T.Qwen3ForCausalLM(T.Qwen3Config(**causal, head_dim=16)), "ids"),
+        "qwen3_moe": lambda: (T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**causal, head_dim=16, num_experts=4,
+                                                                     num_experts_per_tok=2, moe_intermediate_size=32)),
+                              "ids"),
+        "mixtral": lambda: (T.MixtralForCausalLM(T.MixtralConfig(**causal, num_local_experts=4, num_experts_per_tok=2)),
+                            "ids"),
+        "phi3": lambda: (T.Phi3ForCausalLM(T.Phi3Config(**causal, pad_token_id=0)), "ids"),
+        "gpt_neox": lambda: (T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=100, **small)), "ids"),
+        "opt": lambda: (T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                                                     max_position_embeddings=64)), "ids"),
+        "bloom": lambda: (T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)), "ids"),
+        "falcon": lambda: (T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                              num_attention_heads=4)), "ids"),
+        "rwkv": lambda: (T.RwkvForCausalLM(T.RwkvConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                        attention_hidden_size=64, intermediate_size=128,
+                                                        context_length=64)), "ids"),
+        "xlstm": lambda: (T.xLSTMForCausalLM(T.xLSTMConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                           num_heads=4, qk_dim_factor=1.0)), "ids"),
+        "deberta_v2": lambda: (T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **small)), "ids"),
+        "distilbert": lambda: (T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4,
+                                                                    hidden_dim=128)), "ids"),
+        "electra": lambda: (T.ElectraModel(T.ElectraConfig(vocab_size=100, embedding_size=64, **small)), "ids"),
+        "bart": lambda: (T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)), "t5"),
+        "clip_vision": lambda: (T.CLIPVisionModel(T.CLIPVisionConfig(image_size=32, patch_size=8, **small)), "pixels"),
+        "clip_text": lambda: (T.CLIPTextModel(T.CLIPTextConfig(vocab_size=100, max_position_embeddings=64, **small)),
+                              "ids"),
+        "whisper": lambda: (T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+            max_source_positions=32, max_target_positions=64, decoder_start_token_id=0, pad_token_id=0)), "audio"),
+        "wav2vec2_conformer": lambda: (T.Wav2Vec2ConformerModel(T.Wav2Vec2ConformerConfig(
+            **small, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4)), "wave"),
     }
-    # inputs (build): 8 x 64 tokens (GPT-2's 64 positions) or 8 x 3 x 32 x 32 images
+    # inputs (build): 8 x 64 tokens (GPT-2's 64 positions), 8 x 3 x 32 x 32 images, 8 x 16 mel bins x 64
+    # frames (Whisper), or 8 x 1600 samples of audio (wav2vec2)
     return table[kind]()
 
 
-HF_MODELS = ("bert", "gpt2", "vit", "llama", "mistral", "qwen2", "t5", "mamba")
-LOCAL_MODELS = ("convnet", "encoder")
+HF_MODELS = ("bert", "gpt2", "vit", "llama", "mistral", "qwen2", "t5", "mamba", "gemma2", "gemma3", "qwen3",
+             "qwen3_moe", "mixtral", "phi3", "gpt_neox", "opt", "bloom", "falcon", "rwkv", "xlstm", "deberta_v2",
+             "distilbert", "electra", "bart", "clip_vision", "clip_text", "whisper", "wav2vec2_conformer")
+LOCAL_MODELS = ("convnet", "encoder", "lstm")
 MODELS = HF_MODELS + LOCAL_MODELS
 
 
@@ -142,6 +201,8 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, Callable[[int], Inputs]]
         model, kind = ConvNet(), "pixels3"
     elif name == "encoder":
         model, kind = Encoder(), "ids"
+    elif name == "lstm":
+        model, kind = Recurrent(), "ids"
     elif name in HF_MODELS:
         model, kind = _hf(name)
     else:
@@ -156,6 +217,10 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, Callable[[int], Inputs]]
             return {"input_ids": ids, "decoder_input_ids": ids}
         if kind == "pixels":
             return {"pixel_values": torch.randn(8, 3, 32, 32, generator=g)}
+        if kind == "audio":
+            return {"input_features": torch.randn(8, 16, 64, generator=g), "decoder_input_ids": ids[:, :16]}
+        if kind == "wave":
+            return {"input_values": torch.randn(8, 1600, generator=g)}
         return {"pixel_values": torch.randn(8, 3, 32, 32, generator=g)}
 
     return model.eval(), batch
@@ -163,7 +228,9 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, Callable[[int], Inputs]]
 
 def output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 class CountFloatCalls(TorchFunctionMode):

@@ -17,11 +17,16 @@ from gqa_lut.evaluator import covering_scale
 from ops.tables import default_table
 
 # the float calls a converted model may still make, each with the reason its report gives
-ALLOWED_FLOAT = {"mamba": {"exp": 2},  # A = -exp(A_log): exp of a parameter, a constant of the model
-                 "t5": {"log": 2}}  # the relative-position buckets: log of positions, not of activations
+ALLOWED_FLOAT = {"mamba": {"exp": 2}, "rwkv": {"exp": 2},  # exp of a parameter (A_log, time decay): a constant
+                 "t5": {"log": 2}, "bart": {},  # T5's relative-position buckets: log of positions, not activations
+                 # soft-caps tanh(x / cap) whose inputs reach < 8 codes at the finest step: exact, with a reason
+                 "gemma2": {"tanh": 3}, "xlstm": {"tanh": 1, "log_sigmoid": 2},  # xLSTM's log-sigmoid gate: no table
+                 "whisper": {"gelu": 1}}  # its random-init conv stem's second GELU sees inputs below 0.1
+OPAQUE_ROWS = {"lstm": 1}  # nn.LSTM: gates inside torch's fused kernel, a float row of its own
 # rel-L2 of the outputs against float after calibration, random-init small models (measured
 # 0.006 .. 0.14 by bench.model_zoo; ViT's random LayerNorms sit near its worst)
 MAX_REL = 0.25
+WARN_REL = 0.15  # above it the report must carry a resolution note
 
 
 def convert(name):
@@ -34,7 +39,10 @@ def convert(name):
     return model, batch, test, ref, report
 
 
-@pytest.mark.parametrize("name", MODELS)
+HEAVY = {"xlstm", "bart", "whisper", "wav2vec2_conformer", "qwen3_moe", "rwkv"}  # over ~3 s each on 2 cores
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in MODELS])
 def test_every_nonlinear_call_runs_through_a_table(name):
     if name in HF_MODELS:
         pytest.importorskip("transformers")
@@ -43,12 +51,14 @@ def test_every_nonlinear_call_runs_through_a_table(name):
     assert dict(left) == ALLOWED_FLOAT.get(name, {}), report
     rows = report.rows()
     floats = [r for r in rows if not r.through]
-    assert len(floats) == sum(ALLOWED_FLOAT.get(name, {}).values()) and all(r.reason for r in floats)
+    assert len(floats) == sum(ALLOWED_FLOAT.get(name, {}).values()) + OPAQUE_ROWS.get(name, 0)
+    assert all(r.reason for r in floats)
     assert report.coverage().startswith(f"{len(rows) - len(floats)} of {len(rows)} call sites through tables")
     with torch.no_grad():
         out = output(model, test)
     rel = float((out - ref).norm() / ref.norm())
     assert 1e-4 < rel < MAX_REL  # tables in place, model not broken
+    assert rel < WARN_REL or any(n.startswith("resolution") for n in report.notes), report  # or its report says why
 
 
 def test_report_prints_a_coverage_line_and_a_row_per_site():
@@ -664,15 +674,15 @@ def test_a_site_below_the_tables_resolution_runs_float_and_the_report_says_so(tm
     assert torch.equal(m(x), SoftCap(30.0)(x))  # not all zeros: the exact function
     [row] = report.rows()
     assert not row.through and "resolution" in row.reason and "1 of 1" not in report.coverage()
-    assert any("rounds to code 0" in n for n in report.notes) and "rounds to code 0" in str(report)
+    assert any("runs float" in n for n in report.notes) and "runs float" in str(report)
     fresh = SoftCap(30.0)
     replace_ops(fresh)
     fresh(x)
     fresh.load_state_dict(m.state_dict(), strict=True)  # the decision is saved
     assert torch.equal(fresh(x), m(x))
-    coarse = SoftCap(30.0)  # inputs up to ~0.1: a few codes only, warned about but through the table
+    coarse = SoftCap(30.0)  # inputs up to ~0.15: a few codes only, warned about but through the table
     report = replace_ops(coarse)
-    calibrate(coarse, [torch.randn(64, 32)])
+    calibrate(coarse, [torch.randn(64, 32) * 1.5])
     assert report.rows()[0].through and any("warning" in n and "reach only" in n for n in report.notes)
     calibrate(coarse, [torch.randn(64, 32) * 100])  # calibrating again on wide inputs clears it
     assert not any(n.startswith("resolution") for n in report.notes)

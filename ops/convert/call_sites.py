@@ -424,7 +424,7 @@ class CallRouter:
             kind = "gelu_tanh"
         if kind == "pow":
             exponent = _arg(args, kwargs, 1, "exponent")
-            if exponent not in (0.5, -0.5) or isinstance(exponent, torch.Tensor):
+            if isinstance(exponent, torch.Tensor) or exponent not in (0.5, -0.5):
                 return func(*args, **kwargs)  # polynomial powers are not table ops
             kind, func = ("sqrt", torch.sqrt) if exponent == 0.5 else ("rsqrt", torch.rsqrt)
             args, kwargs = args[:1], {}

@@ -54,7 +54,7 @@ def _channels(m: Optional[nn.Module]) -> str:
     return ""
 
 
-EXACT_REASON = "inputs below the table's resolution (every one rounds to code 0): kept float"
+EXACT_REASON = "inputs below the table's resolution (fewer than 8 codes at its finest step): kept float"
 
 
 def _exact(m: Optional[nn.Module]) -> bool:

@@ -66,7 +66,7 @@ class LUTActivation(nn.Module):
         # per-channel scales (empty: one scale for the tensor): the index into table.scales of
         # each feature of the last dim, set by `calibrate(..., scales="channel")`
         self.register_buffer("channel_index", torch.zeros(0, dtype=torch.int64))
-        # set by calibrate where every input rounds to code 0 at the table's finest scale (a
+        # set by calibrate where the inputs reach fewer than 8 codes at the table's finest scale (a
         # logit soft-cap's tanh(x / 30)): the exact function runs instead, and the report says so
         self.register_buffer("exact_fallback", torch.zeros((), dtype=torch.bool))
         self._exact = False
@@ -243,7 +243,7 @@ class LUTActivation(nn.Module):
             if self.collect_samples:
                 self._samples.append(_spread_sample(finite, self.collect_samples))
         if self.bypass or self._exact:  # the probe of ops.replace (the exact function, before any
-            return self.fn(x)  # quantization, a learned scale's included), or a site below one code
+            return self.fn(x)  # quantization, a learned scale's included), or a site below its resolution
         buf = self._buffers
         channels = buf["channel_index"]
         if self._channels_differ and x.dim() and x.shape[-1] == channels.numel():
