@@ -253,13 +253,18 @@ class CountFloatCalls(TorchFunctionMode):
 
 def table_op_call(kind: str, args: tuple, kwargs: dict) -> bool:
     """Whether a call of this kind is one a table stands for: x ** 2 is not (only ** +-0.5 is),
-    nor the sqrt of a constant (sqrt(head_dim)): the rules of ops/convert/call_sites.py."""
+    nor the sqrt of a constant (sqrt(head_dim)), nor a division by a number: the rules of
+    ops/convert/call_sites.py."""
     x = args[0] if args else kwargs.get("input")
     if kind == "pow":
         e = args[1] if len(args) > 1 else kwargs.get("exponent")
         return not isinstance(e, torch.Tensor) and e in (0.5, -0.5)
     if kind in ("sqrt", "rsqrt", "reciprocal") and isinstance(x, torch.Tensor):
         return not (x.numel() == 1 and not x.requires_grad)
+    if kind == "div":  # by a tensor normaliser, not by a number or a scalar
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        return (isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel() > 1
+                and kwargs.get("rounding_mode") is None)
     return True
 
 

@@ -169,6 +169,9 @@ CALLS = (
     CallKind("pow", "rsqrt", "rsqrt", (torch.Tensor.__pow__,), ("pow",)),
     CallKind("glu", "sigmoid", "activation", (F.glu,)),  # a * sigmoid(b) of the two halves
     CallKind("reciprocal", "reciprocal", "reciprocal", (), ("reciprocal",)),  # sign(x) / |x|, range-reduced
+    # a / b by a tensor b (a normaliser: MoE top-k weights over their sum): a * reciprocal(b)
+    CallKind("div", "reciprocal", "reciprocal", (torch.Tensor.__truediv__, torch.Tensor.__itruediv__,
+                                                  torch.true_divide), ("div",)),
 )
 CALL_KINDS: dict[str, CallKind] = {c.name: c for c in CALLS}
 

@@ -429,10 +429,10 @@ def test_a_float_checkpoint_loads_strictly_into_every_kind_of_call_site():
     x = torch.randn(4, 8)
     report = replace_ops(m)
     calibrate(m, [x])
-    assert [r.kind for r in report.rows()] == ["exp"] and report.rows()[0].through
+    assert [r.kind for r in report.rows()] == ["exp", "div"] and all(r.through for r in report.rows())
     before = m(x)
     m.load_state_dict(SoftmaxByHand().state_dict(), strict=True)  # new weights, same tables
-    assert not torch.equal(m(x), before) and [r.through for r in report.rows()] == [True]
+    assert not torch.equal(m(x), before) and [r.through for r in report.rows()] == [True, True]
 
 
 class ExpOf(nn.Module):
@@ -686,3 +686,26 @@ def test_a_site_below_the_tables_resolution_runs_float_and_the_report_says_so(tm
     assert report.rows()[0].through and any("warning" in n and "reach only" in n for n in report.notes)
     calibrate(coarse, [torch.randn(64, 32) * 100])  # calibrating again on wide inputs clears it
     assert not any(n.startswith("resolution") for n in report.notes)
+
+
+def test_division_by_a_tensor_normaliser_goes_through_the_reciprocal_table():
+    class Renorm(nn.Module):  # an MoE's top-k weights over their sum, in place and not
+        def forward(self, w):
+            w = torch.sigmoid(w)
+            a = w / w.sum(-1, keepdim=True)
+            b = w.clone()
+            b /= b.sum(-1, keepdim=True)
+            return a + b + w / 4.0 + w / torch.tensor(2.0) + torch.div(w, 3, rounding_mode="floor")
+
+    torch.manual_seed(0)
+    m = Renorm()
+    x = torch.randn(16, 4)
+    ref = m(x)
+    report = replace_ops(m)
+    calibrate(m, [x])
+    assert sorted(r.kind for r in report.rows()) == ["div", "div", "sigmoid"]
+    assert dict(float_calls(m, {"w": x})) == {}
+    assert torch.allclose(m(x), ref, rtol=0.03, atol=0.01)
+    from ops.convert.call_sites import _signed_reciprocal
+    r = _signed_reciprocal(m.lut_calls.div_0, torch.tensor([0.0, -0.0, -4.0]))  # 1/+-0 as torch's
+    assert r[0] == math.inf and r[1] == -math.inf and abs(float(r[2]) + 0.25) < 0.005

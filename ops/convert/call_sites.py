@@ -249,8 +249,10 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
         return site(x)
     if kind == "sqrt":  # x * rsqrt(x): 0 at 0, NaN below as torch.sqrt
         return torch.where(x < 0, torch.full_like(x, math.nan), x * site(x))
-    if kind == "reciprocal":  # the table's range reduction takes |x|; 1/0 = inf as torch's
-        return torch.where(x == 0, 1.0 / x, torch.sign(x) * site(x.abs()))
+    if kind == "reciprocal":
+        return _signed_reciprocal(site, x)
+    if kind == "div":  # x / b = x * (1 / b)
+        return x * _signed_reciprocal(site, _arg(args, kwargs, 1, "other"))
     if kind == "softmax":
         dtype = _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype")
         if dtype is not None:
@@ -271,6 +273,12 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
         return lut_nn.group_norm(x, _arg(args, kwargs, 1, "num_groups"), _arg(args, kwargs, 2, "weight"),
                                   _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5), site)
     raise ValueError(f"no call site for kind {kind!r}")
+
+
+def _signed_reciprocal(site: nn.Module, b: T) -> T:
+    """1 / b through the table's range reduction of |b|, with the sign put back; 1 / +-0 is +-inf
+    as torch's (no float division here: a mode outside the model would count it)."""
+    return torch.where(b == 0, torch.copysign(torch.full_like(b, math.inf), b), torch.sign(b) * site(b.abs()))
 
 
 SITE_KEY = re.compile(r"^(?:(?P<owner>.*)\.)?lut_calls\.(?P<kind>[a-z_]+?)_(?P<index>\d+)\.")
@@ -422,6 +430,12 @@ class CallRouter:
             args, kwargs = (-x,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "input"}
         if kind == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
+        if kind == "div":
+            divisor = _arg(args, kwargs, 1, "other")
+            if (not isinstance(divisor, torch.Tensor) or not divisor.is_floating_point() or divisor.numel() == 1
+                    or kwargs.get("rounding_mode") is not None):
+                return func(*args, **kwargs)  # by a number or a scalar (a scale), or floor/trunc division
+            inplace = inplace or func is T.__itruediv__
         if kind == "pow":
             exponent = _arg(args, kwargs, 1, "exponent")
             if isinstance(exponent, torch.Tensor) or exponent not in (0.5, -0.5):
