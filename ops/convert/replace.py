@@ -281,8 +281,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     fit=True: each activation's table is then fitted again, weighted by a sample of the inputs
     that site saw and over the scales it uses (ops/convert/site_tables.py: parallel, cached on
     disk). For a pretrained LLM this is the accurate path: SmolLM2-135M's SiLU tables cost
-    +0.45% perplexity instead of +0.87%, all tables +0.56%, for 74 s on 2 cores
-    (python -m bench.real_models)."""
+    +0.43% perplexity instead of +0.87%, all tables +0.51%, for 117 s on 2 cores that a test run
+    shared (python -m bench.real_models)."""
     if scales not in SCALE_GRAINS:
         raise ValueError(f"scales={scales!r} is not allowed: use {' or '.join(map(repr, SCALE_GRAINS))}")
     if not isinstance(fit, bool):
