@@ -4,9 +4,9 @@ approximate live in gqa_lut.functions; ops/registry.py adds each op's torch side
 from ops.nn import (LUTActivation, LUTGELU, LUTGELUTanh, LUTGroupNorm, LUTHardsigmoid, LUTHardswish,
                     LUTLayerNorm, LUTRMSNorm, LUTSigmoid, LUTSiLU, LUTSoftmax, LUTSoftplus, LUTTanh,
                     RangeReducedLUT, lut_exp)
-from ops.convert.replace import calibrate, replace_ops
+from ops.convert.replace import calibrate, load_converted, replace_ops
 
 # the drop-ins ops/registry.py names (a test keeps the two in step), and the building blocks
 __all__ = ["LUTGELU", "LUTGELUTanh", "LUTSiLU", "LUTHardswish", "LUTHardsigmoid", "LUTSoftplus", "LUTSigmoid",
            "LUTTanh", "LUTLayerNorm", "LUTRMSNorm", "LUTGroupNorm", "LUTSoftmax", "LUTActivation", "RangeReducedLUT",
-           "calibrate", "lut_exp", "replace_ops"]
+           "calibrate", "load_converted", "lut_exp", "replace_ops"]

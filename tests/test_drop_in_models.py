@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.model_zoo import HF_MODELS, MODELS, build, float_calls, output
-from ops import LUTActivation, LUTRMSNorm, calibrate, replace_ops
+from ops import LUTActivation, LUTRMSNorm, calibrate, load_converted, replace_ops
 from ops.convert.call_sites import sdpa
 from ops.nn import LUTSoftmax
 from ops.convert.report import _bypass
@@ -234,6 +234,16 @@ def test_safetensors_and_save_pretrained(tmp_path):
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     model.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").exists()
+    import transformers
+    transformers.logging.set_verbosity_error()
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()  # float, tables dropped
+    report = load_converted(again, tmp_path / "hf")  # one call: convert, then the saved tables and scales
+    test = batch(5)
+    with torch.no_grad():
+        assert torch.equal(output(again, test), output(model, test))
+    assert all(r.through for r in report.rows()) and len(report.rows()) == len(model._gqa_lut_report.rows())
+    with pytest.raises(ValueError, match="is not a file"):
+        load_converted(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf"), tmp_path / "nowhere")
 
 
 def test_torch_save_of_the_whole_model():

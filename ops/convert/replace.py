@@ -316,3 +316,35 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
         owners = report.router.record()
         report.notes.append(f"calls recorded at calibration: interception runs inside {len(owners)} modules only")
     return {n: m.scale for n, m in acts.items()}
+
+
+def load_converted(model: nn.Module, saved: Any, **replace_kwargs: Any) -> Report:
+    """A converted model back from what it saved, in one call: `replace_ops(model, ...)` on the
+    float model (e.g. `from_pretrained` of a folder that `save_pretrained` wrote from a converted
+    model, which loads only the float weights and warns about the table keys), then its saved
+    state: a state dict, a .safetensors file, or a folder holding model.safetensors. The call
+    sites are recreated from their keys. Keys the file lacks must be parameters the model ties to
+    ones it has (save_pretrained drops a tied lm_head); anything else missing or unexpected is an
+    error naming the keys."""
+    from pathlib import Path
+    if isinstance(saved, (str, Path)):
+        path = Path(saved)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise ValueError(f"load_converted: {str(path)!r} is not a file: give a state dict, a .safetensors "
+                             "file or a folder that save_pretrained wrote")
+        from safetensors.torch import load_file
+        saved = load_file(str(path))
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"load_converted: a state dict, a file or a folder is needed, not {type(saved).__name__}")
+    report = replace_ops(model, **replace_kwargs)
+    missing, unexpected = model.load_state_dict(dict(saved), strict=False)
+    params = list(model.named_parameters(remove_duplicate=False))
+    saved_storage = {p.data_ptr() for name, p in params if name in saved}
+    tied_to_saved = {name for name, p in params if p.data_ptr() in saved_storage}
+    missing = [k for k in missing if k not in tied_to_saved]
+    if missing or unexpected:
+        raise ValueError(f"load_converted: the saved state does not fit the converted model: missing "
+                         f"{missing[:5]}, unexpected {list(unexpected)[:5]}")
+    return report
