@@ -218,9 +218,9 @@ def observe(model: nn.Module, batches: Iterable[Any], observers: list[nn.Module]
 
 SCALE_GRAINS = ("channel", "tensor")
 # the largest input reaches fewer codes than this (of 127) even at the table's finest step: the
-# site runs its exact function (Gemma2's soft-cap tanh(x / 30) at 1.5 codes put every logit on
-# 3 levels: rel-L2 0.78 on a random-init model; xLSTM's at 6 codes: 0.21); fewer than
-# COARSE_CODES: the report warns
+# site runs its exact function (Gemma2's final soft-cap tanh(x / 30) reaches 1.5 codes in
+# bench.model_zoo's random-init model: every logit on 3 levels); fewer than COARSE_CODES: the
+# report warns
 FLOAT_CODES = 8
 COARSE_CODES = 16
 RESOLUTION_NOTE = "resolution: "
