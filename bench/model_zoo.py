@@ -110,7 +110,8 @@ class Encoder(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """An nn.LSTM language model: its gates run inside torch's fused kernel (reported float)."""
+    """An nn.LSTM language model: its gates run inside torch's fused kernel, so it is swapped for
+    the drop-in that runs them step by step through tables (ops/nn/recurrent.py)."""
 
     def __init__(self):
         super().__init__()

@@ -165,6 +165,16 @@ register(Op("reciprocal", reciprocal, (1.0, 2.0), (4, 6), domain=(0.0, math.inf)
             description="1/x on the mantissa range [1, 2) of x = m*2^k (softmax denominator)"))
 
 
+def log(x: np.ndarray) -> np.ndarray:
+    return np.log(np.asarray(x, dtype=np.float64))
+
+
+register(Op("erf", erf, (-4.0, 4.0), (0, 6), left_tail=(0.0, -1.0), right_tail=(0.0, 1.0),
+            description="erf(x); tails -> -1 and -> 1 (erfc = 1 - erf)"))
+register(Op("log", log, (1.0, 2.0), (4, 6), domain=(0.0, math.inf), domain_open=True,
+            description="ln(x) on the mantissa range [1, 2) of x = m*2^k (log, log1p, logsumexp)"))
+
+
 def op_names() -> list[str]:
     """Registry names, aliases last, for error messages and `gqa-lut ops`."""
     primary = [n for n, op in OPS.items() if op.name == n]

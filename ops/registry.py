@@ -74,6 +74,10 @@ def _unit_softplus(m: nn.Module) -> bool:
     return getattr(m, "beta", 1.0) == 1.0  # the table is softplus itself: beta != 1 goes through the call site
 
 
+def _tanh_rnn(m: nn.Module) -> bool:
+    return getattr(m, "nonlinearity", "tanh") == "tanh"  # a ReLU RNN has no table to put in
+
+
 def _decay(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-x)
 
@@ -94,10 +98,17 @@ RECORDS = (
     TorchOp("decay", _decay, ("decay",), derivative=10),
     TorchOp("rsqrt", torch.rsqrt, ("rsqrt",), derivative=11),
     TorchOp("reciprocal", torch.reciprocal, ("reciprocal",), derivative=12),
+    TorchOp("erf", torch.erf, ("erf",)),
+    TorchOp("log", torch.log, ("log",)),
+    TorchOp("logsumexp", torch.logsumexp, ("exp", "log")),
     TorchOp("layernorm", F.layer_norm, ("rsqrt",), (nn.LayerNorm,), "LUTLayerNorm", "LayerNorm"),
     TorchOp("rmsnorm", F.rms_norm, ("rsqrt",), (nn.RMSNorm,), "LUTRMSNorm", "RMSNorm"),
     TorchOp("groupnorm", F.group_norm, ("rsqrt",), (nn.GroupNorm,), "LUTGroupNorm", "GroupNorm"),
     TorchOp("softmax", F.softmax, ("exp", "reciprocal"), (nn.Softmax,), "LUTSoftmax", "Softmax"),
+    # the recurrent layers, whose gates torch runs inside one fused kernel (ops/nn/recurrent.py)
+    TorchOp("lstm", torch.lstm, ("sigmoid", "tanh"), (nn.LSTM,), "LUTLSTM", "LSTM"),
+    TorchOp("gru", torch.gru, ("sigmoid", "tanh"), (nn.GRU,), "LUTGRU", "GRU"),
+    TorchOp("rnn", torch.rnn_tanh, ("tanh",), (nn.RNN,), "LUTRNN", "RNN (tanh)", when=_tanh_rnn),
 )
 TORCH_OPS: dict[str, TorchOp] = {r.name: r for r in RECORDS}
 
@@ -141,12 +152,12 @@ class CallKind:
 
     name: str
     op: str  # the TorchOp it stands for (`replace_ops(ops=...)`)
-    site: str  # "activation" | "softmax" | "rsqrt" | "exp" | "reciprocal"
+    site: str  # one of SITES
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
 
 
-SITES = ("activation", "softmax", "rsqrt", "exp", "reciprocal")
+SITES = ("activation", "softmax", "rsqrt", "exp", "reciprocal", "log", "logsumexp")
 CALLS = (
     CallKind("gelu", "gelu", "activation", (F.gelu,)),
     CallKind("gelu_tanh", "gelu_tanh", "activation"),  # F.gelu(approximate="tanh"), told apart per call
@@ -156,6 +167,9 @@ CALLS = (
     CallKind("hardswish", "hswish", "activation", (F.hardswish,)),
     CallKind("hardsigmoid", "hsigmoid", "activation", (F.hardsigmoid,)),
     CallKind("softplus", "softplus", "activation", (F.softplus,)),
+    CallKind("logsigmoid", "softplus", "activation", (F.logsigmoid,)),  # -softplus(-x)
+    CallKind("erf", "erf", "activation", (torch.special.erf,), ("erf",)),
+    CallKind("erfc", "erf", "activation", (torch.special.erfc,), ("erfc",)),  # 1 - erf(x)
     CallKind("softmax", "softmax", "softmax", (F.softmax, torch.special.softmax), ("softmax",)),
     CallKind("softmin", "softmax", "softmax", (F.softmin,)),  # routed as the softmax of -x
     CallKind("sdpa", "softmax", "softmax", (F.scaled_dot_product_attention,)),
@@ -172,6 +186,13 @@ CALLS = (
     # a / b by a tensor b (a normaliser: MoE top-k weights over their sum): a * reciprocal(b)
     CallKind("div", "reciprocal", "reciprocal", (torch.Tensor.__truediv__, torch.Tensor.__itruediv__,
                                                   torch.true_divide), ("div",)),
+    # ln through the float's exponent and a table on [1, 2): ln(m * 2^E) = ln(m) + E ln 2
+    CallKind("log", "log", "log", (), ("log",)),
+    CallKind("log1p", "log", "log", (torch.special.log1p,), ("log1p",)),  # ln(1 + x)
+    # max + ln(sum(exp(x - max))): the exp table after the max, the sum, the log table
+    CallKind("logsumexp", "logsumexp", "logsumexp", (torch.special.logsumexp,), ("logsumexp",)),
+    CallKind("log_softmax", "logsumexp", "logsumexp", (F.log_softmax, torch.special.log_softmax),
+             ("log_softmax",)),  # x - logsumexp(x)
 )
 CALL_KINDS: dict[str, CallKind] = {c.name: c for c in CALLS}
 

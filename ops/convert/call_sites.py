@@ -14,7 +14,7 @@ carries its table and calibrated scale and a later load recreates it. With
 that made a call (`CallRouter.record`): the rest of the model pays no per-operation Python.
 
 Calls that stay float are recorded with the reason (`sites()`): ops with no table
-(log_softmax, erf, ...), non-float inputs, parameters (Mamba's -exp(A_log): a constant). exp
+(expm1, mish, ...), non-float inputs, parameters (Mamba's -exp(A_log): a constant). exp
 itself is range-reduced (exp(r) * 2^-n), so it is right for inputs of either sign. A site's own
 arithmetic runs with the mode off, so nothing inside it is intercepted.
 """
@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from gqa_lut.table import Table
 from ops import nn as lut_nn, registry
 from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
+from ops.nn.activation import running_exact
 from ops.nn.softmax import LN2, exp_reduced, keep_reduced_exp_scale, reduced_exp_scale
 
 # The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
@@ -49,25 +50,19 @@ KIND_OF: dict[Callable, str] = registry.call_spellings()
 T = torch.Tensor
 # non-linear calls with no table: reported as float, with this reason
 NO_TABLE: dict[Callable, str] = {
-    F.log_softmax: "log_softmax has no table (a log of a sum)",
-    T.log_softmax: "log_softmax has no table (a log of a sum)",
-    torch.log_softmax: "log_softmax has no table (a log of a sum)", torch.erf: "erf has no table",
-    T.erf: "erf has no table", F.mish: "mish has no table (fit one with gqa-lut fit --expr)",
+    F.mish: "mish has no table (fit one with gqa-lut fit --expr)",
     F.elu: "elu has no table", F.selu: "selu has no table", F.celu: "celu has no table",
-    F.logsigmoid: "logsigmoid has no table", F.softsign: "softsign has no table",
+    F.softsign: "softsign has no table",
 }
 # (not exp2 nor log2: the drop-ins' own range reductions take exponents and scale by 2^n with
 # them, shifts and leading-zero counts in integer hardware, and they run under the interception)
-for _name, _why in (("expm1", "expm1 has no table"), ("log", "log has no table"),
-                    ("log1p", "log1p has no table"), ("log10", "log10 has no table"),
-                    ("logsumexp", "logsumexp has no table (a log of a sum)"), ("erfc", "erfc has no table"),
-                    ("erfinv", "erfinv has no table"), ("norm", "a vector norm: sqrt of a sum, no table")):
+for _name, _why in (("expm1", "expm1 has no table (exp(x) - 1 would lose its small-x digits)"),
+                    ("log10", "log10 has no table"), ("erfinv", "erfinv has no table"),
+                    ("norm", "a vector norm: sqrt of a sum, no table")):
     for _owner in (torch, T):
         if hasattr(_owner, _name):
             NO_TABLE[getattr(_owner, _name)] = _why
-NO_TABLE.update({torch.special.erf: "erf has no table", torch.special.erfc: "erfc has no table",
-                 torch.special.expm1: "expm1 has no table",
-                 torch.special.log1p: "log1p has no table", torch.special.logsumexp: "logsumexp has no table",
+NO_TABLE.update({torch.special.expm1: "expm1 has no table (exp(x) - 1 would lose its small-x digits)",
                  F.instance_norm: "instance_norm has no table (its rsqrt is inside one kernel)",
                  F.normalize: "normalize: a vector norm (sqrt of a sum), no table",
                  torch.linalg.vector_norm: "a vector norm: sqrt of a sum, no table",
@@ -139,7 +134,7 @@ class SiteRecord:
     kind: str
     tables: tuple[str, ...] = ()
     reason: str = ""
-    calls: int = 0  # calls seen so far
+    calls: int = 0  # calls seen so far (float sites)
 
 
 class ExpSite(nn.Module):
@@ -171,6 +166,25 @@ def _exp_site_loaded(site: ExpSite, keys: Any) -> None:
     reduced_exp_scale(site.lut)
 
 
+class LogSumExpSite(nn.Module):
+    """log(sum(exp(x))) over a dim as an integer design has it: the row max, exp of the
+    differences through the exp table after range reduction (as the softmax's numerators), the
+    sum, and ln of the sum through the log table after range reduction (its exponent is a
+    leading-zero count); log_softmax is x minus it. A row of -inf gives -inf, as torch's."""
+
+    def __init__(self, exp_table: Table, log_table: Table):
+        super().__init__()
+        self.lut = exp_module(exp_table, LN2)
+        self.log = RangeReducedLUT("log", log_table)
+
+    def forward(self, x: T, dim: int | tuple[int, ...], keepdim: bool = False) -> T:
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        m = x.detach().amax(dims, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: its sum is 0, its log -inf
+        out = self.log(exp_reduced(self.lut, x - m).sum(dims, keepdim=True)) + m
+        return out if keepdim else out.squeeze(dims)
+
+
 # the LUT module serving each registry `site`, from the tables given
 # (and replace_ops' module_kwargs, which only activation sites take)
 MAKERS: dict[str, Callable[[str, dict[str, Table], dict[str, Any]], nn.Module]] = {
@@ -179,6 +193,8 @@ MAKERS: dict[str, Callable[[str, dict[str, Table], dict[str, Any]], nn.Module]] 
     "rsqrt": lambda kind, tables, kw: RangeReducedLUT("rsqrt", tables["rsqrt"]),
     "exp": lambda kind, tables, kw: ExpSite(tables["exp"]),
     "reciprocal": lambda kind, tables, kw: RangeReducedLUT("reciprocal", tables["reciprocal"]),
+    "log": lambda kind, tables, kw: RangeReducedLUT("log", tables["log"]),
+    "logsumexp": lambda kind, tables, kw: LogSumExpSite(tables["exp"], tables["log"]),
 }
 
 
@@ -234,10 +250,24 @@ def run_site(kind: str, site: nn.Module, func: Callable, args: tuple, kwargs: di
         threshold = float(_arg(args, kwargs, 2, "threshold", 20.0))
         y = site(x * beta) / beta if beta != 1.0 else site(x)
         return torch.where(x * beta > threshold, x, y)
+    if kind == "logsigmoid":  # -softplus(-x)
+        return -site(-x)
+    if kind == "erfc":
+        return 1 - site(x)
+    if kind == "log1p":
+        return site(1 + x)
+    if kind == "logsumexp":
+        return site(x, _arg(args, kwargs, 1, "dim"), bool(_arg(args, kwargs, 2, "keepdim", False)))
+    if kind == "log_softmax":
+        dtype = _arg(args, kwargs, 3 if func is F.log_softmax else 2, "dtype")
+        if dtype is not None:
+            x = x.to(dtype)
+        dim = _softmax_dim(x, _arg(args, kwargs, 1, "dim"))
+        return x - site(x, dim, True)
     if kind == "glu":
         a, b = x.chunk(2, dim=_arg(args, kwargs, 1, "dim", -1))
         return a * site(b)
-    if kind in ACTIVATIONS or kind in ("exp", "rsqrt"):
+    if kind in ACTIVATIONS or kind in ("exp", "rsqrt", "log"):
         return site(x)
     if kind == "sqrt":  # x * rsqrt(x): 0 at 0, NaN below as torch.sqrt
         return torch.where(x < 0, torch.full_like(x, math.nan), x * site(x))
@@ -283,9 +313,9 @@ def table_call(kind: str, args: tuple, kwargs: dict) -> bool:
 
 
 def constant_input(kind: str, x: T) -> bool:
-    """sqrt(head_dim) and the like: sqrt, rsqrt or 1/x of one element with no gradient is a
-    constant of the model, not an activation (no site, not listed)."""
-    return kind in ("sqrt", "rsqrt", "reciprocal") and x.numel() == 1 and not x.requires_grad
+    """sqrt(head_dim), log(10000) and the like: sqrt, rsqrt, 1/x or log of one element with no
+    gradient is a constant of the model, not an activation (no site, not listed)."""
+    return kind in ("sqrt", "rsqrt", "reciprocal", "log", "log1p") and x.numel() == 1 and not x.requires_grad
 
 
 def _signed_reciprocal(site: nn.Module, b: T) -> T:
@@ -317,6 +347,9 @@ class CallRouter:
         self.forwards = 0  # root forwards seen (the report says when no call has been met yet)
         self.paused = False
         self.scope = "model"  # "recorded": the mode runs only inside modules that made a call (record())
+        # while calibrate observes: calls per site name (the report's call counts); None otherwise,
+        # so a forward (eager or compiled) after calibration pays nothing for it
+        self.counts: Optional[dict[str, int]] = None
         self.mode: Optional[_LUTCallMode] = None
         self.attach(root)
 
@@ -327,7 +360,7 @@ class CallRouter:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"module_kwargs": {}, "excluded": set(), **state})  # older pickles lack these
+        self.__dict__.update({"module_kwargs": {}, "excluded": set(), "counts": None, **state})  # older pickles lack these
 
     # --- hooks ---------------------------------------------------------------------------------
     def attach(self, root: nn.Module) -> None:
@@ -429,10 +462,17 @@ class CallRouter:
         name = f"{self._name(frame.module)}:{kind}_{frame.next_index(kind)}"
         rec = self.floats.setdefault(name, SiteRecord(name, kind, reason=reason))
         rec.calls += 1
+        if self.counts is not None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _count(self, owner: nn.Module, kind: str, index: int) -> None:
+        owner_name = self._name(owner) if owner is not self.root_ref else ""
+        name = f"{owner_name}.lut_calls.{kind}_{index}" if owner_name else f"lut_calls.{kind}_{index}"
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def handle(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self.stack[-1] if self.stack else None
-        if frame is None or self.paused:
+        if frame is None or self.paused or running_exact():
             return func(*args, **kwargs)
         kind = KIND_OF.get(func)
         if kind is None:
@@ -468,7 +508,10 @@ class CallRouter:
         if isinstance(x, nn.Parameter):  # Mamba's A = -exp(A_log): folded into a constant, not run per input
             self.note_float(frame, kind, "input is a parameter (a constant of the model, not an activation): kept float")
             return func(*args, **kwargs)
-        site = self.site(frame.module, kind, frame.next_index(kind), x.device)
+        index = frame.next_index(kind)
+        site = self.site(frame.module, kind, index, x.device)
+        if self.counts is not None:
+            self._count(frame.module, kind, index)
         y = run_site(kind, site, func, args, kwargs)
         if inplace:
             return x.copy_(y)

@@ -100,8 +100,9 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
     module swaps only.
 
     tables: table name (gelu, gelu_tanh, swish, hswish, hsigmoid, softplus, sigmoid, tanh,
-    exp, rsqrt, reciprocal) -> Table or file; the shipped defaults otherwise. ops: which ops
-    (ops/registry.py names or aliases; rsqrt and exp are call sites only), all by default.
+    exp, rsqrt, reciprocal, erf, log) -> Table or file; the shipped defaults otherwise. ops: which
+    ops (ops/registry.py names or aliases; rsqrt, exp, reciprocal, erf, log and logsumexp are call
+    sites only; lstm, gru and rnn the recurrent layers), all by default.
     filter_fn(module, name) -> bool (torchao's quantize_ filter): a module for which it is False
     is not swapped, and the calls its own forward makes stay float (reported with that reason);
     its children are asked on their own. module_kwargs: scale_mode ('fixed', 'calibrate',
@@ -135,13 +136,14 @@ def replace_ops(model: nn.Module, tables: Optional[dict[str, TableLike]] = None,
             if not keep(child, full):
                 visit(child, full)
                 continue
-            if isinstance(child, nn.RNNBase):  # its gates are inside one ATen kernel: no call to route
-                report.swaps.append(Swap(full, type(child).__name__, None, None,
-                                         f"kept float: {type(child).__name__}'s sigmoid/tanh gates run inside "
-                                         "torch's fused RNN kernel", opaque=True))
-                continue
             rec = next((r for r in swappable if isinstance(child, r.replaces) and (r.when is None or r.when(child))),
                        None)
+            if rec is None and isinstance(child, nn.RNNBase):  # its gates run inside one ATen kernel
+                if child.mode in ("LSTM", "GRU", "RNN_TANH"):  # (not chosen: the ops= left it out)
+                    report.swaps.append(Swap(full, type(child).__name__, None, None,
+                                             f"kept float: {type(child).__name__}'s sigmoid/tanh gates run inside "
+                                             "torch's fused RNN kernel", opaque=True))
+                continue
             if rec is not None:
                 base = overrides_forward(type(child), rec.replaces)
                 if base is not None:  # its own forward means something the drop-in does not know
@@ -303,8 +305,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     for m in acts.values():
         m.per_channel = scales == "channel"
         m.collect_samples = site_tables.SAMPLES_PER_BATCH if fit else 0
+    stop_counting = report.count_calls(model) if report is not None else None
     try:
-        observe(model, batches, list(acts.values()), forward)
+        try:
+            observe(model, batches, list(acts.values()), forward)
+        finally:
+            if stop_counting is not None:
+                stop_counting()
         notes = resolution_notes(acts)
         if report is not None:
             report.notes[:] = [n for n in report.notes if not n.startswith(RESOLUTION_NOTE)] + notes

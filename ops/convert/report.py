@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from gqa_lut.table import Table
 from ops.nn import LUTActivation, sync
@@ -45,6 +46,7 @@ class Row:
     scale: Optional[int] = None
     reason: str = ""
     channel_scales: str = ""  # "lo-hi": the range of per-feature scales, where calibrate set them
+    calls: Optional[int] = None  # calls during calibration's pass over its batches (None before calibration)
 
 
 def _channels(m: Optional[nn.Module]) -> str:
@@ -103,11 +105,14 @@ class _Probe:
         try:
             with _bypass(self.drop_in):
                 mine = self.drop_in(*args, **kwargs)
-            if not isinstance(out, torch.Tensor) or not isinstance(mine, torch.Tensor) or mine.shape != out.shape:
+            theirs, tree = tree_flatten(out)
+            ours, my_tree = tree_flatten(mine)
+            if (my_tree != tree or not theirs or not all(isinstance(t, torch.Tensor) for t in theirs + ours)
+                    or any(a.shape != b.shape for a, b in zip(ours, theirs))):
                 self.error = "returns something else"
-            else:
-                self.rel = max(self.rel or 0.0, _rel(mine, out))
-                self.dtype = out.dtype
+            else:  # a tensor, or a recurrent layer's (output, (h, c)): every tensor within tolerance
+                self.rel = max([self.rel or 0.0] + [_rel(a, b) for a, b in zip(ours, theirs)])
+                self.dtype = theirs[0].dtype
         except Exception as e:  # noqa: BLE001 - a drop-in that cannot take the call is a refused swap
             self.error = f"cannot take the call ({type(e).__name__}: {e})".splitlines()[0][:120]
 
@@ -120,6 +125,34 @@ class Report:
     model_ref: Optional[nn.Module] = None
     notes: list[str] = field(default_factory=list)  # model-wide changes (the attention implementation)
     record_after_calibration: bool = False  # replace_ops(calls="recorded")
+    # calls of each row during calibration's pass over its batches (module swaps by a hook, call
+    # sites by the router); None before calibration. A row with none did not run: not counted
+    calls: Optional[dict[str, int]] = None
+
+    def count_calls(self, model: nn.Module) -> Callable[[], None]:
+        """Count every row's calls from now on; returns the function that stops counting."""
+        counts: dict[str, int] = {}
+        handles = []
+        for s in self.swaps:
+            if s.new is None and not s.opaque:
+                continue
+            try:
+                m = model.get_submodule(s.name)
+            except AttributeError:
+                continue
+            handles.append(m.register_forward_pre_hook(lambda mod, args, name=s.name: counts.__setitem__(
+                name, counts.get(name, 0) + 1)))
+        if self.router is not None:
+            self.router.counts = counts
+
+        def stop() -> None:
+            for h in handles:
+                h.remove()
+            if self.router is not None:
+                self.router.counts = None
+            self.calls = counts
+
+        return stop
 
     # --- the probe (ops.replace.calibrate) -----------------------------------------------------
     def probe(self, run: Callable[[Any], Any], batch: Any) -> None:
@@ -151,16 +184,33 @@ class Report:
                     setattr(parent, attr, old)
                     if router is not None:
                         router.hook(old)
+                    fused = isinstance(old, nn.RNNBase)  # its gates stay inside torch's kernel: a float row
                     for s in self.swaps:
                         if s.name == name:
-                            s.new, s.table = None, None
-                            s.reason = f"probe: {why}; kept (its calls are call sites)"
+                            s.new, s.table, s.opaque = None, None, fused
+                            s.reason = f"probe: {why}; kept" + (" float" if fused else " (its calls are call sites)")
                 else:
                     setattr(parent, attr, p.drop_in)
             self.originals = {}
 
     # --- what it says --------------------------------------------------------------------------
     def rows(self) -> list[Row]:
+        """Every swap and call site that ran at calibration (all of them before it)."""
+        return [r for r in self._all_rows() if r.calls != 0]
+
+    def idle(self) -> list[str]:
+        """Swaps and call sites calibration never ran (a code path the model did not take)."""
+        return [r.name for r in self._all_rows() if r.calls == 0]
+
+    def _all_rows(self) -> list[Row]:
+        out = self._rows()
+        calls = getattr(self, "calls", None)  # (reports pickled before call counting have none)
+        if calls is not None:
+            for r in out:
+                r.calls = calls.get(r.name, 0)
+        return out
+
+    def _rows(self) -> list[Row]:
         out = []
         model = self.model_ref
         calls_on = self.router is not None
@@ -191,6 +241,9 @@ class Report:
         rows = self.rows() if rows is None else rows
         through = sum(r.through for r in rows)
         line = f"{through} of {len(rows)} call sites through tables"
+        if rows and all(r.calls is not None for r in rows):
+            line += (f" ({sum(r.calls for r in rows if r.through)} of {sum(r.calls for r in rows)} calls at "
+                     "calibration)")
         floats = Counter((r.kind, r.reason) for r in rows if not r.through)
         if floats:
             line += "; float: " + "; ".join(f"{n} {k} ({why})" for (k, why), n in floats.items())
@@ -207,12 +260,16 @@ class Report:
         lines = [self.coverage(rows)]
         if rows:
             w = max(len(r.name) for r in rows)
-            lines.append(f"{'site'.ljust(w)}  {'kind':<22} {'':5} {'tables':<20} {'scale':>5}  reason")
+            lines.append(f"{'site'.ljust(w)}  {'kind':<22} {'':5} {'tables':<20} {'calls':>6} {'scale':>5}  reason")
             for r in rows:
                 scale = "" if r.scale is None else str(r.scale)
                 scale = f"{scale} (features {r.channel_scales})" if r.channel_scales else scale
+                calls = "" if r.calls is None else str(r.calls)
                 lines.append(f"{r.name.ljust(w)}  {r.kind:<22} {'table' if r.through else 'float':5} "
-                             f"{r.tables:<20} {scale:>5}  {r.reason}")
+                             f"{r.tables:<20} {calls:>6} {scale:>5}  {r.reason}")
+        idle = self.idle()
+        if idle:
+            lines.append(f"not run at calibration (not counted): {', '.join(idle)}")
         for s in self.kept():
             lines.append(f"kept module {s.name} ({s.old}): {s.reason}")
         lines += self.notes
@@ -220,7 +277,7 @@ class Report:
 
     def to_dict(self) -> dict:
         rows = self.rows()
-        return {"coverage": self.coverage(rows), "rows": [asdict(r) for r in rows],
+        return {"coverage": self.coverage(rows), "rows": [asdict(r) for r in rows], "idle": self.idle(),
                 "swaps": [asdict(s) for s in self.swaps], "notes": list(self.notes)}
 
     def __getstate__(self) -> dict:

@@ -49,6 +49,8 @@ CLOSED_FORM: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "decay": lambda x: -torch.exp(-x),
     "rsqrt": lambda x: -0.5 * torch.rsqrt(x) / x,
     "reciprocal": lambda x: -1 / (x * x),
+    "erf": lambda x: 1.1283791670955126 * torch.exp(-x * x),
+    "log": lambda x: 1 / x,
 }
 
 

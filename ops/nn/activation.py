@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,6 +35,12 @@ from ops.nn.fake_quant import tqt_quantize
 from ops.tables import as_table
 
 SCALE_MODES = ("fixed", "calibrate", "learned")
+_EXACT = threading.local()  # how deep this thread is in a drop-in's exact function
+
+
+def running_exact() -> bool:
+    """Whether this thread is inside a drop-in's exact function (its calls are not call sites)."""
+    return getattr(_EXACT, "depth", 0) > 0
 GRAD_MODES = ("exact", "slope")
 
 
@@ -243,7 +250,7 @@ class LUTActivation(nn.Module):
             if self.collect_samples:
                 self._samples.append(_spread_sample(finite, self.collect_samples))
         if self.bypass or self._exact:  # the probe of ops.replace (the exact function, before any
-            return self.fn(x)  # quantization, a learned scale's included), or a site below its resolution
+            return self._exact_fn(x)  # quantization, a learned scale's included), or a site below its resolution
         buf = self._buffers
         channels = buf["channel_index"]
         if self._channels_differ and x.dim() and x.shape[-1] == channels.numel():
@@ -257,9 +264,19 @@ class LUTActivation(nn.Module):
             return self._lut(xq, index, self.scales[index])
         return self._lut(x, buf["scale_index"], buf["d_current"])
 
+    def _exact_fn(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact function, passed over by the call-site router (`running_exact`): a swapped
+        module runs under its mode, and its F.gelu would otherwise become a call site of the
+        module around it. Other modes (a user's profiler) still see the call."""
+        _EXACT.depth = getattr(_EXACT, "depth", 0) + 1
+        try:
+            return self.fn(x)
+        finally:
+            _EXACT.depth -= 1
+
     def _lut(self, x: torch.Tensor, index: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.bypass:  # the probe of ops.replace: the drop-in's own arithmetic with exact functions
-            return self.fn(x)
+            return self._exact_fn(x)
         buf = self._buffers  # not self.<buffer>: nn.Module's __getattr__ costs host time on every call
         table = buf["table_real64"] if x.dtype == torch.float64 else buf["table_real"]
         return lut_apply(x, table, buf["slopes_real"], buf["breakpoints"], index, d, self.table.input_bits,
