@@ -6,8 +6,9 @@ recurrent: Mamba (its plain-PyTorch path), RWKV, xLSTM; encoders: BERT, DeBERTa-
 ELECTRA, ViT, CLIP's vision and text towers; encoder-decoders: T5, BART; audio: Whisper,
 wav2vec2-Conformer), local mimics of timm's LayerNorm2d and GroupNormAct and of a MobileNetV3 block
 (no timm/torchvision: their wheels need a CUDA torch here), nn.TransformerEncoder and an nn.LSTM
-language model. Per model: the non-linear calls one forward makes, how many of those
-sites run through tables and which stay float (why), the calls a counting TorchFunctionMode
+language model. Per model: the non-linear calls one forward of the float model makes, the calls
+per forward through tables after conversion (the report's counts at calibration), the call
+sites through tables and which stay float (why), the calls a counting TorchFunctionMode
 still sees in float after conversion, the rel-L2 of the output against float after
 calibration, and the forward time against float and against the module-swap path alone
 (`calls=False`) and of `calls="recorded"` (interception only inside the modules calibration
@@ -269,7 +270,10 @@ def float_calls(model: nn.Module, inputs: Inputs) -> Counter:
     return c.calls
 
 
-def convert(model: nn.Module, batch: Callable[[int], Inputs], calls: bool = True, n_calib: int = 4) -> Any:
+N_CALIB = 4  # calibration batches per model
+
+
+def convert(model: nn.Module, batch: Callable[[int], Inputs], calls: bool = True, n_calib: int = N_CALIB) -> Any:
     report = replace_ops(model, calls=calls)
     calibrate(model, [batch(s) for s in range(n_calib)], forward=lambda m, b: output(m, b))
     return report
@@ -303,8 +307,12 @@ def measure(name: str, reps: int, compiled: bool = False) -> dict:
                     "ms_float_compiled": 1e3 * timer("cpu", lambda: output(c_float, test), reps),
                     "ms_module_swaps_compiled": 1e3 * timer("cpu", lambda: output(c_swap, test), reps),
                     "ms_tables_compiled": 1e3 * timer("cpu", lambda: output(c_lut, test), reps)}
+    per_forward = sum(r.calls for r in rows) / N_CALIB  # the report's call counts (calibration's batches)
+    through_per_forward = sum(r.calls for r in rows if r.through) / N_CALIB
     return {**more, "model": name, "nonlinear_calls_float_model": sum(float_before.values()),
             "sites": len(rows), "through_tables": sum(r.through for r in rows),
+            "calls_per_forward": per_forward, "calls_through_tables_per_forward": through_per_forward,
+            "idle": report.idle(),
             "float_sites": dict(floats), "float_calls_left": dict(left), "rel_l2_vs_float": rel,
             "kept_modules": [f"{s.name} ({s.old}): {s.reason}" for s in report.kept()],
             "ms_float": 1e3 * t_float, "ms_module_swaps": 1e3 * t_swap, "ms_tables": 1e3 * t_lut,
@@ -319,13 +327,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     args = ap.parse_args(argv)
     results = [measure(n, args.reps, args.compile) for n in args.models]
-    rows = [[r["model"], str(r["nonlinear_calls_float_model"]), f"{r['through_tables']}/{r['sites']}",
+    rows = [[r["model"], str(r["nonlinear_calls_float_model"]),
+             f"{r['calls_through_tables_per_forward']:g}/{r['calls_per_forward']:g}",
+             f"{r['through_tables']}/{r['sites']}",
              "; ".join(f"{n} {k}" for k, n in r["float_sites"].items()) or "-",
              str(sum(r["float_calls_left"].values())), f"{r['rel_l2_vs_float']:.4f}",
              f"{r['ms_tables'] / r['ms_float']:.2f}x", f"{r['ms_tables'] / r['ms_module_swaps']:.2f}x",
              f"{r['ms_tables_recorded'] / r['ms_module_swaps']:.2f}x"]
             for r in results]
-    headers = ["model", "calls", "tables", "float sites (why)", "float calls left", "rel-L2", "time/float",
+    headers = ["model", "calls", "calls through tables", "sites through tables", "float sites (why)", "float calls left", "rel-L2", "time/float",
                "time/swaps", "recorded: time/swaps"]
     if args.compile:
         headers += ["compiled: time/swaps", "bit-exact"]

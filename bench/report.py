@@ -193,7 +193,8 @@ SECTIONS = (
     Section("model_zoo.json", "Drop-in coverage of model families", "python -m bench.model_zoo",
             "Random-init models of real `transformers` classes: call sites met, through tables, the output's "
             "distance to float, and forward time (float, module swaps only, every table).",
-            (Table("results", ("model", "nonlinear_calls_float_model", "sites", "through_tables", "coverage",
+            (Table("results", ("model", "nonlinear_calls_float_model", "calls_per_forward",
+                               "calls_through_tables_per_forward", "sites", "through_tables", "coverage",
                                "rel_l2_vs_float", "ms_float", "ms_module_swaps", "ms_tables", "ms_tables_recorded",
                                "recorded_equal")),)),
     Section("model_zoo_compiled.json", "Drop-in coverage, compiled", "python -m bench.model_zoo --compile",

@@ -215,7 +215,11 @@ def build_problem(spec: "FitSpec", max_positions: int = MAX_POSITIONS) -> Proble
     if spec.op.name.startswith("custom:") and (left_tail is not None or right_tail is not None):
         outside = ESTIMATED_TAILS_OUTSIDE_WEIGHT
     w_out = np.where(seen & ~inside, outside * float(w[inside].min()), 0.0)
-    wmax = np.where(inside, 1.0, np.where(w_out > 0, outside, 0.0))
+    # the minimax objective leaves out codes beyond the op's domain (exp above 0: exp(127) is finite
+    # but no table follows it there, and it made every --objective max fit of exp score ~1e43)
+    dlo, dhi = spec.op.domain
+    in_domain = (x >= dlo) & (x <= dhi)
+    wmax = np.where(inside, 1.0, np.where((w_out > 0) & in_domain, outside, 0.0))
 
     def q(line):
         if line is None:

@@ -206,8 +206,11 @@ def fit(op: Op | str | Callable, config: Optional[FitConfig] = None, *, map_fn: 
     result = _best_of_fits(spec, map_fn, steps)
     if spec.objective == "max":  # start minimax from the mse solution too; keep the smaller max error
         mse = _best_of_fits(replace(spec, objective="mse"), map_fn, _Progress(None, 0))
-        result = min(result, _restart(mse, replace(spec, frac_bits=mse.problem.frac_bits)),
-                     key=lambda r: (r.metrics["max_abs_err"], r.objective))
+        at_mse = replace(spec, frac_bits=mse.problem.frac_bits)
+        # also the mse fit's table as it is: a tie in max error goes to the lower mse, which
+        # minimax polishing has no reason to keep
+        as_is = _Fit(at_mse, build_problem(at_mse), mse.best, mse.history, mse.generations)
+        result = min(result, _restart(mse, at_mse), as_is, key=lambda r: (r.metrics["max_abs_err"], r.metrics["mse"]))
     steps.finish(result.objective)
     table = result.table
     seconds = time.perf_counter() - t0
@@ -258,7 +261,7 @@ def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
     # the same request with half the segments (its own automatic frac_bits, if asked for)
     fewer = _best_of_fits(replace(spec, segments=spec.segments // 2), map_fn, _Progress(None, 0))
     embedded = _restart(fewer, replace(resolved, frac_bits=fewer.problem.frac_bits))
-    best = min((own, embedded), key=lambda r: r.objective)
+    best = min((own, embedded), key=lambda r: (r.objective, r.metrics["mse"]))  # (minimax ties: the lower mse)
     progress.phase(best.objective)
     return best
 

@@ -81,6 +81,19 @@ def test_minimax_objective_lowers_max_error():
     assert max_t.search["objective_value"] == pytest.approx(max_t.metrics["max_abs_err"])
 
 
+@pytest.mark.slow
+def test_minimax_scores_inside_the_domain_and_breaks_ties_by_mse():
+    """exp at 16 segments: the minimax fit ties the mse fit's max error; it must then not return a
+    table with more mse. Its objective is the max error on the domain (it once scored exp(127),
+    finite but outside exp's domain x <= 0: ~1e43)."""
+    mse_t = fit("exp", FitConfig(segments=16, seed=0))
+    max_t = fit("exp", FitConfig(segments=16, seed=0, objective="max"))
+    assert max_t.search["objective_value"] == pytest.approx(max_t.metrics["max_abs_err"], rel=1e-6)
+    assert max_t.metrics["max_abs_err"] <= mse_t.metrics["max_abs_err"] + 1e-12
+    if max_t.metrics["max_abs_err"] >= mse_t.metrics["max_abs_err"] - 1e-12:  # a tie
+        assert max_t.metrics["mse"] <= mse_t.metrics["mse"] * (1 + 1e-9)
+
+
 def test_histogram_weights_focus_the_error():
     rng = np.random.default_rng(0)
     samples = rng.normal(-2.0, 0.3, 20000)  # activations concentrated near -2
