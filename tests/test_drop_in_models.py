@@ -327,6 +327,29 @@ def test_compile_of_multihead_attention_runs_its_softmax_through_the_tables():
     assert float((out - eager).norm() / eager.norm()) < 1e-2
 
 
+def test_compiled_model_with_a_float_call_site_compiles_once():
+    """A site left float (exp of a parameter) kept a per-call counter on a module: dynamo guards
+    module integers, so every forward recompiled (RWKV: 47 s a forward). And the eager backend
+    runs the traced graph's calls under the mode again: they met new sites (an uncalibrated
+    exp_2 at the graph's code). Now a second and third forward reuse the first graph, and the
+    model's sites are the ones calibration met."""
+    m = ExpOf()
+    replace_ops(m)
+    calibrate(m, [torch.linspace(-3.0, 0.0, 64)])
+    sites = [n for n, _ in m.named_modules()]
+    x = torch.linspace(-2.0, 1.0, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="eager")
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            y, a = compiled(x)
+            compiled(x)
+    want_y, want_a = m(x)
+    assert [n for n, _ in m.named_modules()] == sites
+    assert torch.allclose(y, want_y, rtol=1e-6, atol=0) and torch.allclose(a, want_a, rtol=1e-6, atol=0)
+
+
 def gelu_every_code():
     g = nn.Sequential(nn.GELU())
     replace_ops(g, calls=False)

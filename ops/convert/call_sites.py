@@ -87,12 +87,15 @@ class Frame:
         torch.compile cannot trace frame inspection: there the n-th call of a kind takes the site
         the n-th call took in the last eager forward (calibration ran one)."""
         d = self.module.__dict__
+        location = None if torch.compiler.is_compiling() else caller_location()
+        if location is not None and location[0].startswith(GRAPH_CODE):
+            raise ReplayedGraph
         n = self.counts.get(kind, 0)
         self.counts[kind] = n + 1
         order = d.setdefault("_gqa_lut_call_order", {}).setdefault(kind, [])
-        if torch.compiler.is_compiling():
+        if location is None:
             return order[n] if n < len(order) else (order[-1] if order else n)
-        where = (kind, caller_location())
+        where = (kind, location)
         seen = d.setdefault("_gqa_lut_sites", {})
         index = seen.get(where)
         if index is None:  # the next index of this kind: how many of its locations came before
@@ -105,6 +108,13 @@ class Frame:
 
 
 _SKIP = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+GRAPH_CODE = "<eval_with_key>"  # the file name of the code torch.fx generates for a traced graph
+
+
+class ReplayedGraph(Exception):
+    """A call made by a graph torch.compile traced (its eager and aot_eager backends run the
+    graph's torch calls under the mode again): the router decided it while tracing, so it
+    runs as it is, and no site is met or named from the graph's code."""
 
 
 def caller_location() -> tuple[str, int, int]:
@@ -134,7 +144,6 @@ class SiteRecord:
     kind: str
     tables: tuple[str, ...] = ()
     reason: str = ""
-    calls: int = 0  # calls seen so far (float sites)
 
 
 class ExpSite(nn.Module):
@@ -459,9 +468,12 @@ class CallRouter:
         self.names = {}
 
     def note_float(self, frame: Frame, kind: str, reason: str) -> None:
-        name = f"{self._name(frame.module)}:{kind}_{frame.next_index(kind)}"
-        rec = self.floats.setdefault(name, SiteRecord(name, kind, reason=reason))
-        rec.calls += 1
+        index = frame.next_index(kind)  # taken even when compiling: the later sites' indices depend on it
+        if torch.compiler.is_compiling():  # recorded eagerly (calibration); naming by id() breaks dynamo's guards
+            return
+        name = f"{self._name(frame.module)}:{kind}_{index}"
+        if name not in self.floats:  # no per-call state: torch.compile guards module integers (a counter recompiled every forward)
+            self.floats[name] = SiteRecord(name, kind, reason=reason)
         if self.counts is not None:
             self.counts[name] = self.counts.get(name, 0) + 1
 
@@ -474,6 +486,12 @@ class CallRouter:
         frame = self.stack[-1] if self.stack else None
         if frame is None or self.paused or running_exact():
             return func(*args, **kwargs)
+        try:
+            return self._route(frame, func, args, kwargs)
+        except ReplayedGraph:
+            return func(*args, **kwargs)
+
+    def _route(self, frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
         kind = KIND_OF.get(func)
         if kind is None:
             self.note_float(frame, func.__name__, NO_TABLE[func])
