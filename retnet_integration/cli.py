@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "cc -O2 -std=c99 -Wall -Werror -o retnet_c/retnet retnet_c/retnet.c"))
     r.add_argument("--checkpoint", default="runs/retnet_cpu_int.pt",
                    help="integer checkpoint from `retnet qat-int` (a float one is calibrated, not fine-tuned)")
-    r.add_argument("--out", required=True, help="folder for tables.h, model.h, retnet.c, README.txt, model.json")
+    r.add_argument("--out", required=True, help="folder for the library (retnet.h, retnet.c, model.h, tables.h), "
+                   "its example program (main.c), a Cortex-M image (firmware.c), README.txt, model.json")
     r.set_defaults(handler=cmd_export_c)
     r = rsub.add_parser("check-int", help="float vs fake-quant vs integer reference (vs the C program)",
                         epilog=examples("gqa-lut retnet check-int --checkpoint runs/retnet_cpu_int.pt",
@@ -61,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--checkpoint", default="runs/retnet_cpu_int.pt", help="integer (or float) checkpoint")
     r.add_argument("--c", dest="c_dir", help="a folder written by `retnet export-c`: built and run on every window")
     r.add_argument("--windows", type=int, help="test windows (default: the preset's; all for cpu and gpu)")
+    r.add_argument("--arm", action="store_true", help="with --c: also build the library for 32-bit ARM Linux and run "
+                   "it on every window under qemu-arm, and size its Cortex-M4 image (arm-none-eabi-size)")
     r.add_argument("--json", help="write the results object here")
     r.set_defaults(handler=cmd_check_int)
     r = rsub.add_parser("study", help="the quantization study: quantizers, bit widths, sensitivity, seeds",
@@ -139,7 +142,8 @@ def cmd_check_int(args: argparse.Namespace) -> int:
 
     if args.json:
         check_writable(args.json, "--json")
-    doc = int_commands.run_check(Path(args.checkpoint), Path(args.c_dir) if args.c_dir else None, args.windows, _log)
+    doc = int_commands.run_check(Path(args.checkpoint), Path(args.c_dir) if args.c_dir else None, args.windows, _log,
+                                 arm=args.arm)
     if args.json:
         write_json_atomic(args.json, doc)
         _log(f"wrote {args.json}")

@@ -38,7 +38,7 @@ from retnet_integration.experiments.pipeline import (
 
 CHECK_KEYS = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
               "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes",
-              "forms_vs_int_argmax_agree")
+              "forms_vs_int_argmax_agree", "arm_vs_int_logits_equal", "cortex_m4")
 CHUNK = 16  # the chunkwise form's chunk in check-int
 
 
@@ -110,30 +110,34 @@ def _bpc(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((lse - picked).mean() / math.log(2))
 
 
-def _run_c(folder: Path, windows: np.ndarray, vocab: int, bar: Optional[ProgressBar] = None
+def _run_c(folder: Path, windows: np.ndarray, vocab: int, bar: Optional[ProgressBar] = None, arm: bool = False
            ) -> tuple[np.ndarray, float]:
+    """Build the example program on the library (natively, or for 32-bit ARM Linux to run under
+    qemu-arm) and run it on every window: its logits and the seconds its steps took."""
     from retnet_integration.integer import c_export
 
     meta = folder / "model.json"
-    if not (folder / "retnet.c").is_file() or not meta.is_file():
-        raise UsageError(f"--c {str(folder)!r} holds no exported program: write one with `gqa-lut retnet export-c`")
-    exe = c_export.build(folder)
+    if not all((folder / f).is_file() for f in c_export.SOURCES) or not meta.is_file():
+        raise UsageError(f"--c {str(folder)!r} holds no exported library: write one with `gqa-lut retnet export-c`")
+    cmd = c_export.arm_linux_build(folder) if arm else [str(c_export.build(folder))]
     outs, seconds = [], 0.0  # the program exported with this checkpoint (checked above) prints this format
     for w in windows:
-        run = subprocess.run([str(exe), "logits"], input=bytes(w.astype(np.uint8)), capture_output=True)
+        run = subprocess.run([*cmd, "logits"], input=bytes(w.astype(np.uint8)), capture_output=True)
         if run.returncode != 0:
-            raise UsageError(f"{exe} failed (exit {run.returncode}): {run.stderr.decode(errors='replace')[:200]}")
+            raise UsageError(f"{cmd[-1]} failed (exit {run.returncode}): {run.stderr.decode(errors='replace')[:200]}")
         outs.append(np.array(run.stdout.split(), dtype=np.int64).reshape(-1, vocab))
         seconds += float(run.stderr.decode().split()[3])
         if bar is not None:
-            bar.step("C program")
+            bar.step("C on ARM (qemu)" if arm else "C library")
     return np.stack(outs), seconds
 
 
 def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, arm: bool = False) -> dict:
     if windows is not None and windows < 1:
         raise UsageError(f"--windows {windows} is not allowed: use 1 or more")
+    if arm and c_dir is None:
+        raise UsageError("--arm needs --c: the folder of the exported library to build for ARM")
     device = torch.device("cpu")
     sim, base, extra = load_sim(checkpoint, device)
     m = export_integer(sim)
@@ -151,7 +155,8 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     bpc_float = bits_per_char(base, test, device)
     batches = range(0, x.shape[0], 64)
     names = ("recurrent", f"chunkwise{CHUNK}", "parallel")
-    bar = ProgressBar("check-int", total=len(batches) * (len(names) + 1) + (x.shape[0] if c_dir is not None else 0))
+    c_runs = (0 if c_dir is None else 1) + (1 if arm else 0)
+    bar = ProgressBar("check-int", total=len(batches) * (len(names) + 1) + x.shape[0] * c_runs)
 
     def counted(value):
         bar.step()
@@ -173,7 +178,7 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
            "int_vs_fakequant_argmax_agree": agree["recurrent"],
            "c_vs_int_logits_equal": None, "c_tokens_per_s": None, "int_tokens_per_s": int_tps,
            "weights_bytes": m.weights_bytes(), "state_bytes": m.state_bytes(),
-           "forms_vs_int_argmax_agree": agree}
+           "forms_vs_int_argmax_agree": agree, "arm_vs_int_logits_equal": None, "cortex_m4": None}
     if c_dir is not None:
         c_logits, seconds = _run_c(Path(c_dir), x.numpy(), m.vocab, bar)
         if c_logits.shape != ints.shape:
@@ -181,6 +186,11 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
                              "was it exported from this checkpoint?")
         doc["c_vs_int_logits_equal"] = float((c_logits == ints).all(-1).mean())
         doc["c_tokens_per_s"] = x.numel() / max(seconds, 1e-9)
+    if arm:
+        from retnet_integration.integer import c_export
+        arm_logits, _ = _run_c(Path(c_dir), x.numpy(), m.vocab, bar, arm=True)
+        doc["arm_vs_int_logits_equal"] = float((arm_logits == ints).all(-1).mean())
+        doc["cortex_m4"] = c_export.cortex_m_sizes(Path(c_dir))
     bar.close()
     log(f"{doc['positions']} positions: bpc float {doc['bpc_float']:.4f}, fake-quant {doc['bpc_fakequant']:.4f} "
         f"(parallel form {_bpc(par, y):.4f}), integer {doc['bpc_int']:.4f} "
@@ -191,5 +201,9 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
     if c_dir is not None:
         log(f"C logits equal to the integer reference's at {100 * doc['c_vs_int_logits_equal']:.3f}% of positions; "
             f"C {doc['c_tokens_per_s']:.0f} tokens/s, reference {int_tps:.0f} tokens/s (one stream, this machine)")
+    if arm:
+        img = doc["cortex_m4"]["image"]
+        log(f"32-bit ARM (qemu-arm): logits equal to the reference's at {100 * doc['arm_vs_int_logits_equal']:.3f}% "
+            f"of positions; Cortex-M4 image: flash {img['flash']} bytes, RAM {img['ram']} bytes")
     log(f"weights + tables {doc['weights_bytes']} bytes, state {doc['state_bytes']} bytes")
     return doc
