@@ -18,6 +18,8 @@ in bench/results/pwlf_cache.json; delete it to refit. --quick writes *_quick.jso
 (git-ignored), so the test suite never touches the committed results.
 
     python -m bench.anchors [--quick] [--seeds 5]
+    python -m bench.anchors --minimax [--quick]    the --objective max fits: ours, the bound the
+        fit prints, and the float minimax with free breakpoints (anchors_minimax.json)
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from bench._common import peak_rss_mb, RESULTS, geomean, machine, print_table, w
 from bench.baselines import (direct_table_mse, float_pwl_mse, grids, ibert_exp, ibert_gelu, lsb_descent,
                                round_float_pwl, union_points)
 from gqa_lut.evaluator import raw_metrics
+from gqa_lut.exact import minimax_bound
 from gqa_lut.localsearch import resegment
 from gqa_lut.problem import build_problem
 from gqa_lut.quantization import choose_frac_bits
@@ -91,11 +94,61 @@ def baseline(op_name: str, rng, scales, segments: int, frac_bits, pw: dict) -> d
             "dp_seconds": pw["seconds"] + time.perf_counter() - t1}
 
 
+MINIMAX_POINTS = 16385  # the dense grid of the float minimax (converged to 3 digits: 4097 points are ~1% low)
+
+
+def float_minimax(op_name: str, rng: tuple[float, float], segments: int, points: int = MINIMAX_POINTS) -> float:
+    """The best max |error| of any `segments` real lines with free breakpoints on [lo, hi]
+    (continuous target, no integer grid): gqa_lut.exact.minimax_bound on a dense grid."""
+    x = np.linspace(rng[0], rng[1], points)
+    return minimax_bound(x, get_op(op_name).fn(x), np.ones_like(x), segments)
+
+
+def minimax_rows(quick: bool, seeds: int) -> None:
+    """`--minimax`: --objective max fits (8-bit, frac_bits 6, scales 0..6) against the bound the
+    fit prints (gqa_lut.exact.minimax_lower_bound: the hardest scale's best real lines and its
+    output grid) and against the float minimax with free breakpoints at the same segments."""
+    plan = ([("gelu", (-4.0, 4.0), (4, 6), 4)] if quick else
+            [(op, rng, sc, n) for op, rng, sc in CONFIGS[:4] for n in (8, 16)])
+    out, rows = [], []
+    for op_name, rng, scales, segments in plan:
+        ours = []
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            t = fit(op_name, FitConfig(segments=segments, range=rng, scale_range=scales, frac_bits=6, seed=seed,
+                                       objective="max"))
+            ours.append((t.search["objective_value"], t.metrics["max_abs_err"], t.metrics["mse"],
+                         time.perf_counter() - t0, t.search["lower_bound"]))
+        t0 = time.perf_counter()
+        fm = float_minimax(op_name, rng, segments, 2049 if quick else MINIMAX_POINTS)
+        rec = {"op": op_name, "range": list(rng), "scales": list(scales), "segments": segments, "frac_bits": 6,
+               "seeds": seeds, "ours_max_err_median": statistics.median(o[0] for o in ours),
+               "ours_max_err_best": min(o[0] for o in ours),
+               "ours_in_range_max_abs_err_median": statistics.median(o[1] for o in ours),
+               "ours_mse_median": statistics.median(o[2] for o in ours),
+               "ours_seconds_median": statistics.median(o[3] for o in ours), "lower_bound": ours[0][4],
+               "float_minimax": fm, "float_minimax_seconds": time.perf_counter() - t0}
+        rec["ratio_to_bound"] = rec["ours_max_err_median"] / rec["lower_bound"]
+        rec["ratio_to_float_minimax"] = rec["ours_max_err_median"] / fm
+        out.append(rec)
+        rows.append([op_name, str(segments), f"{rec['ours_max_err_median']:.3e}", f"{rec['ours_max_err_best']:.3e}",
+                     f"{rec['lower_bound']:.3e}", f"{rec['ratio_to_bound']:.2f}", f"{fm:.3e}",
+                     f"{rec['ratio_to_float_minimax']:.2f}", f"{rec['ours_seconds_median']:.1f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    print_table(["op", "seg", "ours max err med", "best", "bound", "/bound", "float minimax", "/float minimax",
+                 "ours s"], rows)
+    name = "anchors_minimax_quick.json" if quick else "anchors_minimax.json"
+    print(f"wrote {write_results(name, {'benchmark': 'anchors --minimax', 'quick': quick, 'machine': machine(), 'rows': out})}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one small row (gelu, 4 segments, scales 4..6)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--minimax", action="store_true", help="the --objective max rows instead (3 seeds by default)")
     args = ap.parse_args()
+    if args.minimax:
+        return minimax_rows(args.quick, 2 if args.quick else min(args.seeds, 3))
     rows, out = [], []
     plan = ([("gelu", (-4.0, 4.0), (4, 6), 4, 6)] if args.quick else
             [(op, rng, sc, n, F) for op, rng, sc in CONFIGS for n in (8, 16) for F in (6, None)])

@@ -219,8 +219,11 @@ def bound_line(search: dict) -> str:
     if search.get("optimal"):
         return f"optimal: the exact optimum of its scale ({search.get('objective', 'mse')} {value:.4e})"
     if lb is None or value is None:
-        return "lower bound: none for this objective (exact bounds exist for mse without output quantization)"
-    return (f"lower bound {lb:.4e} (each scale's exact optimum, summed): the objective is "
+        return ("lower bound: none here (bounds need no output quantization; for mse also every code of "
+                "grids of at most 1024 codes)")
+    how = ("the hardest scale's best real lines with free breakpoints, and its output grid"
+           if search.get("objective") == "max" else "each scale's exact optimum, summed")
+    return (f"lower bound {lb:.4e} ({how}): the objective is "
             f"{value / lb:.2f}x it" if lb > 0 else f"lower bound 0: objective {value:.4e}")
 
 

@@ -14,6 +14,7 @@ below, since sharing lines across scales can only add error.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -186,3 +187,92 @@ def lower_bound(problem: Problem) -> Optional[float]:
             return None
         total += opt.cost
     return total
+
+
+# --- minimax --------------------------------------------------------------------------------------
+
+def _covers(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> int:
+    """How many of [0, n) the greedy longest first run covers: the largest e such that one real
+    line passes between lo and hi at x[:e]. A line fits a run iff every pair of its points
+    allows it: slope k with lo_i - k x_i <= hi_j - k x_j for each pair, an interval of k for
+    each pair (x sorted, distinct), so the run fits iff the largest lower end is below the
+    smallest upper end; adding a point adds its pairs with the run, O(run) per point."""
+    k_lo, k_hi = -np.inf, np.inf
+    for e in range(1, n):
+        dx = x[e] - x[:e]
+        k_lo = max(k_lo, float(((lo[e] - hi[:e]) / dx).max()))
+        k_hi = min(k_hi, float(((hi[e] - lo[:e]) / dx).min()))
+        if k_lo > k_hi:
+            return e
+    return n
+
+
+def _feasible(x: np.ndarray, f: np.ndarray, tol: np.ndarray, eps: float, free: int,
+              left: Optional[tuple[float, float]], right: Optional[tuple[float, float]]) -> bool:
+    """Whether the points can be covered with every |error| <= eps * tol: the pinned tails over
+    the longest prefix and suffix they fit (taking more never hurts: what is left is a subset),
+    then at most `free` runs, each the longest that fits (optimal for the same reason)."""
+    i, j = 0, x.size
+    band = eps * tol
+    if left is not None:
+        ok = np.abs(left[0] * x + left[1] - f) <= band
+        i = int(np.argmin(ok)) if not ok.all() else x.size
+    if right is not None:
+        ok = (np.abs(right[0] * x + right[1] - f) <= band)[::-1]
+        j = x.size - (int(np.argmin(ok)) if not ok.all() else x.size)
+    runs = 0
+    while i < j:
+        runs += 1
+        if runs > free:
+            return False
+        i += _covers(x[i:j], f[i:j] - band[i:j], f[i:j] + band[i:j], j - i)
+    return True
+
+
+def minimax_bound(x: np.ndarray, f: np.ndarray, w: np.ndarray, free: int,
+                  left: Optional[tuple[float, float]] = None, right: Optional[tuple[float, float]] = None,
+                  steps: int = 40) -> float:
+    """A lower bound on max_i w_i |line(x_i) - f_i| over every table of `free` real lines on
+    consecutive runs of the sorted points (plus pinned tail lines): the largest eps found
+    infeasible by bisection. Real lines and free breakpoints between the points relax the
+    integer table, so no integer table does better."""
+    keep = w > 0
+    x, f, tol = x[keep], f[keep], 1.0 / w[keep]
+    if x.size == 0:
+        return 0.0
+    hi = float(np.abs(f).max() / tol.min()) + 1.0
+    while not _feasible(x, f, tol, hi, free, left, right):
+        hi *= 2.0
+        if hi > 1e30:
+            return float("inf")
+    lo = 0.0
+    if _feasible(x, f, tol, 0.0, free, left, right):
+        return 0.0
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if _feasible(x, f, tol, mid, free, left, right):
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def minimax_lower_bound(problem: Problem) -> Optional[float]:
+    """A bound no table of this problem goes below on the minimax objective (the largest
+    weighted |error| over every scale's scored positions): the hardest scale's own bound.
+    None with output quantization (rounding the output may move it toward the target)."""
+    if problem.objective != "max" or problem.output is not None:
+        return None
+    F = problem.frac_bits
+    tails = [None if t is None else (math.ldexp(t[0], -F), math.ldexp(t[1], -F))
+             for t in (problem.left_tail, problem.right_tail)]
+    best = 0.0
+    for row in range(problem.dscale.size):
+        valid = np.arange(problem.num_positions) >= problem.start[row]
+        x, f, w = problem.x[row, valid], problem.f[row, valid], problem.wmax[row, valid]
+        # every output of scale d is a multiple of 2^-(F + max(d, 0)) (the spec's ACC grid),
+        # whatever the lines: the distance of each target to that grid bounds its error too
+        grid = math.ldexp(1.0, -(F + max(int(problem.dscale[row]), 0)))
+        on_grid = float((w * np.abs(f - np.rint(f / grid) * grid)).max(initial=0.0))
+        best = max(best, on_grid, minimax_bound(x, f, w, free_segments(problem), *tails))
+    return best

@@ -27,7 +27,7 @@ from gqa_lut.config import FitConfig, FitSpec, resolve_op, validate_config
 from gqa_lut.evaluator import metrics
 from gqa_lut.functions import Op
 from gqa_lut.blocks import best_layouts
-from gqa_lut.exact import lower_bound, scale_optimum
+from gqa_lut.exact import lower_bound, minimax_lower_bound, scale_optimum
 from gqa_lut.linefit import fit_lines, least_squares_slope, moments, segment_errors, total
 from gqa_lut.localsearch import Population, exact_alternation, finish, improve, lloyd, resegment
 from gqa_lut.multistart import RANDOM_STARTS_MAX_SEGMENTS, finish_best, random_starts, start_count
@@ -233,9 +233,18 @@ class _Fit:
         self.table = table.with_(metrics=metrics(table, spec.op.fn))
         self.metrics = self.table.metrics
         self.objective = scored_objective(problem, best)
-        self.lower_bound = lower_bound(problem) if problem.objective == "mse" else None
-        self.optimal = bool(self.lower_bound is not None
-                            and self.objective <= self.lower_bound * (1 + OPTIMAL_REL_TOL) + 1e-300)
+
+    @functools.cached_property
+    def lower_bound(self) -> Optional[float]:
+        """What no table of the problem goes below (computed for the fit that is returned only)."""
+        if self.problem.objective == "mse":
+            return lower_bound(self.problem)
+        return minimax_lower_bound(self.problem)
+
+    @functools.cached_property
+    def optimal(self) -> bool:
+        return bool(self.lower_bound is not None
+                    and self.objective <= self.lower_bound * (1 + OPTIMAL_REL_TOL) + 1e-300)
 
 
 def scored_objective(problem: Problem, best: Population) -> float:

@@ -60,3 +60,15 @@ def test_anchors_benchmark_quick_end_to_end():
                 "ratio_to_baseline", "targets_met"):
         assert key in row, key
     assert row["ratio_to_baseline"] <= 1.0
+
+
+@pytest.mark.slow
+def test_anchors_minimax_quick_end_to_end():
+    """--minimax on one small row: the fit's max error sits above its own bound, and the float
+    minimax (real lines, free breakpoints, no integer grid) is below both."""
+    r = subprocess.run([sys.executable, "-m", "bench.anchors", "--minimax", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((ROOT / "bench" / "results" / "anchors_minimax_quick.json").read_text())["rows"]
+    assert row["ours_max_err_best"] >= row["lower_bound"] * (1 - 1e-9) and row["ratio_to_bound"] >= 1 - 1e-9
+    assert 0 < row["float_minimax"] < row["ours_max_err_best"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gqa_lut.config import FitConfig, validate_config
-from gqa_lut.exact import exact_lines, lower_bound, scale_optimum
+from gqa_lut.exact import exact_lines, lower_bound, minimax_bound, minimax_lower_bound, scale_optimum
 from gqa_lut.functions import get_op
 from gqa_lut.linefit import quadratic_error
 from gqa_lut.localsearch import resegment
@@ -126,6 +126,42 @@ def test_lower_bound_is_below_every_table(op, segments, seed):
     _, value = resegment(problem, K, B)
     assert np.all(value >= lb * (1 - 1e-9))
     t = fit(op, FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), population=6, generations=2, seed=seed))
+    assert t.search["objective_value"] >= t.search["lower_bound"] * (1 - 1e-9)
+
+
+def test_minimax_bound_is_the_float_minimax_on_a_dense_grid():
+    """x^2 on [0, 1]: N equal pieces, each line h^2 / 8 from the parabola (h = 1/N), is the
+    continuous minimax; on 513 points the bound sits just below it. With weights, a point
+    of weight 2 counts twice its error; a pinned tail that fits everything needs no line."""
+    x = np.linspace(0.0, 1.0, 513)
+    for n in (1, 4):
+        assert minimax_bound(x, x * x, np.ones_like(x), n) == pytest.approx(1 / (8 * n * n), rel=2e-3)
+        assert minimax_bound(x, x * x, np.ones_like(x), n) <= 1 / (8 * n * n)
+    three = np.array([0.0, 1.0, 2.0])
+    assert minimax_bound(three, np.array([0.0, 1.0, 0.0]), np.ones(3), 1) == pytest.approx(0.5, rel=1e-6)
+    assert minimax_bound(three, np.array([0.0, 1.0, 0.0]), np.array([1.0, 2.0, 1.0]), 1) == pytest.approx(
+        2 / 3, rel=1e-6)  # 2 e = 1 - e' with e' = e on the two light points: e = 1/3, weighted 2/3
+    assert minimax_bound(three, 2 * three, np.ones(3), 0, left=(2.0, 0.0)) == 0.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(op=st.sampled_from(["gelu", "swish", "exp", "hswish"]), segments=st.integers(2, 6), seed=st.integers(0, 1000))
+def test_minimax_lower_bound_is_below_every_table(op, segments, seed):
+    spec = validate_config(get_op(op), FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), objective="max"))
+    problem = build_problem(spec)
+    lb = minimax_lower_bound(problem)
+    assert lb is not None and lb > 0
+    rng = np.random.default_rng(seed)
+    K = rng.integers(-40, 80, (20, segments))
+    B = rng.integers(-40, 40, (20, segments))
+    if problem.left_tail is not None:
+        K[:, 0], B[:, 0] = problem.left_tail
+    if problem.right_tail is not None:
+        K[:, -1], B[:, -1] = problem.right_tail
+    _, value = resegment(problem, K, B)
+    assert np.all(value >= lb * (1 - 1e-9))
+    t = fit(op, FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), population=6, generations=2,
+                          seed=seed, objective="max"))
     assert t.search["objective_value"] >= t.search["lower_bound"] * (1 - 1e-9)
 
 
