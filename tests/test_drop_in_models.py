@@ -350,6 +350,33 @@ def test_compiled_model_with_a_float_call_site_compiles_once():
     assert torch.allclose(y, want_y, rtol=1e-6, atol=0) and torch.allclose(a, want_a, rtol=1e-6, atol=0)
 
 
+class Pow2(nn.Module):
+    """exp2 and log2 on activations (the model's own code), beside a swapped activation and a
+    helper of the package that calls them on activations for its own range reduction (what
+    the drop-ins do under the interception: not the model's op, not to be listed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        from ops.nn.range_reduced import octave
+        h = self.act(x)
+        return torch.exp2(h) + torch.log2(h.abs() + 1) + 2 ** torch.tensor(3.0) + octave(h.abs() + 1)
+
+
+def test_exp2_and_log2_of_the_models_own_code_are_listed_float_and_the_drop_ins_are_not():
+    from bench.model_zoo import float_calls
+    m = Pow2()
+    report = replace_ops(m, scale_mode="learned")
+    calibrate(m, [torch.randn(4, 16)])
+    rows = [r for r in report.rows() if not r.through]
+    assert sorted(r.kind for r in rows) == ["exp2", "log2"], [(r.kind, r.reason) for r in rows]
+    assert all("has no table" in r.reason for r in rows)
+    # what a mode outside the model sees left float is what the report names, no more
+    assert dict(float_calls(m, {"x": torch.randn(4, 16)})) == {"exp2": 1, "log2": 1}
+
+
 def gelu_every_code():
     g = nn.Sequential(nn.GELU())
     replace_ops(g, calls=False)

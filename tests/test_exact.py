@@ -110,12 +110,12 @@ def test_single_scale_fit_is_optimal_and_says_so():
     assert multi.search["optimal"] is False and multi.search["objective_value"] >= multi.search["lower_bound"]
 
 
-@settings(max_examples=15, deadline=None)
-@given(op=st.sampled_from(["gelu", "swish", "exp", "hswish"]), segments=st.integers(2, 6), seed=st.integers(0, 1000))
-def test_lower_bound_is_below_every_table(op, segments, seed):
-    spec = validate_config(get_op(op), FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3)))
-    problem = build_problem(spec)
-    lb = lower_bound(problem)
+def check_bound_below_tables(op: str, segments: int, seed: int, objective: str) -> None:
+    """The bound against 20 random integer tables (pinned tails kept) and a short fit."""
+    cfg = dict(segments=segments, frac_bits=6, scale_range=(0, 3), objective=objective)
+    problem = build_problem(validate_config(get_op(op), FitConfig(**cfg)))
+    lb = lower_bound(problem) if objective == "mse" else minimax_lower_bound(problem)
+    assert lb is not None and lb > 0
     rng = np.random.default_rng(seed)
     K = rng.integers(-40, 80, (20, segments))
     B = rng.integers(-40, 40, (20, segments))
@@ -125,8 +125,14 @@ def test_lower_bound_is_below_every_table(op, segments, seed):
         K[:, -1], B[:, -1] = problem.right_tail
     _, value = resegment(problem, K, B)
     assert np.all(value >= lb * (1 - 1e-9))
-    t = fit(op, FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), population=6, generations=2, seed=seed))
+    t = fit(op, FitConfig(**cfg, population=6, generations=2, seed=seed))
     assert t.search["objective_value"] >= t.search["lower_bound"] * (1 - 1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(op=st.sampled_from(["gelu", "swish", "exp", "hswish"]), segments=st.integers(2, 6), seed=st.integers(0, 1000))
+def test_lower_bound_is_below_every_table(op, segments, seed):
+    check_bound_below_tables(op, segments, seed, "mse")
 
 
 def test_minimax_bound_is_the_float_minimax_on_a_dense_grid():
@@ -147,22 +153,7 @@ def test_minimax_bound_is_the_float_minimax_on_a_dense_grid():
 @settings(max_examples=8, deadline=None)
 @given(op=st.sampled_from(["gelu", "swish", "exp", "hswish"]), segments=st.integers(2, 6), seed=st.integers(0, 1000))
 def test_minimax_lower_bound_is_below_every_table(op, segments, seed):
-    spec = validate_config(get_op(op), FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), objective="max"))
-    problem = build_problem(spec)
-    lb = minimax_lower_bound(problem)
-    assert lb is not None and lb > 0
-    rng = np.random.default_rng(seed)
-    K = rng.integers(-40, 80, (20, segments))
-    B = rng.integers(-40, 40, (20, segments))
-    if problem.left_tail is not None:
-        K[:, 0], B[:, 0] = problem.left_tail
-    if problem.right_tail is not None:
-        K[:, -1], B[:, -1] = problem.right_tail
-    _, value = resegment(problem, K, B)
-    assert np.all(value >= lb * (1 - 1e-9))
-    t = fit(op, FitConfig(segments=segments, frac_bits=6, scale_range=(0, 3), population=6, generations=2,
-                          seed=seed, objective="max"))
-    assert t.search["objective_value"] >= t.search["lower_bound"] * (1 - 1e-9)
+    check_bound_below_tables(op, segments, seed, "max")
 
 
 @pytest.mark.slow

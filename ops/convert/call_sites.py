@@ -54,8 +54,28 @@ NO_TABLE: dict[Callable, str] = {
     F.elu: "elu has no table", F.selu: "selu has no table", F.celu: "celu has no table",
     F.softsign: "softsign has no table",
 }
-# (not exp2 nor log2: the drop-ins' own range reductions take exponents and scale by 2^n with
-# them, shifts and leading-zero counts in integer hardware, and they run under the interception)
+# exp2 and log2 are listed only when the model's own code calls them on an activation: the
+# drop-ins' range reductions and fake quantizers call them on exponents and scales (shifts and
+# leading-zero counts in integer hardware), and a swapped drop-in runs under the interception
+POW2: dict[Callable, str] = {}
+for _name, _why in (("exp2", "exp2 of an activation has no table (torch.exp(x * math.log(2)) goes through the exp "
+                             "table)"), ("log2", "log2 of an activation has no table (torch.log(x) / math.log(2) "
+                                                 "goes through the log table)")):
+    for _owner in (torch, T, torch.special):
+        if hasattr(_owner, _name):
+            POW2[getattr(_owner, _name)] = _why
+PACKAGE_CODE = tuple(str(Path(__file__).resolve().parents[2] / d) for d in ("ops", "gqa_lut"))
+
+
+def model_code_call(skip: tuple[str, ...] = ()) -> bool:
+    """Whether the call being intercepted comes from outside torch and this package (the
+    model's own code, not a drop-in's arithmetic); `skip`: more files to look past (another
+    mode's). Eager only: frames cannot be traced."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_SKIP + skip):
+        f = f.f_back
+    where = "" if f is None else f.f_code.co_filename
+    return bool(where) and not where.startswith(PACKAGE_CODE) and not where.startswith(GRAPH_CODE)
 for _name, _why in (("expm1", "expm1 has no table (exp(x) - 1 would lose its small-x digits)"),
                     ("log10", "log10 has no table"), ("erfinv", "erfinv has no table"),
                     ("norm", "a vector norm: sqrt of a sum, no table")):
@@ -493,6 +513,12 @@ class CallRouter:
 
     def _route(self, frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
         kind = KIND_OF.get(func)
+        if func in POW2:
+            x = _arg(args, kwargs, 0, "input")
+            if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_floating_point()
+                    and not isinstance(x, nn.Parameter) and model_code_call()):
+                self.note_float(frame, func.__name__, POW2[func])
+            return func(*args, **kwargs)
         if kind is None:
             self.note_float(frame, func.__name__, NO_TABLE[func])
             return func(*args, **kwargs)
@@ -549,7 +575,8 @@ class CallRouter:
         return out + list(self.floats.values())
 
 
-ROUTE: dict[Callable, int] = {**{f: 1 for f in KIND_OF}, **{f: 1 for f in NO_TABLE}, F.multi_head_attention_forward: 2}
+ROUTE: dict[Callable, int] = {**{f: 1 for f in KIND_OF}, **{f: 1 for f in NO_TABLE}, **{f: 1 for f in POW2},
+                              F.multi_head_attention_forward: 2}
 
 
 class _LUTCallMode(TorchFunctionMode):
