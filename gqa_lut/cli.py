@@ -329,14 +329,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fn = target_function(table, args.expr)
     m = metrics(table, fn)
     if args.json:
+        search = table.search or {}
         print(json.dumps({"file": args.table, "op": table.op, "metrics": m,
                           "outside": outside_metrics(table, fn, m["max_abs_err"]),
-                          "max_abs_acc": max_abs_acc(table)}, indent=2))
+                          "max_abs_acc": max_abs_acc(table), "lower_bound": search.get("lower_bound"),
+                          "objective": search.get("objective"), "objective_value": search.get("objective_value")},
+                         indent=2))
         return 0
     print(f"{args.table}: {table.op}, {table.segments} segments, frac_bits {table.frac_bits}, "
           f"range [{table.range[0]:g}, {table.range[1]:g}], largest |ACC| {max_abs_acc(table)}")
     print("\n".join(_metrics_rows(table, m)))
     print(outside_line(table, fn, m["max_abs_err"]))
+    if table.search and args.expr is None:  # the fit's own bound, for the function it was fitted to
+        print(bound_line(table.search))
     return 0
 
 

@@ -33,7 +33,10 @@ def test_fit_swish_8_bits_writes_a_valid_table(tmp_path):
 
     e = run("eval", "swish_8b_8s.json", "--json", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
-    assert json.loads(e.stdout)["metrics"]["mse"] == pytest.approx(t.metrics["mse"])
+    doc = json.loads(e.stdout)
+    assert doc["metrics"]["mse"] == pytest.approx(t.metrics["mse"]) and doc["lower_bound"] == t.search["lower_bound"]
+    e = run("eval", "swish_8b_8s.json", cwd=tmp_path)  # the fit's bound and the ratio to it, as fit printed
+    assert e.returncode == 0 and "lower bound" in e.stdout and "x it" in e.stdout
 
 
 @pytest.mark.slow
