@@ -198,9 +198,12 @@ SECTIONS = (
                                "rel_l2_vs_float", "ms_float", "ms_module_swaps", "ms_tables", "ms_tables_recorded",
                                "recorded_equal")),)),
     Section("model_zoo_compiled.json", "Drop-in coverage, compiled", "python -m bench.model_zoo --compile",
-            "The same models under torch.compile: bit-exact against eager, and compiled forward time.",
-            (Table("results", ("model", "compiled_bit_exact", "ms_float_compiled", "ms_module_swaps_compiled",
-                               "ms_tables_compiled")),)),
+            "The same models under torch.compile (inductor): the compiled output against eager's, bit for "
+            "bit and as a relative L2 difference next to the float model's own compiled-vs-eager difference "
+            "(inductor's kernels for the float ops round differently from eager's, which can move a table "
+            "input to the next code), and compiled forward time.",
+            (Table("results", ("model", "compiled_bit_exact", "compiled_rel_diff", "compiled_float_rel_diff",
+                               "ms_float_compiled", "ms_module_swaps_compiled", "ms_tables_compiled")),)),
     Section("distributed_qat_gloo.json", "Distributed fine-tuning with the tables",
             "torchrun --standalone --nproc-per-node 2 -m bench.distributed_qat --backend gloo",
             "Each rank calibrates on its own windows, then DDP fine-tunes; the same fine-tune in one process on the "
@@ -261,6 +264,17 @@ SECTIONS = (
     Section("retnet_int_gpu.json", "The RetNet on integers and in C (GPU preset)", "gqa-lut retnet check-int",
             "The same for the GPU preset's model.",
             facts=CHECK_INT),
+    Section("c_library.json", "The integer RetNet as a C library", "python -m bench.c_library",
+            "Each preset's model at its shape (seed-0 weights, calibrated on training text): the library's logits "
+            "against the integer reference on `windows` of the preset's `test_windows` test windows (all of the cpu "
+            "preset's), natively and as a 32-bit ARM Linux build under qemu-arm; flash and RAM of the Cortex-M4 image (arm-none-eabi-size, newlib-nano; flash = text + "
+            "data, RAM = data + bss); tokens/s (one stream, the steps alone) of the numpy reference, of the "
+            "library built with the first C program's arithmetic (int64 shifts, segment scans) and of the library.",
+            (Table("results", ("preset", "windows", "test_windows", "positions", "c_vs_int_logits_equal",
+                               "arm_vs_int_logits_equal",
+                               "cortex_m4.image.flash", "cortex_m4.image.ram", "cortex_m4.library.flash",
+                               "int_tokens_per_s", "first_program_tokens_per_s", "lib_tokens_per_s",
+                               "lib_vs_reference", "lib_vs_first_program")),)),
     Section("rtl_area.json", "Area of the Verilog units", "python -m bench.rtl_area",
             "yosys + abc onto the shared sky130 area library: the INT8 PWL unit against the same PWL in 32 bits, "
             "a ROM of every output, the pipelined unit, the selection logic and an 8x8 multiplier alone.",
