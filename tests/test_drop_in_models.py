@@ -327,6 +327,7 @@ def test_compile_of_multihead_attention_runs_its_softmax_through_the_tables():
     assert float((out - eager).norm() / eager.norm()) < 1e-2
 
 
+@pytest.mark.slow
 def test_compiled_model_with_a_float_call_site_compiles_once():
     """A site left float (exp of a parameter) kept a per-call counter on a module: dynamo guards
     module integers, so every forward recompiled (RWKV: 47 s a forward). And the eager backend
