@@ -169,6 +169,15 @@ SECTIONS = (
                             "pwlf_seconds")),),
             ("summary.geomean_ratio_to_baseline", "summary.worst_ratio_to_baseline",
              "summary.geomean_ratio_to_baseline_dp", "summary.worst_ratio_to_baseline_dp")),
+    Section("anchors_minimax.json", "Minimax fits against their bound and the float minimax",
+            "python -m bench.anchors --minimax",
+            "--objective max fits (frac_bits 6, median and best of 3 seeds): their max error against the bound the "
+            "fit prints (the hardest scale's best real lines with free breakpoints, and its output grid) and "
+            "against the float minimax with free breakpoints at the same segments (real lines, the continuous "
+            "range on a 16385-point grid).",
+            (Table("rows", ("op", "segments", "ours_max_err_median", "ours_max_err_best", "lower_bound",
+                            "ratio_to_bound", "float_minimax", "ratio_to_float_minimax", "ours_mse_median",
+                            "ours_seconds_median")),)),
     Section("segments.json", "Against the number of segments", "python -m bench.segments",
             "mse, the lower bound and the fit's cost from 4 to 256 segments (8-bit, scales 0..6).",
             (Table("rows", ("op", "segments", "mse", "max_abs_err", "lower_bound", "ratio_to_bound", "optimal",
