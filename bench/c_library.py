@@ -19,7 +19,6 @@ qemu-user for the ARM columns (a one-line message and exit 2 without them).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,16 +54,6 @@ def build_model(preset: str) -> tuple[ref.IntegerModel, torch.Tensor, int]:
     return export_integer(sim), eval_windows(corpus.test, tcfg.seq_len, tcfg.eval_windows)[:, :-1], tcfg.seq_len
 
 
-def run_windows(cmd: list[str], windows: np.ndarray, vocab: int) -> tuple[np.ndarray, float]:
-    """Logits of every window from the program `cmd` and the seconds its steps took."""
-    outs, seconds = [], 0.0
-    for w in windows:
-        run = subprocess.run([*cmd, "logits"], input=bytes(w.astype(np.uint8)), capture_output=True, check=True)
-        outs.append(np.array(run.stdout.split(), dtype=np.int64).reshape(-1, vocab))
-        seconds += float(run.stderr.decode().split()[3])
-    return np.stack(outs), seconds
-
-
 def reference_logits(m: ref.IntegerModel, windows: np.ndarray) -> np.ndarray:
     return np.concatenate([ref.run(m, windows[i:i + 64]) for i in range(0, len(windows), 64)])
 
@@ -81,18 +70,18 @@ def measure(preset: str, folder: Path, windows: int | None, reps: int, arm: bool
     want = reference_logits(m, x)
     lib = [str(c_export.build(folder, name="retnet_lib"))]
     first = [str(c_export.build(folder, FIRST_PROGRAM, name="retnet_first"))]
-    got, _ = run_windows(lib, x, m.vocab)
+    got, _ = c_export.run_logits(lib, x, m.vocab)
     row["c_vs_int_logits_equal"] = float((got == want).all(-1).mean())
     if arm:
-        got_arm, _ = run_windows(c_export.arm_linux_build(folder), x, m.vocab)
+        got_arm, _ = c_export.run_logits(c_export.arm_linux_build(folder), x, m.vocab)
         row["arm_vs_int_logits_equal"] = float((got_arm == want).all(-1).mean())
         row["cortex_m4"] = c_export.cortex_m_sizes(folder)
     # speed: one stream, one token at a time, the steps alone; the C builds interleaved, best of reps
     speed_windows = x[: min(len(x), 64)]
     t_lib, t_first = [], []
     for _ in range(reps):
-        t_lib.append(run_windows(lib, speed_windows, m.vocab)[1])
-        t_first.append(run_windows(first, speed_windows, m.vocab)[1])
+        t_lib.append(c_export.run_logits(lib, speed_windows, m.vocab)[1])
+        t_first.append(c_export.run_logits(first, speed_windows, m.vocab)[1])
     t0 = time.perf_counter()
     ref.run(m, x[:1])
     row["int_tokens_per_s"] = x.shape[1] / (time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._common import machine, names_in, positive_int, print_table, timer, timers_interleaved, write_results
 from ops import calibrate, replace_ops
-from ops.convert.call_sites import KIND_OF, NO_TABLE, POW2, constant_input, model_code_call, table_call
+from ops.convert.call_sites import KIND_OF, NO_TABLE, POW2, constant_input, pow2_of_activation, table_call
 
 Inputs = dict[str, torch.Tensor]
 
@@ -250,10 +250,8 @@ class CountFloatCalls(TorchFunctionMode):
             self.calls[kind.rstrip("_")] += 1
         elif func in NO_TABLE:  # non-linear with no table: the report must name it
             self.calls[func.__name__] += 1
-        elif func in POW2 and model_code_call((__file__,)):  # exp2/log2 of the model's code, not a drop-in's
-            x = args[0] if args else (kwargs or {}).get("input")
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and not isinstance(x, nn.Parameter):
-                self.calls[func.__name__] += 1
+        elif func in POW2 and pow2_of_activation(args, kwargs or {}, (__file__,)):  # the router's rule
+            self.calls[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 

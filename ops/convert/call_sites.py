@@ -67,14 +67,16 @@ for _name, _why in (("exp2", "exp2 of an activation has no table (torch.exp(x * 
 PACKAGE_CODE = tuple(str(Path(__file__).resolve().parents[2] / d) for d in ("ops", "gqa_lut"))
 
 
-def model_code_call(skip: tuple[str, ...] = ()) -> bool:
-    """Whether the call being intercepted comes from outside torch and this package (the
-    model's own code, not a drop-in's arithmetic); `skip`: more files to look past (another
-    mode's). Eager only: frames cannot be traced."""
-    f = sys._getframe(1)
-    while f is not None and f.f_code.co_filename.startswith(_SKIP + skip):
-        f = f.f_back
-    where = "" if f is None else f.f_code.co_filename
+def pow2_of_activation(args: tuple, kwargs: dict, skip: tuple[str, ...] = ()) -> bool:
+    """Whether an exp2/log2 call is one the report lists: on a float activation (not a
+    parameter), made by the model's own code (outside torch and this package, not a drop-in's
+    arithmetic); `skip`: more files to look past (another mode's). Eager only: frames cannot be
+    traced."""
+    x = _arg(args, kwargs, 0, "input")
+    if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
+            or isinstance(x, nn.Parameter):
+        return False
+    where = caller_location(skip)[0]
     return bool(where) and not where.startswith(PACKAGE_CODE) and not where.startswith(GRAPH_CODE)
 for _name, _why in (("expm1", "expm1 has no table (exp(x) - 1 would lose its small-x digits)"),
                     ("log10", "log10 has no table"), ("erfinv", "erfinv has no table"),
@@ -137,13 +139,13 @@ class ReplayedGraph(Exception):
     runs as it is, and no site is met or named from the graph's code."""
 
 
-def caller_location() -> tuple[str, int, int]:
+def caller_location(skip: tuple[str, ...] = ()) -> tuple[str, int, int]:
     """File, line and bytecode offset of the call in the first frame outside torch and this
-    package: the model's own call expression (through F's Python wrappers and the mode's
-    dispatch). The offset tells apart two calls on one line (F.softplus(h) + F.softplus(2 * h))
-    and is the same on every pass of a loop."""
+    package (and the files in `skip`): the model's own call expression (through F's Python
+    wrappers and the mode's dispatch). The offset tells apart two calls on one line
+    (F.softplus(h) + F.softplus(2 * h)) and is the same on every pass of a loop."""
     f = sys._getframe(2)
-    while f is not None and f.f_code.co_filename.startswith(_SKIP):
+    while f is not None and f.f_code.co_filename.startswith(_SKIP + skip):
         f = f.f_back
     return ("", 0, 0) if f is None else (f.f_code.co_filename, f.f_lineno, f.f_lasti)
 
@@ -514,9 +516,7 @@ class CallRouter:
     def _route(self, frame: Frame, func: Callable, args: tuple, kwargs: dict) -> Any:
         kind = KIND_OF.get(func)
         if func in POW2:
-            x = _arg(args, kwargs, 0, "input")
-            if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_floating_point()
-                    and not isinstance(x, nn.Parameter) and model_code_call()):
+            if pow2_of_activation(args, kwargs):
                 self.note_float(frame, func.__name__, POW2[func])
             return func(*args, **kwargs)
         if kind is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -120,16 +119,8 @@ def _run_c(folder: Path, windows: np.ndarray, vocab: int, bar: Optional[Progress
     if not all((folder / f).is_file() for f in c_export.SOURCES) or not meta.is_file():
         raise UsageError(f"--c {str(folder)!r} holds no exported library: write one with `gqa-lut retnet export-c`")
     cmd = c_export.arm_linux_build(folder) if arm else [str(c_export.build(folder))]
-    outs, seconds = [], 0.0  # the program exported with this checkpoint (checked above) prints this format
-    for w in windows:
-        run = subprocess.run([*cmd, "logits"], input=bytes(w.astype(np.uint8)), capture_output=True)
-        if run.returncode != 0:
-            raise UsageError(f"{cmd[-1]} failed (exit {run.returncode}): {run.stderr.decode(errors='replace')[:200]}")
-        outs.append(np.array(run.stdout.split(), dtype=np.int64).reshape(-1, vocab))
-        seconds += float(run.stderr.decode().split()[3])
-        if bar is not None:
-            bar.step("C on ARM (qemu)" if arm else "C library")
-    return np.stack(outs), seconds
+    label = "C on ARM (qemu)" if arm else "C library"
+    return c_export.run_logits(cmd, windows, vocab, None if bar is None else lambda: bar.step(label))
 
 
 def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None = None,

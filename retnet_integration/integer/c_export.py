@@ -11,6 +11,7 @@ nothing to report.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from gqa_lut.evaluator import evaluate_codes
 from gqa_lut.export_c import export_c
 from gqa_lut.quantization import int_range
 from retnet_integration.integer.spec import NORM_FRAC, PHASE_BITS, ROT_FRAC, SIN_ENTRIES, phase_steps, sine_table
-from retnet_integration.integer.reference import IntegerModel, IntLinear, IntNorm, accumulator_bounds
+from retnet_integration.integer.reference import IntegerModel, IntLinear, IntNorm, accumulator_bounds, linear_bound
 
 CFLAGS = ["-O2", "-std=c99", "-Wall", "-Werror"]
 SHIFT_RANGE = (-30, 62)  # what retnet.c's rshift takes: left by at most 30, right by at most 62
@@ -123,8 +124,7 @@ def stage_arithmetic(m: IntegerModel, tabs: dict[str, np.ndarray]) -> list[dict]
     uses, and whether int32 holds it (else the library runs it in int64)."""
     a8 = 1 << 7
     lins = [getattr(L, n) for L in m.layers for n in ("q", "k", "v", "g", "o", "up", "down")]
-    lin_bound = max(lin.w.shape[1] * a8 * a8 + (0 if lin.bias is None else int(np.abs(lin.bias).max()))
-                    for lin in lins)
+    lin_bound = max(linear_bound(lin) for lin in lins)
     rows = [("EMBED", "embedding code", a8, [m.embed_shift]),
             ("LIN", "linear accumulators", lin_bound, [int(t) for lin in lins for t in lin.shift]),
             ("ROT", "rotary products", 2 * a8 * (1 << ROT_FRAC), [v for L in m.layers for v in (L.q_rot_shift, L.k_rot_shift)]),
@@ -144,9 +144,9 @@ def _direct_lookup(name: str, values: np.ndarray, bits: int) -> str:
             f"#define {name.upper()}_AT(l, x) {name}_tab[l][(x) - ({qmin})]")
 
 
-def model_header(m: IntegerModel) -> str:
+def model_header(m: IntegerModel, tabs: dict[str, np.ndarray] | None = None) -> str:
     check_for_c(m)
-    tabs = table_outputs(m)
+    tabs = table_outputs(m) if tabs is None else tabs
     stages = stage_arithmetic(m, tabs)
     decls: list[str] = []
     layers = []
@@ -566,9 +566,10 @@ def write_program(m: IntegerModel, out: Path) -> list[Path]:
     library cannot hold leaves no folder behind."""
     tables = "\n".join(export_c(m.tables[op], f"lut_{op}") for op in ("gelu", "swish", "rsqrt"))
     arm_cm = " ".join(CORTEX_M_FLAGS)
+    tabs = table_outputs(m)
     files = {
         "tables.h": tables,
-        "model.h": model_header(m).replace("D_RSQRT_SCALE", str(m.d_rsqrt)),
+        "model.h": model_header(m, tabs).replace("D_RSQRT_SCALE", str(m.d_rsqrt)),
         "retnet.h": api_header(m),
         "retnet.c": LIBRARY.replace("D_RSQRT_SCALE", str(m.d_rsqrt)),
         "main.c": MAIN,
@@ -581,7 +582,7 @@ def write_program(m: IntegerModel, out: Path) -> list[Path]:
                        f"Cortex-M image: arm-none-eabi-gcc {arm_cm} -o retnet_m4.elf firmware.c retnet.c; "
                        "arm-none-eabi-size retnet_m4.elf\n"
                        f"Weights: {m.weights_bytes()} bytes of const data (the library's direct-index tables add "
-                       f"{4 * sum(v.size for v in table_outputs(m).values())} bytes); state: {m.state_bytes()} "
+                       f"{4 * sum(v.size for v in tabs.values())} bytes); state: {m.state_bytes()} "
                        "bytes (independent of the sequence length) plus the step's working arrays in retnet_state.\n"),
     }
     check_program_folder(out)
@@ -614,6 +615,23 @@ def build(out: Path, extra_flags: tuple[str, ...] = (), cc: str | None = None, n
     """Compile the example program (main.c on the library) with the flags the issue names; a
     failure is a one-line error. `cc` another compiler (a cross compiler: `arm_linux_build`)."""
     return _compile(cc or find_cc(), [*CFLAGS, *extra_flags], [out / f for f in SOURCES], out / name)
+
+
+def run_logits(cmd: list[str], windows: np.ndarray, vocab: int, on_window: Callable[[], None] | None = None
+               ) -> tuple[np.ndarray, float]:
+    """The example program `cmd` (main.c: natively, or under qemu-arm) on every window: its
+    logits (windows, length, vocab) and the seconds its steps took (what it prints on stderr)."""
+    import subprocess
+    outs, seconds = [], 0.0
+    for w in windows:
+        run = subprocess.run([*cmd, "logits"], input=bytes(w.astype(np.uint8)), capture_output=True)
+        if run.returncode != 0:
+            raise UsageError(f"{cmd[-1]} failed (exit {run.returncode}): {run.stderr.decode(errors='replace')[:200]}")
+        outs.append(np.array(run.stdout.split(), dtype=np.int64).reshape(-1, vocab))
+        seconds += float(run.stderr.decode().split()[3])
+        if on_window is not None:
+            on_window()
+    return np.stack(outs), seconds
 
 
 ARM_LINUX_CC = "arm-linux-gnueabihf-gcc"

@@ -190,6 +190,12 @@ def run(m: IntegerModel, tokens: np.ndarray) -> np.ndarray:
 
 # --- bounds ---------------------------------------------------------------------------------------
 
+def linear_bound(lin: IntLinear) -> int:
+    """Largest |x . w + b| of an int8 x int8 linear: in int8 codes times the input width, plus the bias."""
+    a8 = 2 ** (ACT_BITS - 1)
+    return lin.w.shape[1] * a8 * a8 + (0 if lin.bias is None else int(np.abs(lin.bias).max()))
+
+
 def accumulator_bounds(m: IntegerModel) -> list[dict]:
     """The largest |value| each stage can reach, from bit widths and shapes alone, with the
     C type that holds it: every bound must lie below its type's limit (tests check it)."""
@@ -203,13 +209,9 @@ def accumulator_bounds(m: IntegerModel) -> list[dict]:
         rows.append({"stage": stage, "bound": int(bound), "type": ctype,
                      "limit": 2 ** 31 - 1 if ctype == "int32" else 2 ** 63 - 1, "sim_limit": sim_limit})
 
-    def lin_bound(lin: IntLinear) -> int:
-        b = 0 if lin.bias is None else int(np.abs(lin.bias).max())
-        return lin.w.shape[1] * a8 * a8 + b
-
     for name in ("q", "k", "v", "g", "o", "up", "down"):
-        add(f"linear {name} accumulator", max(lin_bound(getattr(L, name)) for L in m.layers), "int32", 2 ** 24)
-    add("logits", lin_bound(m.head), "int32", 2 ** 24)
+        add(f"linear {name} accumulator", max(linear_bound(getattr(L, name)) for L in m.layers), "int32", 2 ** 24)
+    add("logits", linear_bound(m.head), "int32", 2 ** 24)
     add("rotary products (int8 x Q14, two terms)", 2 * a8 * (1 << ROT_FRAC), "int32")
     s_max = 0
     for g, f in m.gammas:
