@@ -375,3 +375,16 @@ def test_c_library_benchmark_small(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         c_library.main(["--presets", "tiny"])
     assert exc.value.code == 2
+
+
+def test_arm_builds_name_the_missing_tool_and_its_package(tiny, tmp_path, monkeypatch):
+    from gqa_lut.errors import UsageError
+    _, m, _ = tiny
+    write_program(m, tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match=r"arm-linux-gnueabihf-gcc not found on PATH: install it "
+                                         r"\(`apt-get install gcc-arm-linux-gnueabihf`\)"):
+        arm_linux_build(tmp_path)
+    with pytest.raises(UsageError, match=r"arm-none-eabi-gcc not found on PATH: install it \(`apt-get install "
+                                         r"gcc-arm-none-eabi libnewlib-arm-none-eabi`\)"):
+        cortex_m_sizes(tmp_path)
