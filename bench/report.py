@@ -151,6 +151,10 @@ DQAT = (Table("rows", ("model", "ranks_agree", ("loss first", lambda r: r["losse
                        "max_loss_rel_diff", "ms_per_step", "single_process_ms_per_step")),)
 DQAT_FACTS = ("backend", "world", "steps", "batch_per_rank", "device_name")
 
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1e3
+
+
 SECTIONS = (
     Section("approximation.json", "Against the published GQA-LUT tables", "python -m bench.approximation",
             "Our tables against the tables the paper's code published (GELU, HSwish, exp at 8 and 16 segments), "
@@ -194,6 +198,21 @@ SECTIONS = (
     Section("lut_host_cost_h200.json", "Host cost of one table call on the H200", "python -m bench.lut_host_cost",
             "The same on an NVIDIA H200.",
             HOST_COST, ("device", "cuda_path")),
+    Section("llm_speed.json", "An LLM-size model on the GPU, attention fused", "python -m bench.llm_speed --reps 5 --written-out",
+            "A random-init 542 M Llama (hidden 2048, 8 layers, bfloat16) with every call site through tables "
+            "against the float model with SDPA, same process: no-grad forward and a training step (forward, "
+            "loss, backward), median time, and the peak memory each call allocates above what was allocated "
+            "before it. The tables' attention runs fused (ops/kernels/triton_attention.py); eager-written-out "
+            "is the same model with the fused kernel off. The fused attention alone (causal, 16 heads of "
+            "128, bfloat16) against torch's flash SDPA, back-to-back calls between CUDA events.",
+            (Table("attention", ("batch", "tokens", "flash_fwd_ms", "fused_fwd_ms", "fwd_ratio", "flash_fwd_bwd_ms",
+                                 "fused_fwd_bwd_ms", "fwd_bwd_ratio"), caption="The fused attention against flash"),
+             Table("model", ("batch", "tokens", "way", ("inference ms", lambda r: _ms(r.get("infer_s"))),
+                             "infer_ratio", ("inference GiB", lambda r: r.get("infer_gib")), "infer_mem_ratio",
+                             ("train step ms", lambda r: _ms(r.get("train_s"))), "train_ratio",
+                             ("train GiB", lambda r: r.get("train_gib")), "train_mem_ratio", "error"),
+                   caption="The 542 M model, ratios against float")),
+            ("gpu", "torch")),
     Section("qat_speed.json", "Training step with tables in place", "python -m bench.qat_speed",
             "One QAT step of a small model with every op through tables, against the float step.",
             (Table("cpu.rows", ("model", "mode", "way", "step_ms", "ratio_to_float"), caption="CPU"),

@@ -237,6 +237,9 @@ def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
     (("bench.ops_speed", "--sizes", "20,99"), "'20,99' is not allowed"),
     (("bench.ops_speed", "--sizes", "x"), "'x' is not allowed"),
     (("bench.model_zoo", "--models", "nope"), "nope is not allowed"),
+    (("bench.llm_speed", "--sizes", "8y512"), "size '8y512' is not BATCHxTOKENS"),
+    (("bench.llm_speed", "--sizes", "0x512"), "batch must be >= 1"),
+    (("bench.llm_speed", "--reps", "0"), "--reps 0: must be >= 1"),
 ])
 def test_benchmarks_refuse_bad_arguments_in_one_line(tmp_path, args, bad):
     """A benchmark's bad argument: exit 2, the bad value and what is allowed on one line, and
@@ -248,4 +251,20 @@ def test_benchmarks_refuse_bad_arguments_in_one_line(tmp_path, args, bad):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert bad in last and "error:" in last
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == before
+
+
+def test_llm_speed_without_cuda_says_so_in_one_line():
+    """The GPU-only benchmark on a machine without CUDA: a non-zero exit, one line that names
+    what is missing, no results file written."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the benchmark would run")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    results = ROOT / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    r = subprocess.run([sys.executable, "-m", "bench.llm_speed"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["llm_speed needs CUDA: no GPU is visible to torch here"]
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == before

@@ -38,7 +38,8 @@ from gqa_lut.table import Table
 from ops import nn as lut_nn, registry
 from ops.nn import LUTActivation, LUTSoftmax, RangeReducedLUT, device_of, exp_module
 from ops.nn.activation import running_exact
-from ops.nn.softmax import LN2, exp_reduced, keep_reduced_exp_scale, reduced_exp_scale
+from ops.kernels import dispatch
+from ops.nn.softmax import LN2, N_MAX, Z_MIN, exp_reduced, keep_reduced_exp_scale, reduced_exp_scale
 
 # The maps the router runs on, from the catalogue (ops/registry.py CALLS): each kind of call ->
 # the tables its site uses, the registry op it stands for (`replace_ops(ops=...)`), and each
@@ -114,9 +115,10 @@ class Frame:
             raise ReplayedGraph
         n = self.counts.get(kind, 0)
         self.counts[kind] = n + 1
-        order = d.setdefault("_gqa_lut_call_order", {}).setdefault(kind, [])
-        if location is None:
+        if location is None:  # compiling: read the map only (torch 2.11's dynamo cannot trace setdefault on __dict__)
+            order = getattr(self.module, "_gqa_lut_call_order", {}).get(kind, [])
             return order[n] if n < len(order) else (order[-1] if order else n)
+        order = d.setdefault("_gqa_lut_call_order", {}).setdefault(kind, [])
         where = (kind, location)
         seen = d.setdefault("_gqa_lut_sites", {})
         index = seen.get(where)
@@ -254,6 +256,18 @@ def sdpa(site: LUTSoftmax, q: T, k: T, v: T, attn_mask: Optional[T] = None, drop
     """F.scaled_dot_product_attention written out, with its softmax through the tables: the
     mask (bool: keep where True; float: added), the causal mask (top-left aligned, as torch),
     grouped-query heads, the scale."""
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if dropout_p == 0.0 and (enable_gqa or k.size(-3) == q.size(-3)):
+        out = dispatch.attention(q, k, v, attn_mask, site, scale, is_causal, Z_MIN, N_MAX)  # fused on CUDA: no L x S tensor
+        if out is not None:
+            return out
+    return sdpa_written_out(site, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def sdpa_written_out(site: LUTSoftmax, q: T, k: T, v: T, attn_mask: Optional[T] = None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> T:
+    """`sdpa` in torch ops, the L x S scores and probabilities materialised: what the fused
+    kernel is tested against, and what runs on the CPU, under tracing and with dropout."""
     L, S = q.size(-2), k.size(-2)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if enable_gqa and k.size(-3) != q.size(-3):

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from gqa_lut.quantization import int_range
-from ops.kernels import cpu_kernel, cuda_kernel, triton_lut, triton_norm, triton_quant
+from ops.kernels import cpu_kernel, cuda_kernel, triton_attention, triton_lut, triton_norm, triton_quant
 from ops.kernels.derivatives import DERIVATIVE_NUMBERS, NATIVE_BACKWARD
 from ops.kernels import reference
 from ops.kernels.reference import dense, exporting, lookup_backward_torch, lookup_torch, tracing
@@ -60,6 +60,25 @@ def softmax_numerators(x: Tensor, lut, zmin: float, inv_ln2: float, ln2: float, 
     qmin, qmax = int_range(lut.table.input_bits)
     return cpu_kernel.softmax_exp_cpu(x, lut.table_real, int(lut.scale_index), lut.scale, qmin, qmax, zmin, inv_ln2,
                                       ln2, nmax)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], softmax, scale: float, causal: bool,
+              zmin: float, nmax: int) -> Optional[Tensor]:
+    """Scaled dot-product attention with `softmax` (a LUTSoftmax) fused in Triton on CUDA
+    (ops/kernels/triton_attention.py), where its kernels compute what the written-out path
+    does: fixed-scale tables, not probing or observing, and for a gradient the tables' own
+    derivatives (exp's and the reciprocal's, as the backward kernels have them). None elsewhere."""
+    exp, rec = softmax.exp, softmax.reciprocal
+    if not (_eager(q, "cuda") and not exporting() and triton_attention.usable(q, k, v, mask)):
+        return None
+    if exp.scale_mode != "fixed" or exp.bypass or exp.observing or exp._exact or exp._channels_differ:
+        return None
+    if not rec.fusable() or rec.lut._exact or rec.lut._channels_differ:
+        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and not (exp.grad == "exact" and exp.derivative == "exp" and rec.lut.grad == "exact"):
+        return None
+    return triton_attention.attention(q, k, v, mask, softmax, scale, causal, zmin, nmax)
 
 
 def lookup_backward(grad: Tensor, x: Tensor, slopes_real: Tensor, breakpoints: Tensor, scale_index: Tensor,
