@@ -16,7 +16,7 @@ import numpy as np
 from gqa_lut.exact import exact_lines
 from gqa_lut.linefit import fit_lines, moments, pin_tails, total
 from gqa_lut.problem import Problem
-from gqa_lut.segmentation import assign, assign_real, line_outputs, place, position_costs
+from gqa_lut.segmentation import assign, assign_real, line_outputs, one_line_moves, place, position_costs
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Population:
         return Population(self.K[i], self.B[i], self.idx[i], self.fitness[i])
 
 
+FAST_POLISH_SEGMENTS = 16  # past this many segments a move is scored by one_line_moves, not a full DP
 CHUNK_ELEMENTS = 1 << 22  # (individuals x scales x positions x segments) per DP batch: ~32 MB a float array
 
 
@@ -138,24 +139,34 @@ def exact_alternation(problem: Problem, pop: Population, rounds: int = 100,
     return pop
 
 
-def polish_budget(segments: int) -> int:
-    """Polish iterations: 200 up to 16 segments, then falling as 1/N^2 (an iteration re-places
-    the breakpoints of 6N tables of N segments, so it costs N^2), at least 1."""
+def polish_budget(segments: int, objective: str = "mse") -> int:
+    """Polish iterations: 200 up to 16 segments, then falling as 1/N where moves are scored in
+    O(N) each (`polish`'s fast path: an iteration costs ~N^2) and as 1/N^2 where every move
+    gets the full DP (minimax: N^3 an iteration), at least 1."""
+    if objective == "mse" and segments > FAST_POLISH_SEGMENTS:
+        return max(1, min(200, 200 * 16 // segments))
     return max(1, min(200, 200 * 16 * 16 // (segments * segments)))
 
 
 def finish(problem: Problem, best: Population) -> Population:
     """Exact alternation, then the +-1 LSB polish, for one table."""
     best = exact_alternation(problem, best)
-    return polish(problem, best, polish_budget(problem.segments))
+    return polish(problem, best, polish_budget(problem.segments, problem.objective))
 
 
 def polish(problem: Problem, best: Population, max_iters: int = 200) -> Population:
-    """Greedy best-improvement descent over +-1 LSB moves, breakpoints re-placed for each move."""
+    """Greedy best-improvement descent over +-1 LSB moves, breakpoints re-placed for each move.
+    Past FAST_POLISH_SEGMENTS the moves are ranked by `one_line_moves` (the same optimum in
+    O(T) per move instead of O(T N): 7.5x faster at 32 segments) and the best one is placed by
+    the full DP; up to it (and for minimax) every move gets the full DP, as it always has."""
+    fast = problem.segments > FAST_POLISH_SEGMENTS and problem.objective == "mse"
     for _ in range(max_iters):
         Ks, Bs = _moves(problem, best.K[0], best.B[0], best.idx[0])
         if Ks.shape[0] == 0:
             break
+        if fast:
+            j = int(np.argmin(one_line_moves(problem, best.K[0], best.B[0], Ks, Bs)))
+            Ks, Bs, j = Ks[j:j + 1], Bs[j:j + 1], 0
         idx, fit = resegment(problem, Ks, Bs)
         j = int(np.argmin(fit))
         if not fit[j] < best.fitness[0] * (1 - 1e-12):
@@ -163,3 +174,33 @@ def polish(problem: Problem, best: Population, max_iters: int = 200) -> Populati
         cand = Population(Ks[j:j + 1], Bs[j:j + 1], idx[j:j + 1], fit[j:j + 1])
         best = improve(problem, cand, rounds=3)
     return best
+
+
+def split_segments(pop: Population, problem: Problem) -> Population:
+    """A table of N/2 segments (pop's first) as one of N = problem.segments, each segment cut in
+    two (the LBG splitting of vector quantization): at every scale a segment's scored codes are
+    divided at their middle, the lower half going to line 2i and the upper to 2i + 1, and each
+    new line is the exact integer line of its own codes pooled over the scales, then the
+    breakpoints DP places every scale on the new lines. Copies of a line (the embedded N/2
+    table) leave the error where it was, because the DP never tells them apart; split halves
+    each fit their own codes better than the parent did, although the start can come out worse
+    than the N/2 table where a coarse scale has too few codes to give each child one (its
+    alternation and polish then decide, and the fit keeps the better of both starts)."""
+    parent_K, parent_B = np.repeat(pop.K[:1], 2, axis=1), np.repeat(pop.B[:1], 2, axis=1)
+    idx, _ = resegment(problem, parent_K, parent_B)  # the N/2 table's segments on this problem's positions
+    seg = assign(problem, idx)[0] // 2  # (D, T)
+    new = 2 * seg
+    t = np.arange(seg.shape[1])
+    for row in range(seg.shape[0]):
+        for i in range(pop.K.shape[1]):
+            scored = np.nonzero((seg[row] == i) & problem.inside[row])[0]
+            if scored.size >= 2:  # the upper half of its scored codes, and what follows them in i
+                new[row, (seg[row] == i) & (t >= scored[scored.size // 2])] = 2 * i + 1
+    S = moments(problem, new[None])
+    K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
+    empty = S[0] <= 0
+    K = np.where(empty, parent_K, K.astype(np.int64))
+    B = np.where(empty, parent_B, B.astype(np.int64))
+    pin_tails(problem, K, B)
+    idx, fitness = resegment(problem, K, B)
+    return Population(K, B, idx, fitness)

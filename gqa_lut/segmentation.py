@@ -124,3 +124,67 @@ def encode(problem: Problem, idx: np.ndarray) -> np.ndarray:
         pick = np.where(inside[:, r, :], r, pick)
     out = np.take_along_axis(vals, pick[:, None, :], axis=1)[:, 0, :]
     return np.sort(out, axis=1)
+
+
+def _forward_backward(cost: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one table's costs (T, D, N): F[t, d, j], the least cost of positions 0..t with t in
+    segment j, and H[t, d, j], the least cost of positions t..T-1 with t in segment j and the
+    last in segment N-1 (the DP of `place` run from both ends; positions up to start[d] in
+    segment 0)."""
+    T, D, N = cost.shape
+    F = np.full((T, D, N), np.inf)
+    H = np.full((T, D, N), np.inf)
+    prev = np.full((D, N), np.inf)
+    prev[:, 0] = 0.0
+    for t in range(T):
+        up = np.concatenate([np.full((D, 1), np.inf), prev[:, :-1]], axis=1)
+        prev = cost[t] + np.minimum(prev, up) if t else np.where(np.arange(N) == 0, cost[0], np.inf)
+        prev[t <= start, 1:] = np.inf
+        F[t] = prev
+    nxt = np.full((D, N), np.inf)
+    nxt[:, -1] = cost[T - 1, :, -1]
+    H[T - 1] = nxt
+    for t in range(T - 2, -1, -1):
+        down = np.concatenate([nxt[:, 1:], np.full((D, 1), np.inf)], axis=1)
+        nxt = cost[t] + np.minimum(nxt, down)
+        nxt[t <= start, 1:] = np.inf
+        H[t] = nxt
+    return F, H
+
+
+def one_line_moves(problem: Problem, K: np.ndarray, B: np.ndarray, Ks: np.ndarray, Bs: np.ndarray) -> np.ndarray:
+    """The objective (M,) that optimal breakpoints reach for each of M tables that differ from
+    the table (K, B) (N,) in one line each (mse objective): what `place` gives them, in
+    O(T) per table and scale instead of O(T N). With the other lines unchanged, the best cost
+    of the segments before line i (F) and after it (H) are the table's own, so a table's
+    optimum is the best run s..e of line i between them: min over e of (its prefix sum to e
+    plus H after e) plus the running min over s <= e of (F before s minus its prefix sum to s).
+    The sums run in another order than `place`'s, so the values agree to float rounding."""
+    T, D, N = problem.num_positions, problem.dscale.size, problem.segments
+    base = position_costs(problem, line_outputs(problem, K[None], B[None]))[:, 0]  # (T, D, N)
+    F, H = _forward_backward(base, problem.start)
+    M = Ks.shape[0]
+    if M == 0:
+        return np.zeros(0)
+    line = np.argmax((Ks != K[None]) | (Bs != B[None]), axis=1)  # (M,) the line each table moves
+    m = np.arange(M)
+    col = position_costs(problem, line_outputs(problem, Ks[m, line][:, None], Bs[m, line][:, None]))[..., 0]  # (T, M, D)
+    Pc = np.concatenate([np.zeros((1, M, D)), np.cumsum(col, axis=0)])  # (T + 1, M, D): sum of positions < t
+    t = np.arange(T)[:, None, None]
+    before = np.full((T, M, D), np.inf)  # best cost of positions < s in the lines before i
+    first = line == 0
+    before[0, first] = 0.0
+    later = ~first
+    if later.any():
+        before[1:, later] = F[:-1][:, :, line[later] - 1].transpose(0, 2, 1)
+        before = np.where(later[None, :, None] & (t <= problem.start[None, None, :]), np.inf, before)
+    after = np.full((T, M, D), np.inf)  # best cost of positions > e in the lines after i
+    last = line == N - 1
+    after[T - 1, last] = 0.0
+    inner = ~last
+    if inner.any():
+        after[:-1, inner] = H[1:][:, :, line[inner] + 1].transpose(0, 2, 1)
+    with np.errstate(invalid="ignore"):
+        opening = np.minimum.accumulate(before - Pc[:-1], axis=0)
+        total = np.min(Pc[1:] + after + opening, axis=0)  # (M, D)
+    return total.sum(axis=1)

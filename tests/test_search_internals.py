@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gqa_lut.config import FitConfig, validate_config
@@ -105,3 +105,24 @@ def test_local_search_never_makes_a_table_worse(op, segments, objective, seed):
 def test_population_take_keeps_rows():
     p = Population(np.arange(6).reshape(2, 3), np.arange(6).reshape(2, 3), np.zeros((2, 1, 2), int), np.array([2.0, 1.0]))
     assert p.take(1).fitness.tolist() == [1.0] and p.take(1).K.tolist() == [[3, 4, 5]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(op=st.sampled_from(["gelu", "exp", "swish", "tanh"]), segments=st.integers(2, 24),
+       input_bits=st.integers(4, 7), seed=st.integers(0, 10**6))
+def test_one_line_moves_reach_what_the_full_dp_reaches(op, segments, input_bits, seed):
+    """Scoring tables that differ in one line from the forward and backward DP of the unchanged
+    lines gives each table the optimum `place` finds for it (to float rounding of the sums)."""
+    from gqa_lut.localsearch import _moves, resegment
+    from gqa_lut.segmentation import one_line_moves
+    p = tiny_problem(op, segments, scale_range=(0, 3), input_bits=input_bits, param_bits=6)
+    rng = np.random.default_rng(seed)
+    K = rng.integers(p.pmin, p.pmax + 1, segments)
+    B = rng.integers(p.pmin, p.pmax + 1, segments)
+    idx, _ = resegment(p, K[None], B[None])
+    Ks, Bs = _moves(p, K, B, idx[0])
+    assume(Ks.shape[0] > 0)  # both lines pinned tails: nothing moves
+    _, ref = resegment(p, Ks, Bs)
+    fast = one_line_moves(p, K, B, Ks, Bs)
+    assert fast.shape == ref.shape
+    assert np.allclose(fast, ref, rtol=1e-9, atol=1e-300)

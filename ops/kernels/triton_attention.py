@@ -51,7 +51,7 @@ if triton_lut.AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ops.kernels.triton_lut import _pow2, _reduce, _times_pow2, libdevice
+    from ops.kernels.triton_lut import _pow2, _reduced_lookup, libdevice
 
     @triton.jit
     def _round(x, ROUND: tl.constexpr):
@@ -109,13 +109,25 @@ if triton_lut.AVAILABLE:
         return e, g
 
     @triton.jit
-    def _reciprocal(l, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-        """RangeReducedLUT('reciprocal') of the row sums."""
-        m, k, valid = _reduce(l, False)
-        row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
-        c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
-        t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32))
-        return _times_pow2(t, -k)
+    def _heads(H, GROUP):
+        """This program's (batch x query head) row, its batch, query head and key head."""
+        bh = tl.program_id(1)
+        h = bh % H
+        return bh, bh // H, h, h // GROUP
+
+    @triton.jit
+    def _exp_grid(exp_index, exp_d, QMIN: tl.constexpr, QMAX: tl.constexpr):
+        """The exp table's row offset in the expanded table and its input step 2^d."""
+        return tl.load(exp_index).to(tl.int64) * (QMAX - QMIN + 1), tl.exp2(tl.load(exp_d).to(tl.float32))
+
+    @triton.jit
+    def _load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, L, scale, POW2: tl.constexpr):
+        """A (BLOCK_M, D) tile of queries, times the scale where it is a power of two (exact)."""
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=offs_m[:, None] < L, other=0.0)
+        if POW2:
+            q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
+        return q
 
     @triton.jit
     def _attn_fwd(Q, K, V, Mask, O, Stats, exp_table, exp_index, exp_d, rec_table, rec_index, rec_d,
@@ -127,22 +139,15 @@ if triton_lut.AVAILABLE:
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_STAGES: tl.constexpr,
                   LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
+        bh, b, h, hk = _heads(H, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_n0 = tl.arange(0, BLOCK_N)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=offs_m[:, None] < L, other=0.0)
-        if POW2:
-            q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
+        q = _load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, L, scale, POW2)
         k_base = K + b * skb + hk * skh + offs_d[:, None] * skd
         v_base = V + b * svb + hk * svh + offs_d[None, :] * svd
         m_base = Mask + b * smb + h * smh + offs_m[:, None] * smm
-        exp_row = tl.load(exp_index).to(tl.int64) * (QMAX - QMIN + 1)
-        exp_scale = tl.exp2(tl.load(exp_d).to(tl.float32))
+        exp_row, exp_scale = _exp_grid(exp_index, exp_d, QMIN, QMAX)
         hi = S
         if CAUSAL:
             hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
@@ -165,7 +170,7 @@ if triton_lut.AVAILABLE:
                 acc += tl.dot(e.to(V.dtype.element_ty), v, input_precision="ieee")
             else:
                 acc += tl.dot(e.to(V.dtype.element_ty), v)
-        R = _reciprocal(l, rec_table, rec_index, rec_d, RQMIN, RQMAX)
+        R = _reduced_lookup(l, rec_table, rec_index, rec_d, RQMIN, RQMAX, False)  # RangeReducedLUT('reciprocal')
         out = acc * R[:, None]
         rows = offs_m < L
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
@@ -186,18 +191,14 @@ if triton_lut.AVAILABLE:
         """dK and dV of one block of keys for one query head (float32, summed over a group
         by the caller): a loop over the query blocks that see these keys."""
         pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
+        bh, b, h, hk = _heads(H, GROUP)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         offs_m0 = tl.arange(0, BLOCK_M)
         kT_ptrs = K + b * skb + hk * skh + offs_d[:, None] * skd + offs_n[None, :] * skn  # (D, BLOCK_N)
         vT = tl.load(V + b * svb + hk * svh + offs_d[:, None] * svd + offs_n[None, :] * svn,
                      mask=offs_n[None, :] < S, other=0.0)  # (D, BLOCK_N)
-        exp_row = tl.load(exp_index).to(tl.int64) * (QMAX - QMIN + 1)
-        exp_scale = tl.exp2(tl.load(exp_d).to(tl.float32))
+        exp_row, exp_scale = _exp_grid(exp_index, exp_d, QMIN, QMAX)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         lo = 0
@@ -207,10 +208,7 @@ if triton_lut.AVAILABLE:
         for start in tl.range(lo, L, BLOCK_M, num_stages=LOOP_STAGES):
             offs_m = start + offs_m0
             rows = offs_m < L
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=rows[:, None], other=0.0)
-            if POW2:
-                q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
+            q = _load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, L, scale, POW2)
             do = tl.load(dO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                          mask=rows[:, None], other=0.0)
             top = tl.load(stat + offs_m, mask=rows, other=0.0)
@@ -250,26 +248,19 @@ if triton_lut.AVAILABLE:
                      BLOCK_N: tl.constexpr, MAX_STAGES: tl.constexpr, LOOP_STAGES: tl.constexpr):
         """dQ of one block of queries: a loop over the keys they see."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
+        bh, b, h, hk = _heads(H, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_n0 = tl.arange(0, BLOCK_N)
         rows = offs_m < L
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=rows[:, None], other=0.0)
-        if POW2:
-            q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
+        q = _load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, L, scale, POW2)
         do = tl.load(dO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                      mask=rows[:, None], other=0.0)
         stat = Stats + bh.to(tl.int64) * 3 * L
         top = tl.load(stat + offs_m, mask=rows, other=0.0)
         R = tl.load(stat + 2 * L + offs_m, mask=rows, other=0.0)
         delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=rows, other=0.0)
-        exp_row = tl.load(exp_index).to(tl.int64) * (QMAX - QMIN + 1)
-        exp_scale = tl.exp2(tl.load(exp_d).to(tl.float32))
+        exp_row, exp_scale = _exp_grid(exp_index, exp_d, QMIN, QMAX)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         m_base = Mask + b * smb + h * smh + offs_m[:, None] * smm

@@ -168,17 +168,23 @@ if AVAILABLE:
         return m, k, valid
 
     @triton.jit
+    def _reduced_lookup(v, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr, RSQRT: tl.constexpr):
+        """RangeReducedLUT's value at float32 v: the table at the reduced mantissa's code, times
+        the exact 2^-k; NaN gives NaN (here, in the norms' and the attention's kernels)."""
+        m, k, valid = _reduce(v, RSQRT)
+        row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
+        c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
+        t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32))  # every code is a valid index
+        return tl.where(v == v, _times_pow2(t, -k), v)
+
+    @triton.jit
     def _range_reduced_fwd(v_ptr, y_ptr, n, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                            RSQRT: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         v = tl.load(v_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        m, k, valid = _reduce(v, RSQRT)
-        row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
-        c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
-        t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32), mask=mask, other=0.0)
-        y = tl.where(v == v, _times_pow2(t, -k), v)  # NaN propagates
+        y = _reduced_lookup(v, table_ptr, index_ptr, d_ptr, QMIN, QMAX, RSQRT)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

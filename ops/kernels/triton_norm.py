@@ -39,7 +39,7 @@ if triton_lut.AVAILABLE:
     import triton
     import triton.language as tl
 
-    from ops.kernels.triton_lut import _derivative, _reduce, _times_pow2, libdevice
+    from ops.kernels.triton_lut import _derivative, _reduce, _reduced_lookup, _times_pow2
 
     @triton.jit
     def _tile(G: tl.constexpr, K: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
@@ -57,11 +57,7 @@ if triton_lut.AVAILABLE:
 
     @triton.jit
     def _rsqrt_table(v, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-        m, k, valid = _reduce(v, True)
-        row = tl.load(index_ptr).to(tl.int64) * (QMAX - QMIN + 1)
-        c = tl.minimum(tl.maximum(libdevice.rint(m * tl.exp2(tl.load(d_ptr).to(tl.float32))), QMIN), QMAX)
-        t = tl.load(table_ptr + row + (c - QMIN).to(tl.int32))
-        return tl.where(v == v, _times_pow2(t, -k), v)  # NaN propagates, as in RangeReducedLUT
+        return _reduced_lookup(v, table_ptr, index_ptr, d_ptr, QMIN, QMAX, True)  # NaN propagates, as in RangeReducedLUT
 
     @triton.jit
     def _norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, M, eps, table_ptr, index_ptr, d_ptr, QMIN: tl.constexpr,
