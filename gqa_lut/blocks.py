@@ -23,10 +23,19 @@ import numpy as np
 from gqa_lut.exact import free_segments, scale_lines, with_tails
 from gqa_lut.localsearch import Population, exact_alternation, resegment
 from gqa_lut.problem import Problem
+from gqa_lut.seeding import union_tables
 
 MAX_GROUPS = 2  # three groups never won on gelu, exp or hswish at 16 segments, at 25x the layouts
 SIZE_STEPS = 16  # block sizes are multiples of N / 16 past 16 segments: about as many layouts as at 16
 MAX_SEGMENTS = 64  # beyond, each layout's alternation costs O(N) more; the N/2 fit brings its layout up
+# Past 16 segments: three groups too (their block sizes multiples of N / 8), each group of
+# several scales also starting from its own shared-breakpoint optimum (seeding.union_tables),
+# and only the SHORTLIST layouts whose starts score best get the alternation. gelu at 64
+# segments: 2.95e-6 (the 32-segment table) -> 2.54e-6 with {d 0-1, 2-4, 5-6} in 8 + 24 + 32 lines.
+WIDE_SEGMENTS = 16
+WIDE_MAX_GROUPS = 3
+WIDE_SIZE_STEPS = {2: 16, 3: 8}
+SHORTLIST = 48
 
 
 def _groups(rows: list[int], count: int) -> Iterator[list[list[int]]]:
@@ -55,10 +64,11 @@ def layouts(problem: Problem) -> list[tuple[list[list[int]], tuple[int, ...]]]:
         return []
     rows = [int(r) for r in np.argsort(problem.dscale)]
     N = problem.segments
-    step = max(1, N // SIZE_STEPS)
+    wide = N > WIDE_SEGMENTS
     least = N - free_segments(problem) + 1  # the tails and at least one free line
     out = []
-    for count in range(2, min(MAX_GROUPS, len(rows), N // least) + 1):
+    for count in range(2, min(WIDE_MAX_GROUPS if wide else MAX_GROUPS, len(rows), N // least) + 1):
+        step = max(1, N // (WIDE_SIZE_STEPS[count] if wide else SIZE_STEPS))
         for groups in _groups(rows, count):
             for sizes in _sizes(N, count, least):
                 if all(size % step == 0 for size in sizes):
@@ -78,39 +88,87 @@ def _group_table(problem: Problem, rows: list[int], segments: int) -> tuple[np.n
     return K[0], B[0]
 
 
-def block_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lines (M, N) and the lines each scale may use for its scored codes (M, D, N) of every
-    layout; empty when the exact per-scale optima are not available."""
-    N, D = problem.segments, problem.dscale.size
-    empty = np.zeros((0, N), np.int64), np.zeros((0, N), np.int64), np.zeros((0, D, N), bool)
-    tables: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray] | None] = {}
+def _union_group_tables(problem: Problem, all_layouts) -> dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray]]:
+    """Every multi-scale group's shared-breakpoint optimum at each size the layouts give it."""
+    wanted: dict[tuple[int, ...], set[int]] = {}
+    for groups, sizes in all_layouts:
+        for group, size in zip(groups, sizes):
+            if len(group) > 1:
+                wanted.setdefault(tuple(group), set()).add(size)
+    return {(group, n): table for group, ns in wanted.items()
+            for n, table in union_tables(problem, list(group), sorted(ns)).items()}
+
+
+def _stack(layouts_: list, source: dict, D: int, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lines (M, N) of each layout from the blocks' tables in `source`, and the lines each scale
+    may use for its scored codes (M, D, N)."""
     Ks, Bs, allowed = [], [], []
-    for groups, sizes in layouts(problem):
-        K, B = [], []
+    for groups, sizes in layouts_:
         mask = np.zeros((D, N), dtype=bool)
         at = 0
+        for group, size in zip(groups, sizes):
+            mask[group, at:at + size] = True
+            at += size
+        Ks.append(np.concatenate([source[(tuple(g), n)][0] for g, n in zip(groups, sizes)]))
+        Bs.append(np.concatenate([source[(tuple(g), n)][1] for g, n in zip(groups, sizes)]))
+        allowed.append(mask)
+    if not Ks:
+        return np.zeros((0, N), np.int64), np.zeros((0, N), np.int64), np.zeros((0, D, N), bool)
+    return np.stack(Ks).astype(np.int64), np.stack(Bs).astype(np.int64), np.stack(allowed)
+
+
+def block_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lines (M, N) and the lines each scale may use for its scored codes (M, D, N) of every
+    layout of up to MAX_GROUPS groups, each block from its middle scale's optimum; empty when
+    the exact per-scale optima are not available."""
+    N, D = problem.segments, problem.dscale.size
+    chosen = [lay for lay in layouts(problem) if len(lay[0]) <= MAX_GROUPS]
+    tables: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray] | None] = {}
+    for groups, sizes in chosen:
         for group, size in zip(groups, sizes):
             key = (tuple(group), size)
             if key not in tables:
                 tables[key] = _group_table(problem, group, size)
             if tables[key] is None:
-                return empty
-            K.append(tables[key][0])
-            B.append(tables[key][1])
-            mask[group, at:at + size] = True
-            at += size
-        Ks.append(np.concatenate(K))
-        Bs.append(np.concatenate(B))
-        allowed.append(mask)
-    if not Ks:
-        return empty
-    return np.stack(Ks).astype(np.int64), np.stack(Bs).astype(np.int64), np.stack(allowed)
+                return _stack([], {}, D, N)
+    return _stack(chosen, tables, D, N)
+
+
+def wide_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Past WIDE_SEGMENTS, the layouts of WIDE_MAX_GROUPS groups with each block of several
+    scales from the group's shared-breakpoint optimum (seeding.union_tables; a single scale's
+    block from its own optimum), as block_starts gives them."""
+    N, D = problem.segments, problem.dscale.size
+    if N <= WIDE_SEGMENTS:
+        return _stack([], {}, D, N)
+    chosen = [lay for lay in layouts(problem) if len(lay[0]) > MAX_GROUPS]
+    source: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray]] = {}
+    wanted: dict[tuple[int, ...], set[int]] = {}
+    for groups, sizes in chosen:
+        for group, size in zip(groups, sizes):
+            if len(group) > 1:
+                wanted.setdefault(tuple(group), set()).add(size)
+            elif (tuple(group), size) not in source:
+                found = _group_table(problem, group, size)
+                if found is None:
+                    return _stack([], {}, D, N)
+                source[(tuple(group), size)] = found
+    for group, ns in wanted.items():
+        for n, table in union_tables(problem, list(group), sorted(ns)).items():
+            source[(group, n)] = table
+    return _stack(chosen, source, D, N)
 
 
 def best_layouts(problem: Problem) -> Population:
     """Tables grown from every layout, best first: alternation confined to each layout's blocks,
-    then free. Empty when there is nothing to start from (one scale, minimax, past MAX_SEGMENTS)."""
+    then free. Past WIDE_SEGMENTS the wide starts join, the SHORTLIST whose starts score best
+    of them. Empty when there is nothing to start from (one scale, minimax, past MAX_SEGMENTS)."""
     K, B, allowed = block_starts(problem)
+    wK, wB, wallowed = wide_starts(problem)
+    if wK.shape[0]:
+        widx, wfit = resegment(problem, wK, wB, wallowed)
+        keep = np.argsort(wfit, kind="stable")[:SHORTLIST]
+        K, B, allowed = np.concatenate([K, wK[keep]]), np.concatenate([B, wB[keep]]), np.concatenate([allowed, wallowed[keep]])
     if K.shape[0] == 0:
         return Population(K, B, np.zeros((0, problem.dscale.size, problem.segments - 1), np.int64), np.zeros(0))
     idx, fit = resegment(problem, K, B, allowed)

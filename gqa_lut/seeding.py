@@ -10,18 +10,26 @@ the GA with it means the GA can only add.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Optional
+
 import numpy as np
 
+from gqa_lut.exact import exact_lines
 from gqa_lut.linefit import best_intercepts, least_squares_slope, moment_terms, quadratic_error, slope_window
 from gqa_lut.problem import Problem
 
 MAX_UNION_POINTS = 640  # the interval DP is O(T^2 N) in time and O(T^2) in memory
 
 
-def union_blocks(problem: Problem, max_points: int = MAX_UNION_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Exact weighted moments (T, 6) of the union grid in at most `max_points` blocks, and each
-    block's largest x (the real breakpoint that ends a segment at that block)."""
+def union_blocks(problem: Problem, max_points: int = MAX_UNION_POINTS,
+                 rows: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact weighted moments (T, 6) of the union grid (of the scales `rows`, all by default) in
+    at most `max_points` blocks, and each block's largest x (the real breakpoint that ends a
+    segment at that block)."""
     sel = problem.inside
+    if rows is not None:
+        sel = sel & np.isin(np.arange(sel.shape[0]), list(rows))[:, None]
     xs, ws = problem.x[sel], problem.w[sel]
     ux, inv = np.unique(xs, return_inverse=True)
     uw = np.bincount(inv, weights=ws)
@@ -49,7 +57,37 @@ def _interval_costs(problem: Problem, S: np.ndarray, fixed: tuple[int, int] | No
 def union_breakpoints(problem: Problem) -> np.ndarray:
     """Real breakpoints (N-1,) of the optimal shared-breakpoint table (ties: x <= p goes left)."""
     mom, right = union_blocks(problem)
-    T, N = mom.shape[0], problem.segments
+    cuts = _union_cuts(problem, mom, [problem.segments])[problem.segments]
+    x_first = right[0] - 1.0  # empty leading segments end below every point
+    return np.array([right[c - 1] if c > 0 else x_first for c in cuts], dtype=np.float64)
+
+
+def union_tables(problem: Problem, rows: Sequence[int], sizes: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each of `sizes`, the optimal shared-breakpoint table of that many lines (pinned
+    tails included) for the scales `rows` alone, as lines (K, B): each segment's integer line
+    is the exact one for its points pooled over those scales. One DP serves every size (a block
+    of a layout, gqa_lut.blocks, whose scales share their lines)."""
+    mom, _ = union_blocks(problem, rows=rows)
+    P = np.vstack([np.zeros((1, 6)), np.cumsum(mom, axis=0)])
+    out = {}
+    for n, cuts in _union_cuts(problem, mom, sizes).items():
+        bounds = [0, *cuts, mom.shape[0]]
+        S = np.stack([P[b] - P[a] for a, b in zip(bounds[:-1], bounds[1:])], axis=1)  # (6, n)
+        K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
+        K, B = K.astype(np.int64), B.astype(np.int64)
+        if problem.left_tail is not None:
+            K[0], B[0] = problem.left_tail
+        if problem.right_tail is not None:
+            K[-1], B[-1] = problem.right_tail
+        out[n] = (K, B)
+    return out
+
+
+def _union_cuts(problem: Problem, mom: np.ndarray, sizes: Sequence[int]) -> dict[int, list[int]]:
+    """For each N of `sizes` (>= 2), the first block of each segment after the first (N - 1) of
+    the optimal segmentation of the blocks with moments `mom` into N segments, the pinned tails
+    opening and closing it: one DP over segments, closed at each size."""
+    T = mom.shape[0]
     P = np.vstack([np.zeros((1, 6)), np.cumsum(mom, axis=0)])  # prefix moments, (T+1, 6)
     S = (P[None, :, :] - P[:, None, :]).transpose(2, 0, 1)  # S[:, s, t] = points s..t-1
     valid = np.triu(np.ones((T + 1, T + 1), dtype=bool))
@@ -58,17 +96,21 @@ def union_breakpoints(problem: Problem) -> np.ndarray:
     right_c = (_interval_costs(problem, S[:, :, T], problem.right_tail) if problem.right_tail
                else free[:, T])
     dp = left.copy()  # dp[t]: best cost of points 0..t-1 in segments 0..i
-    back = np.zeros((N, T + 1), dtype=np.int64)
-    for i in range(1, N - 1):
+    top = max(sizes)
+    back = np.zeros((top, T + 1), dtype=np.int64)
+    out: dict[int, list[int]] = {1: []} if 1 in sizes else {}
+    for i in range(1, top):
+        if i + 1 in sizes:  # close with the last segment here: N = i + 1 segments
+            last = dp + right_c
+            s = int(np.argmin(last))
+            cuts = [s]
+            for j in range(i - 1, 0, -1):
+                s = int(back[j, s])
+                cuts.append(s)
+            out[i + 1] = cuts[::-1]  # cuts[j]: first block of segment j+1
+        if i == top - 1:
+            break
         tot = dp[:, None] + free
         back[i] = np.argmin(tot, axis=0)
         dp = tot[back[i], np.arange(T + 1)]
-    last = dp + right_c
-    s = int(np.argmin(last))
-    cuts = [s]
-    for i in range(N - 2, 0, -1):
-        s = int(back[i, s])
-        cuts.append(s)
-    cuts = cuts[::-1]  # cuts[j]: first block of segment j+1
-    x_first = right[0] - 1.0  # empty leading segments end below every point
-    return np.array([right[c - 1] if c > 0 else x_first for c in cuts], dtype=np.float64)
+    return out
