@@ -30,8 +30,8 @@ SIZE_STEPS = 16  # block sizes are multiples of N / 16 past 16 segments: about a
 MAX_SEGMENTS = 64  # beyond, each layout's alternation costs O(N) more; the N/2 fit brings its layout up
 # Past 16 segments: three groups too (their block sizes multiples of N / 8), each group of
 # several scales also starting from its own shared-breakpoint optimum (seeding.union_tables),
-# and only the SHORTLIST layouts whose starts score best get the alternation. gelu at 64
-# segments: 2.95e-6 (the 32-segment table) -> 2.54e-6 with {d 0-1, 2-4, 5-6} in 8 + 24 + 32 lines.
+# and only the SHORTLIST of those whose starts score best get the alternation. gelu at 64
+# segments, frac_bits 6: 2.95e-6 (the 32-segment table) -> 2.51e-6 (gqa-lut fit).
 WIDE_SEGMENTS = 16
 WIDE_MAX_GROUPS = 3
 WIDE_SIZE_STEPS = {2: 16, 3: 8}
@@ -86,17 +86,6 @@ def _group_table(problem: Problem, rows: list[int], segments: int) -> tuple[np.n
         return None
     K, B = with_tails(problem, found[1][None], found[2][None])
     return K[0], B[0]
-
-
-def _union_group_tables(problem: Problem, all_layouts) -> dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray]]:
-    """Every multi-scale group's shared-breakpoint optimum at each size the layouts give it."""
-    wanted: dict[tuple[int, ...], set[int]] = {}
-    for groups, sizes in all_layouts:
-        for group, size in zip(groups, sizes):
-            if len(group) > 1:
-                wanted.setdefault(tuple(group), set()).add(size)
-    return {(group, n): table for group, ns in wanted.items()
-            for n, table in union_tables(problem, list(group), sorted(ns)).items()}
 
 
 def _stack(layouts_: list, source: dict, D: int, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
