@@ -237,9 +237,9 @@ def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
     (("bench.ops_speed", "--sizes", "20,99"), "'20,99' is not allowed"),
     (("bench.ops_speed", "--sizes", "x"), "'x' is not allowed"),
     (("bench.model_zoo", "--models", "nope"), "nope is not allowed"),
-    (("bench.llm_speed", "--sizes", "8y512"), "size '8y512' is not BATCHxTOKENS"),
-    (("bench.llm_speed", "--sizes", "0x512"), "batch must be >= 1"),
-    (("bench.llm_speed", "--reps", "0"), "--reps 0: must be >= 1"),
+    pytest.param(("bench.llm_speed", "--sizes", "8y512"), "size '8y512' is not BATCHxTOKENS", marks=pytest.mark.slow),
+    pytest.param(("bench.llm_speed", "--sizes", "0x512"), "batch must be >= 1", marks=pytest.mark.slow),
+    pytest.param(("bench.llm_speed", "--reps", "0"), "--reps 0: must be >= 1", marks=pytest.mark.slow),
 ])
 def test_benchmarks_refuse_bad_arguments_in_one_line(tmp_path, args, bad):
     """A benchmark's bad argument: exit 2, the bad value and what is allowed on one line, and
@@ -254,6 +254,7 @@ def test_benchmarks_refuse_bad_arguments_in_one_line(tmp_path, args, bad):
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == before
 
 
+@pytest.mark.slow  # a subprocess that imports torch: the fast lane is near its 3 minutes
 def test_llm_speed_without_cuda_says_so_in_one_line():
     """The GPU-only benchmark on a machine without CUDA: a non-zero exit, one line that names
     what is missing, no results file written."""
