@@ -301,6 +301,7 @@ class Tables:
         exp, rec = softmax.exp, softmax.reciprocal.lut
         self.exp = (exp.table_real, exp.scale_index.reshape(1), exp.d_current.reshape(1))
         self.rec = (rec.table_real, rec.scale_index.reshape(1), rec.d_current.reshape(1))
+        self.rec_lut = rec  # its slopes and breakpoints, for the reciprocal's backward
         self.qmin, self.qmax = int_range(exp.table.input_bits)
         self.rqmin, self.rqmax = int_range(rec.table.input_bits)
         self.zmin, self.nmax = zmin, nmax
@@ -357,23 +358,11 @@ def _mask_view(mask: Optional[torch.Tensor], q: torch.Tensor, S: int) -> Optiona
     return mask.expand(q.shape[0], q.shape[1], q.shape[2], S)
 
 
-def _common(q, k, v, mask, tables: Tables, scale: float, causal: bool) -> tuple[tuple, dict]:
-    B, H, L, D = q.shape
-    S = k.shape[2]
+def _common(q, k, v, mask, scale: float) -> tuple[tuple, dict]:
+    """The strides of q, k, v and the (broadcast) mask, and the shape arguments every kernel takes."""
+    H, L = q.shape[1], q.shape[2]
     strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(mask))
-    return strides, dict(H=H, GROUP=H // k.shape[1], L=L, S=S, scale=scale)
-
-
-def _reciprocal_derivative(l: torch.Tensor, tables: Tables) -> torch.Tensor:
-    """R'(l) as autograd has it through RangeReducedLUT('reciprocal'): l = m 2^k with m in [1, 2),
-    the table's exact derivative -1/m^2 at m times 2^-k twice, 0 where m's code lies outside the
-    table's input range (the straight-through mask) and for an empty row (l below the smallest
-    normal: the clamp there passes no gradient)."""
-    mant, ex = torch.frexp(l)
-    m, k = mant * 2, (ex - 1).float()
-    ms = m * torch.exp2(tables.rec[2].float())
-    inside = (ms >= tables.rqmin - 0.5) & (ms <= tables.rqmax + 0.5) & (l >= torch.finfo(torch.float32).tiny)
-    return torch.where(inside, -torch.exp2(-2 * k) / (m * m), torch.zeros_like(l))
+    return strides, dict(H=H, GROUP=H // k.shape[1], L=L, S=k.shape[2], scale=scale)
 
 
 def forward(q, k, v, mask, tables: Tables, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +371,7 @@ def forward(q, k, v, mask, tables: Tables, scale: float, causal: bool) -> tuple[
     o = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     stats = torch.empty(B * H, 3, L, dtype=torch.float32, device=q.device)
     m = _mask_view(mask, q, k.shape[2])
-    strides, shape = _common(q, k, v, m, tables, scale, causal)
+    strides, shape = _common(q, k, v, m, scale)
     meta, blocks = _meta(q, mask, causal, scale), _blocks(D, False)
     grid = (triton.cdiv(L, blocks["BLOCK_M"]), B * H)
     _run(_attn_fwd, grid, (q, k, v, m if m is not None else q, o, stats, *tables.exp, *tables.rec, *strides,
@@ -397,12 +386,16 @@ def backward(do, q, k, v, mask, o, stats, tables: Tables, scale: float, causal: 
     B, H, L, D = q.shape
     S, HK = k.shape[2], k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
-    st = stats.view(B * H, 3, L)
-    l, R = st[:, 1], st[:, 2]
+    l, R = stats[:, 1], stats[:, 2]
     dot = (do.float() * o.float()).sum(-1).reshape(B * H, L)
-    delta = (_reciprocal_derivative(l, tables) * dot / R).contiguous()
+    # R'(l) (dO . O) / R through RangeReducedLUT('reciprocal')'s own backward kernel: its exact
+    # derivative at l's mantissa, 0 where the straight-through mask or the clamp of an empty row pass none
+    rec = tables.rec_lut
+    delta = triton_lut.range_reduced_backward(dot / R, l.contiguous(), rec.slopes_real, rec.breakpoints,
+                                              rec.scale_index, rec.d_current, tables.rqmin, tables.rqmax,
+                                              rsqrt=False, slope=False)
     m = _mask_view(mask, q, S)
-    strides, shape = _common(q, k, v, m, tables, scale, causal)
+    strides, shape = _common(q, k, v, m, scale)
     meta, blocks = _meta(q, mask, causal, scale), _blocks(D, True)
     consts = dict(QMIN=tables.qmin, QMAX=tables.qmax, ZMIN=tables.zmin, NMAX=tables.nmax)
     dk = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
