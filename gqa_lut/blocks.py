@@ -153,14 +153,18 @@ def best_layouts(problem: Problem) -> Population:
     then free. Past WIDE_SEGMENTS the wide starts join, the SHORTLIST whose starts score best
     of them. Empty when there is nothing to start from (one scale, minimax, past MAX_SEGMENTS)."""
     K, B, allowed = block_starts(problem)
+    if K.shape[0]:
+        idx, fit = resegment(problem, K, B, allowed)
+    else:
+        idx, fit = np.zeros((0, problem.dscale.size, problem.segments - 1), np.int64), np.zeros(0)
     wK, wB, wallowed = wide_starts(problem)
     if wK.shape[0]:
         widx, wfit = resegment(problem, wK, wB, wallowed)
         keep = np.argsort(wfit, kind="stable")[:SHORTLIST]
         K, B, allowed = np.concatenate([K, wK[keep]]), np.concatenate([B, wB[keep]]), np.concatenate([allowed, wallowed[keep]])
+        idx, fit = np.concatenate([idx, widx[keep]]), np.concatenate([fit, wfit[keep]])
     if K.shape[0] == 0:
-        return Population(K, B, np.zeros((0, problem.dscale.size, problem.segments - 1), np.int64), np.zeros(0))
-    idx, fit = resegment(problem, K, B, allowed)
+        return Population(K, B, idx, fit)
     pop = exact_alternation(problem, Population(K, B, idx, fit), allowed=allowed)
     idx, fit = resegment(problem, pop.K, pop.B)
     pop = exact_alternation(problem, Population(pop.K, pop.B, idx, fit))

@@ -114,10 +114,16 @@ def _moves(problem: Problem, K: np.ndarray, B: np.ndarray, idx: np.ndarray) -> t
 def exact_lines_step(problem: Problem, pop: Population) -> tuple[np.ndarray, np.ndarray]:
     """Every segment's exact integer line for the current breakpoints (pooled over all scales);
     pinned tails and segments no scored code reaches keep their lines."""
-    S = moments(problem, assign(problem, pop.idx))
-    K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
+    return exact_lines_of(problem, assign(problem, pop.idx), pop.K, pop.B)
+
+
+def exact_lines_of(problem: Problem, seg: np.ndarray, K: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact integer line of each segment of the assignment seg (M, D, T), pooled over the
+    scales; pinned tails and segments without weight keep the lines K, B (M, N)."""
+    S = moments(problem, seg)
+    Ke, Be, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
     empty = S[0] <= 0
-    K, B = np.where(empty, pop.K, K.astype(np.int64)), np.where(empty, pop.B, B.astype(np.int64))
+    K, B = np.where(empty, K, Ke.astype(np.int64)), np.where(empty, B, Be.astype(np.int64))
     pin_tails(problem, K, B)
     return K, B
 
@@ -164,9 +170,9 @@ def polish(problem: Problem, best: Population, max_iters: int = 200) -> Populati
         Ks, Bs = _moves(problem, best.K[0], best.B[0], best.idx[0])
         if Ks.shape[0] == 0:
             break
-        if fast:
+        if fast:  # the best-scored move alone gets the DP
             j = int(np.argmin(one_line_moves(problem, best.K[0], best.B[0], Ks, Bs)))
-            Ks, Bs, j = Ks[j:j + 1], Bs[j:j + 1], 0
+            Ks, Bs = Ks[j:j + 1], Bs[j:j + 1]
         idx, fit = resegment(problem, Ks, Bs)
         j = int(np.argmin(fit))
         if not fit[j] < best.fitness[0] * (1 - 1e-12):
@@ -196,11 +202,6 @@ def split_segments(pop: Population, problem: Problem) -> Population:
             scored = np.nonzero((seg[row] == i) & problem.inside[row])[0]
             if scored.size >= 2:  # the upper half of its scored codes, and what follows them in i
                 new[row, (seg[row] == i) & (t >= scored[scored.size // 2])] = 2 * i + 1
-    S = moments(problem, new[None])
-    K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
-    empty = S[0] <= 0
-    K = np.where(empty, parent_K, K.astype(np.int64))
-    B = np.where(empty, parent_B, B.astype(np.int64))
-    pin_tails(problem, K, B)
+    K, B = exact_lines_of(problem, new[None], parent_K, parent_B)
     idx, fitness = resegment(problem, K, B)
     return Population(K, B, idx, fitness)

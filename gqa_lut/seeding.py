@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from gqa_lut.exact import exact_lines
-from gqa_lut.linefit import best_intercepts, least_squares_slope, moment_terms, quadratic_error, slope_window
+from gqa_lut.linefit import best_intercepts, least_squares_slope, moment_terms, pin_tails, quadratic_error, slope_window
 from gqa_lut.problem import Problem
 
 MAX_UNION_POINTS = 640  # the interval DP is O(T^2 N) in time and O(T^2) in memory
@@ -73,13 +73,10 @@ def union_tables(problem: Problem, rows: Sequence[int], sizes: Sequence[int]) ->
     for n, cuts in _union_cuts(problem, mom, sizes).items():
         bounds = [0, *cuts, mom.shape[0]]
         S = np.stack([P[b] - P[a] for a, b in zip(bounds[:-1], bounds[1:])], axis=1)  # (6, n)
-        K, B, _ = exact_lines(S, problem.frac_bits, problem.pmin, problem.pmax)
+        K, B, _ = exact_lines(S[:, None], problem.frac_bits, problem.pmin, problem.pmax)
         K, B = K.astype(np.int64), B.astype(np.int64)
-        if problem.left_tail is not None:
-            K[0], B[0] = problem.left_tail
-        if problem.right_tail is not None:
-            K[-1], B[-1] = problem.right_tail
-        out[n] = (K, B)
+        pin_tails(problem, K, B)
+        out[n] = (K[0], B[0])
     return out
 
 
