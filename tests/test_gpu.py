@@ -438,7 +438,7 @@ def test_fused_attention_empty_rows_give_zero_and_finite_gradients():
 def test_fused_attention_memory_is_linear_in_length():
     """Training through the fused kernel keeps no L x S tensor: at 8192 tokens the written-out
     scores alone would be 8 heads x 8192^2 x 2 bytes = 1 GiB. What it keeps (q, k, v, their
-    gradients and the kernel's float32 accumulators, about 93 MiB at 8192 on an H200) doubles
+    gradients and the kernel's float32 accumulators, about 89 MiB at 8192 on an H200) doubles
     with the length instead of growing fourfold."""
     from ops.convert.call_sites import sdpa
     from ops.nn import LUTSoftmax
