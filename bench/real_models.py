@@ -177,7 +177,8 @@ def fine_tune(model: torch.nn.Module, windows: torch.Tensor, steps: int, seed: i
 
 
 def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats: int, qat_steps: int = 0,
-            qat_lr: float = QAT_LR) -> dict:
+            qat_lr: float = QAT_LR, qat_seeds: tuple[int, ...] = (1,),
+            on_progress: Callable[[dict], None] | None = None) -> dict:
     tok, base = load_smollm2()
     test = token_windows(tok, corpus.test, windows)
     calib = [{"input_ids": w[None].to(DEVICE)} for w in token_windows(tok, corpus.train, CALIBRATION_WINDOWS)]
@@ -216,40 +217,84 @@ def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats:
         del model
     if qat_steps:
         train = token_windows(tok, corpus.train, None)[CALIBRATION_WINDOWS:]
-        checkpoints = tuple(range(QAT_CHECKPOINT, qat_steps, QAT_CHECKPOINT))
-        tuned = copy.deepcopy(base)
-        float_curve = {step: (measure(tuned), seconds) for step, seconds in
-                       fine_tune(tuned, train, qat_steps, seed=1, lr=qat_lr, checkpoints=checkpoints)}
-        del tuned
-        model, report, _ = convert(base, None, "channel", True, calib, fwd)
-        tables_curve = {step: (measure(model), seconds) for step, seconds in
-                        fine_tune(model, train, qat_steps, seed=1, lr=qat_lr, checkpoints=checkpoints)}
-        tuned_row = {"row": f"float, fine-tuned {qat_steps} steps", **float_curve[qat_steps][0],
-                     "train_s": float_curve[qat_steps][1]}
-        qat_row = {"row": f"all tables, QAT {qat_steps} steps", **tables_curve[qat_steps][0],
-                   "train_s": tables_curve[qat_steps][1], "sites": report.coverage().split(";")[0]}
+        runs = []
+        for i, seed in enumerate(qat_seeds):
+            rows_of_seed, run = fine_tune_pair(base, train, calib, fwd, measure, float_row, qat_steps, qat_lr, seed,
+                                               calibrate_again=i == 0)
+            runs.append(run)
+            if i == 0:
+                out["rows"] += rows_of_seed
+            out["qat"] = qat_summary(runs, qat_steps, qat_lr)
+            if on_progress is not None:
+                on_progress(out)  # a long multi-seed run keeps what it measured so far
+    return out
+
+
+def fine_tune_pair(base: torch.nn.Module, train: torch.Tensor, calib: list[Any], fwd: Callable, measure: Callable,
+                   float_row: dict, qat_steps: int, qat_lr: float, seed: int, calibrate_again: bool
+                   ) -> tuple[list[dict], dict]:
+    """The float model and the all-tables model fine-tuned on the same batches (`seed` picks
+    them): the rows of that pair and its curve. The tables' cost is read against the float model
+    fine-tuned as long, so fine-tuning itself is not credited to the tables."""
+    checkpoints = tuple(range(QAT_CHECKPOINT, qat_steps, QAT_CHECKPOINT))
+    tuned = copy.deepcopy(base)
+    float_curve = {step: (measure(tuned), seconds) for step, seconds in
+                   fine_tune(tuned, train, qat_steps, seed=seed, lr=qat_lr, checkpoints=checkpoints)}
+    del tuned
+    model, report, _ = convert(base, None, "channel", True, calib, fwd)
+    tables_curve = {step: (measure(model), seconds) for step, seconds in
+                    fine_tune(model, train, qat_steps, seed=seed, lr=qat_lr, checkpoints=checkpoints)}
+    tuned_row = {"row": f"float, fine-tuned {qat_steps} steps", **float_curve[qat_steps][0],
+                 "train_s": float_curve[qat_steps][1]}
+    qat_row = {"row": f"all tables, QAT {qat_steps} steps", **tables_curve[qat_steps][0],
+               "train_s": tables_curve[qat_steps][1], "sites": report.coverage().split(";")[0]}
+    rows = [tuned_row, qat_row]
+    if calibrate_again:
         # the weights moved: calibrating again gives the scales (and per-site tables) of the inputs
         # the fine-tuned model's sites now see, as a deployment would after fine-tuning
         start = time.perf_counter()
         from ops import calibrate
         calibrate(model, calib, forward=fwd, fit=True)
-        again_row = {"row": f"all tables, QAT {qat_steps} steps, calibrated again", **measure(model),
-                     "calibration_s": time.perf_counter() - start, "sites": qat_row["sites"]}
-        for r in (tuned_row, qat_row, again_row):
-            r["perplexity_rel"] = r["perplexity"] / float_row["perplexity"] - 1
-            r["bits_per_byte_rel"] = r["bits_per_byte"] / float_row["bits_per_byte"] - 1
-        for r in (qat_row, again_row):
-            r["perplexity_vs_fine_tuned_float"] = r["perplexity"] / tuned_row["perplexity"] - 1
-        out["rows"] += [tuned_row, qat_row, again_row]
-        out["qat"] = {"steps": qat_steps, "batch": QAT_BATCH, "lr": qat_lr, "optimizer": "AdamW, clip 1.0",
-                      "windows": f"random {CONTEXT}-token windows of the train split (not the calibration ones)",
-                      "perplexity_vs_fine_tuned_float": qat_row["perplexity_vs_fine_tuned_float"],
-                      "calibrated_again_vs_fine_tuned_float": again_row["perplexity_vs_fine_tuned_float"],
-                      "curve": [{"step": step, "perplexity_float": float_curve[step][0]["perplexity"],
-                                 "perplexity_tables": tables_curve[step][0]["perplexity"],
-                                 "perplexity_vs_fine_tuned_float": tables_curve[step][0]["perplexity"]
-                                 / float_curve[step][0]["perplexity"] - 1} for step in sorted(float_curve)]}
-    return out
+        rows.append({"row": f"all tables, QAT {qat_steps} steps, calibrated again", **measure(model),
+                     "calibration_s": time.perf_counter() - start, "sites": qat_row["sites"]})
+    del model
+    for r in rows:
+        r["perplexity_rel"] = r["perplexity"] / float_row["perplexity"] - 1
+        r["bits_per_byte_rel"] = r["bits_per_byte"] / float_row["bits_per_byte"] - 1
+    for r in rows[1:]:
+        r["perplexity_vs_fine_tuned_float"] = r["perplexity"] / tuned_row["perplexity"] - 1
+    curve = [{"step": step, "perplexity_float": float_curve[step][0]["perplexity"],
+              "perplexity_tables": tables_curve[step][0]["perplexity"],
+              "perplexity_vs_fine_tuned_float": tables_curve[step][0]["perplexity"] / float_curve[step][0]["perplexity"]
+              - 1} for step in sorted(float_curve)]
+    run = {"seed": seed, "perplexity_float_fine_tuned": tuned_row["perplexity"],
+           "perplexity_tables": qat_row["perplexity"],
+           "perplexity_vs_fine_tuned_float": qat_row["perplexity_vs_fine_tuned_float"], "curve": curve}
+    if calibrate_again:
+        run["calibrated_again_vs_fine_tuned_float"] = rows[2]["perplexity_vs_fine_tuned_float"]
+    return rows, run
+
+
+def qat_summary(runs: list[dict], qat_steps: int, qat_lr: float) -> dict:
+    """The fine-tuning result over seeds (each seed its own batches for both models): the mean gap
+    to the fine-tuned float model with its range, per checkpoint of the curve too."""
+    gaps = [r["perplexity_vs_fine_tuned_float"] for r in runs]
+    steps = [c["step"] for c in runs[0]["curve"]]
+    return {"steps": qat_steps, "batch": QAT_BATCH, "lr": qat_lr, "optimizer": "AdamW, clip 1.0",
+            "windows": f"random {CONTEXT}-token windows of the train split (not the calibration ones)",
+            "seeds": [r["seed"] for r in runs],
+            "perplexity_vs_fine_tuned_float": statistics.mean(gaps),
+            "perplexity_vs_fine_tuned_float_range": [min(gaps), max(gaps)],
+            "calibrated_again_vs_fine_tuned_float": runs[0].get("calibrated_again_vs_fine_tuned_float"),
+            "runs": runs,
+            "curve": [{"step": step,
+                       "perplexity_float": statistics.mean(r["curve"][k]["perplexity_float"] for r in runs),
+                       "perplexity_tables": statistics.mean(r["curve"][k]["perplexity_tables"] for r in runs),
+                       "perplexity_vs_fine_tuned_float": statistics.mean(r["curve"][k]["perplexity_vs_fine_tuned_float"]
+                                                                         for r in runs),
+                       "range": [min(r["curve"][k]["perplexity_vs_fine_tuned_float"] for r in runs),
+                                 max(r["curve"][k]["perplexity_vs_fine_tuned_float"] for r in runs)]}
+                      for k, step in enumerate(steps)]}
 
 
 # --- MiniLM ---------------------------------------------------------------------------------------
@@ -357,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tune SmolLM2 this many steps with the tables in place, and the float model as long")
     p.add_argument("--qat-lr", type=float, default=QAT_LR, help=f"AdamW's learning rate for both (default {QAT_LR:g})")
     p.add_argument("--qat-only", action="store_true", help="SmolLM2: the float row and the fine-tuning rows only")
+    p.add_argument("--qat-seeds", type=int, default=1,
+                   help="fine-tune with seeds 1..N (each its own batches, the same for both models; default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--out", default="real_models.json", help="JSON file name under bench/results")
     try:
@@ -367,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--qat-steps {args.qat_steps}: 0 to 10000")
         if not 0 < args.qat_lr <= 1e-2:
             p.error(f"--qat-lr {args.qat_lr:g}: above 0, at most 0.01")
+        if not 1 <= args.qat_seeds <= 20:
+            p.error(f"--qat-seeds {args.qat_seeds}: 1 to 20")
         if args.qat_only and not args.qat_steps:
             p.error("--qat-only needs --qat-steps N (N >= 1)")
         global DEVICE
@@ -381,14 +430,19 @@ def main(argv: list[str] | None = None) -> int:
                      + (f" --qat-steps {args.qat_steps}" if args.qat_steps else "")
                      + (f" --qat-lr {args.qat_lr:g}" if args.qat_lr != QAT_LR else "")
                      + (" --qat-only" if args.qat_only else "")
+                     + (f" --qat-seeds {args.qat_seeds}" if args.qat_seeds != 1 else "")
                      + (f" --device {args.device}" if args.device != "cpu" else "")
                      + (f" --models {','.join(args.models)}" if list(args.models) != list(MODELS) else "")
                      + (f" --out {args.out}" if args.out != "real_models.json" else ""),
                      "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"}
         if "smollm2" in args.models:
             rows = [] if args.qat_only else SMOLLM2_ROWS[1:2] if args.quick else SMOLLM2_ROWS
+            def keep(partial: dict) -> None:
+                write_results(args.out, {**doc, "smollm2": partial, "partial": True})
+
             doc["smollm2"] = smollm2(corpus, 4 if args.quick else args.windows, rows, 1 if args.quick else 5,
-                                     args.qat_steps, args.qat_lr)
+                                     args.qat_steps, args.qat_lr, tuple(range(1, args.qat_seeds + 1)),
+                                     keep if args.qat_seeds > 1 else None)
         if "minilm" in args.models:
             doc["minilm"] = minilm(40 if args.quick else 200, MINILM_ROWS[:1] if args.quick else MINILM_ROWS)
     except (UsageError, Missing) as exc:

@@ -14,12 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retnet", help="the quantized RetNet: train, eval, report, study, qat-int, export-c, check-int",
                        epilog=examples("gqa-lut retnet train --preset cpu", "gqa-lut retnet eval"))
     rsub = p.add_subparsers(dest="retnet_command", required=True, parser_class=Parser)
-    r = rsub.add_parser("train", help="train a float RetNet on the fortunes corpus",
+    r = rsub.add_parser("train", help="train a float RetNet on the preset's corpus (fortunes, or gcide for gpu)",
                         epilog=examples("gqa-lut retnet train --preset tiny --out runs/tiny.pt",
+                                        "gqa-lut retnet train --preset cpu --seed 1 --out runs/retnet_cpu_s1.pt",
                                         "gqa-lut retnet train --preset gpu --out runs/retnet_gpu.pt --device cuda"))
     r.add_argument("--preset", default="cpu", help="tiny, cpu, gpu or gpu10 (~10 minutes on one H100)")
     r.add_argument("--out", default="runs/retnet_cpu.pt", help="checkpoint file")
     r.add_argument("--steps", type=int, help="override the preset's training steps")
+    r.add_argument("--seed", type=int, help="training seed: initialisation and data order (default 0)")
+    r.add_argument("--corpus", choices=("fortunes", "gcide"), help="override the preset's corpus")
+    r.add_argument("--max-seconds", type=float, help="override the preset's training time budget")
     _device(r)
     r.set_defaults(handler=cmd_train)
     r = rsub.add_parser("eval", help="test bits per character of every quantization step",
@@ -68,16 +72,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(handler=cmd_check_int)
     r = rsub.add_parser("study", help="the quantization study: quantizers, bit widths, sensitivity, seeds",
                         epilog=examples("gqa-lut retnet study --checkpoint runs/retnet_cpu.pt",
-                                        "gqa-lut retnet study --rows quantizer bits --seeds 3 --plot"))
-    r.add_argument("--checkpoint", default="runs/retnet_cpu.pt", help="float checkpoint from `retnet train`")
+                                        "gqa-lut retnet study --checkpoint runs/s0.pt runs/s1.pt runs/s2.pt --plot",
+                                        "gqa-lut retnet study --rows quantizer retention --seeds 1 --windows 512"))
+    r.add_argument("--checkpoint", nargs="+", default=["runs/retnet_cpu.pt"],
+                   help="float checkpoints from `retnet train`, one per training seed (one preset)")
     r.add_argument("--out", default="runs/retnet_study_cpu.json",
-                   help="results (resumed when it holds runs of the same checkpoint); a .md beside it")
-    r.add_argument("--seeds", type=int, default=3, help="seeds per QAT row (default 3)")
-    r.add_argument("--windows", type=int, default=256, help="test windows (default 256)")
+                   help="results (resumed when it holds runs of the same checkpoints); a .md beside it")
+    r.add_argument("--seeds", type=int, help="QAT seeds per row and model (default 3 for one checkpoint, 1 for more)")
+    r.add_argument("--windows", type=int, help="test windows, evenly spaced over the test text (default: all)")
     r.add_argument("--rows", nargs="*", help="row names or groups (quantizer, bits, schedule, retention, sensitivity); "
                    "default: all")
     _device(r)
     r.add_argument("--plot", nargs="?", const="", help="also draw the figures (PNG; default: beside --out)")
+    r.add_argument("--merge", nargs="+", metavar="STUDY_JSON",
+                   help="run nothing: combine studies of other training seeds (run side by side) into --out")
     r.set_defaults(handler=cmd_study)
 
 
@@ -93,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from retnet_integration.experiments import pipeline
 
     check_writable(args.out)
-    pipeline.run_train(args.preset, Path(args.out), args.device, args.steps, _log)
+    pipeline.run_train(args.preset, Path(args.out), args.device, args.steps, _log, seed=args.seed,
+                       corpus_name=args.corpus, max_seconds=args.max_seconds)
     return 0
 
 
@@ -158,8 +167,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     for target in (out, out.with_suffix(".md"), plot):
         if target is not None:
             check_writable(target)
-    doc = study.run_study(Path(args.checkpoint), out, args.seeds, args.windows, args.rows, args.device, _log,
-                          command=shlex.join(["gqa-lut", *args.argv]))
+    if args.merge:
+        doc = study.merge_studies([Path(p) for p in args.merge], out, _log)
+    else:
+        doc = study.run_study([Path(c) for c in args.checkpoint], out, args.seeds, args.windows, args.rows, args.device, _log,
+                              command=shlex.join(["gqa-lut", *args.argv]))
     if plot is not None:
         from plots.study_chart import study_chart
         study_chart(doc["summary"], plot, f"RetNet quantization study ({doc['preset']} preset)")

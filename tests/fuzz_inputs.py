@@ -110,7 +110,8 @@ SUBCOMMANDS: dict[tuple[str, ...], dict[str, tuple[str, int]]] = {
     ("sweep",): {"--op": ("op", 1), "--segments": ("segments", 1), "--bits": ("bits", 1), "--out-dir": ("out", 1),
                  "--workers": ("budget", 1), "--generations": ("budget", 1), "--seed": ("int", 1)},
     ("retnet", "train"): {"--preset": ("word", 1), "--out": ("out", 1), "--steps": ("steps", 1),
-                          "--device": ("word", 1)},
+                          "--device": ("word", 1), "--seed": ("int", 1), "--corpus": ("word", 1),
+                          "--max-seconds": ("int", 1)},
     ("retnet", "eval"): {"--checkpoint": ("file", 1), "--out": ("out", 1), "--device": ("word", 1)},
     ("retnet", "report"): {"": ("file", 1), "--out": ("out", 1), "--markdown": ("out", 1), "--plot": ("out", 1)},
     ("retnet", "qat-int"): {"--checkpoint": ("file", 1), "--out": ("out", 1), "--steps": ("steps", 1),
@@ -119,7 +120,8 @@ SUBCOMMANDS: dict[tuple[str, ...], dict[str, tuple[str, int]]] = {
     ("retnet", "check-int"): {"--checkpoint": ("file", 1), "--c": ("out", 1), "--windows": ("int", 1),
                               "--json": ("out", 1)},
     ("retnet", "study"): {"--checkpoint": ("file", 1), "--out": ("out", 1), "--seeds": ("int", 1),
-                          "--windows": ("int", 1), "--rows": ("word", 1), "--device": ("word", 1)},
+                          "--windows": ("int", 1), "--rows": ("word", 1), "--device": ("word", 1),
+                          "--merge": ("file", 1)},
 }
 # what keeps a fuzzed run short where all its values happen to be valid
 SHORT = {("fit",): ["--generations", "1", "--population", "4", "--patience", "1"],

@@ -84,3 +84,42 @@ def test_layouts_past_16_segments_step_their_block_sizes():
     cand = best_layouts(p32)
     best = finish_best(p32, cand.take(len(cand.fitness) - 1), cand)
     assert best.fitness[0] <= 2.96e-6 < GELU16_ISSUE / 2
+
+
+def test_scale_block_sizes_is_the_best_split_with_a_line_for_every_scale():
+    import itertools
+
+    from gqa_lut.blocks import scale_block_sizes
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        scales, lines = int(rng.integers(1, 4)), int(rng.integers(0, 7))
+        optima = np.concatenate([np.full((scales, 1), np.inf), -np.sort(-rng.random((scales, lines)), axis=1)], axis=1)
+        got = scale_block_sizes(optima, lines)
+        splits = [c for c in itertools.product(range(1, lines + 1), repeat=scales) if sum(c) == lines]
+        if not splits:
+            assert got is None
+            continue
+        best = min(sum(optima[s, n] for s, n in enumerate(c)) for c in splits)
+        assert got[0] == pytest.approx(best, rel=1e-12) and sum(got[1]) == lines
+        assert sum(optima[s, n] for s, n in enumerate(got[1])) == pytest.approx(best, rel=1e-12)
+
+
+def test_one_block_per_scale_buys_error_past_64_segments():
+    """Every scale on its own block with its own tails, parking the rest: at 256 segments below
+    the 64-segment table the N/2 fits carried up (gelu 2.513e-6, bench/results/segments.json)."""
+    from gqa_lut.blocks import scale_blocks
+
+    p = problem("gelu", 256)
+    K, B, allowed = scale_blocks(p)
+    assert K.shape == (1, 256) and allowed.shape == (1, p.dscale.size, 256)
+    assert np.array_equal(allowed[0].sum(axis=0), np.ones(256, int))  # each line in one scale's block
+    for row in allowed[0]:
+        on = np.flatnonzero(row)
+        assert K[0, on[0]] == p.left_tail[0] and K[0, on[-1]] == p.right_tail[0]  # its own tails
+    idx, fit_ = resegment(p, K, B, allowed)
+    seg = assign(p, idx)
+    for r in range(p.dscale.size):
+        assert np.all(allowed[0, r, seg[0, r, p.inside[r]]])
+    assert fit_[0] < 2.513e-6 * 0.9
+    assert scale_blocks(problem("gelu", 16))[0].shape[0] == 0  # 16 lines do not reach 7 scales with tails

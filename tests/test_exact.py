@@ -194,3 +194,20 @@ def test_128_segments_fit_in_bounded_memory():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["peak_mb"] < 2048 and out["mse"] < 1e-4
+
+
+def test_no_sharing_allocation_is_the_best_split_and_never_below_the_per_scale_bound():
+    """bench.sharing_bound's knapsack: the best split of the lines over the scales (brute force
+    on small random non-increasing optima), and with every scale given all the lines it would be
+    the per-scale bound, so the split is never below it."""
+    from bench.sharing_bound import allocation_value
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scales, lines = int(rng.integers(1, 4)), int(rng.integers(0, 6))
+        optima = -np.sort(-rng.random((scales, lines + 1)), axis=1)  # non-increasing in the line count
+        brute = min(sum(optima[s, n] for s, n in enumerate(split))
+                    for split in itertools.product(range(lines + 1), repeat=scales) if sum(split) <= lines)
+        got = allocation_value(optima, lines)
+        assert got == pytest.approx(brute, rel=1e-12)
+        assert got >= optima[:, lines].sum() - 1e-12

@@ -149,15 +149,20 @@ def test_corpus_split_is_deterministic_and_disjoint():
     a, b = load_corpus(), load_corpus()
     assert a.info == b.info and torch.equal(a.test, b.test)
     assert (a.info["test_fortunes"] + a.info["val_fortunes"] + a.info["train_fortunes"]
-            + a.info["duplicates_dropped"] == a.info["fortunes"])
+            + a.info["duplicates_dropped"] + a.info["near_duplicates_dropped"] == a.info["fortunes"])
+    assert a.info["near_duplicates_dropped"] > 0 and a.info["corpus"] == "fortunes"
     # disjoint: no fortune's normalised text is in two splits
     split = {k: {normalised(f) for f in v.numpy().astype("uint8").tobytes().split(SEPARATOR)}
              for k, v in (("train", a.train), ("val", a.val), ("test", a.test))}
     assert not split["test"] & split["train"] and not split["val"] & split["train"] and not split["test"] & split["val"]
     assert a.info["duplicates_dropped"] > 0
     assert a.info["test_bytes"] > 50_000 and a.info["train_bytes"] > 1_000_000
-    w = eval_windows(a.test, 64, limit=3)
-    assert w.shape == (3, 65) and torch.equal(w[1, 0], a.test[64])
+    n = (a.test.numel() - 1) // 64
+    w = eval_windows(a.test, 64, limit=3)  # spread over the stream, not its first files
+    assert w.shape == (3, 65) and torch.equal(w[0], a.test[:65])
+    assert torch.equal(w[1], a.test[(n // 3) * 64:(n // 3) * 64 + 65])
+    assert torch.equal(w[2], a.test[(2 * n // 3) * 64:(2 * n // 3) * 64 + 65])
+    assert eval_windows(a.test, 64).shape == (n, 65) and eval_windows(a.test, 64, limit=10 * n).shape == (n, 65)
 
 
 @needs_fortunes
@@ -170,7 +175,7 @@ def test_tiny_train_and_eval_end_to_end(tmp_path):
     assert all(np.isfinite(r["test_bpc"]) and 0 < r["test_bpc"] < 8 for r in doc["rows"])
     ag = next(r for r in doc["rows"] if r["step"] == "all-lut")["agreement"]
     assert 0 <= ag["recurrent_vs_parallel"] <= 1
-    assert json.loads((tmp_path / "r.json").read_text())["data"]["split_rule"].startswith("fortune i")
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["split_rule"].startswith("document i")
 
 
 @pytest.mark.slow
@@ -185,6 +190,12 @@ def test_retnet_cli_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("report", "r.json", "--out", "all.json", "--markdown", "t.md")
     assert r.returncode == 0 and "| all-lut |" in (tmp_path / "t.md").read_text()
+    r = run("train", "--preset", "tiny", "--out", "t1.pt", "--steps", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    _, extra = load_checkpoint(tmp_path / "t1.pt", torch.device("cpu"))
+    assert extra["train"]["seed"] == 1 and extra["train"]["corpus"] == "fortunes"
+    bad = run("train", "--preset", "tiny", "--out", "t2.pt", "--seed", "-1")
+    assert bad.returncode == 2 and "seed -1 is not allowed" in bad.stderr and not (tmp_path / "t2.pt").exists()
     bad = run("train", "--preset", "huge")
     assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr
     bad = run("eval", "--checkpoint", "missing.pt", "--out", "x.json")

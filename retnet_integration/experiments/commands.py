@@ -28,7 +28,7 @@ from retnet_integration.model import RetNet
 from retnet_integration.experiments.pipeline import (
     bits_per_char,
     calib_batches,
-    get_preset,
+    checkpoint_config,
     load_checkpoint,
     pick_device,
     read_checkpoint,
@@ -53,8 +53,8 @@ def load_sim(checkpoint: Path, device: torch.device) -> tuple[IntSim, RetNet, di
     except ValueError as exc:
         raise UsageError(f"checkpoint {str(checkpoint)!r} cannot run on integers: {exc}") from None
     if not sim.exps:
-        _, tcfg = get_preset(extra.get("preset", "cpu"))
-        sim.calibrate(calib_batches(load_corpus(), tcfg, device))
+        tcfg = checkpoint_config(extra)
+        sim.calibrate(calib_batches(load_corpus(tcfg.corpus), tcfg, device))
     return sim.eval(), base.eval(), extra
 
 
@@ -64,11 +64,11 @@ def run_qat(checkpoint: Path, out: Path, device_name: str = "auto", steps: int |
     parallel form, straight-through gradients) and save an integer checkpoint."""
     device = pick_device(device_name)
     net, extra = load_checkpoint(checkpoint, device)
-    _, tcfg = get_preset(extra.get("preset", "cpu"))
+    tcfg = checkpoint_config(extra)
     steps = tcfg.qat_steps if steps is None else steps
     if steps < 0:
         raise UsageError(f"steps {steps} is not allowed: use 0 or more")
-    corpus = load_corpus()
+    corpus = load_corpus(tcfg.corpus)
     base_state = copy.deepcopy(net.state_dict())
     try:
         sim = IntSim(net)
@@ -140,8 +140,8 @@ def run_check(checkpoint: Path, c_dir: Path | None = None, windows: int | None =
                 raise UsageError(f"--c {str(c_dir)!r} was exported for a model of another shape "
                                  f"({meta.get('config') if isinstance(meta, dict) else meta!r}) than "
                                  f"{str(checkpoint)!r}: export it again")
-    _, tcfg = get_preset(extra.get("preset", "cpu"))
-    test = eval_windows(load_corpus().test, tcfg.seq_len, windows or tcfg.eval_windows)
+    tcfg = checkpoint_config(extra)
+    test = eval_windows(load_corpus(tcfg.corpus).test, tcfg.seq_len, windows or tcfg.eval_windows)
     x, y = test[:, :-1], test[:, 1:].numpy()
     bpc_float = bits_per_char(base, test, device)
     batches = range(0, x.shape[0], 64)
