@@ -19,33 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 from bench._common import RESULTS, machine, print_table, write_results
+from gqa_lut.blocks import scale_block_sizes, scale_optima
 from gqa_lut.config import FitConfig, resolve_op, validate_config
-from gqa_lut.exact import free_segments, lower_bound, scale_lines
+from gqa_lut.exact import free_segments, lower_bound
 from gqa_lut.problem import build_problem
 
 OPS = ["gelu", "swish", "exp", "rsqrt"]
 SEGMENTS = [8, 16, 32, 64, 256]
 
 
-def allocation_value(optima: np.ndarray, lines: int) -> float:
-    """min over n_1 + ... + n_S <= lines of sum_s optima[s, n_s] (optima[s, n]: scale s's exact
-    optimum with n free lines, non-increasing in n)."""
-    best = optima[0, :lines + 1].copy()
-    for row in optima[1:]:
-        best = np.array([np.min(best[:m + 1] + row[m::-1][:m + 1]) for m in range(lines + 1)])
-    return float(best[lines])
-
-
 def one(op: str, n: int, frac_bits: int) -> dict:
     cfg = FitConfig(segments=n, param_bits=8, input_bits=8, frac_bits=frac_bits)
     problem = build_problem(validate_config(resolve_op(op, cfg), cfg))
     free = free_segments(problem)
-    optima = np.array([[scale_lines(problem, r, k)[0] for k in range(free + 1)] for r in range(problem.dscale.size)])
+    # no line shared, the tails counted once: every scale 0..free free lines, free in all
+    optima = scale_optima(problem, list(range(problem.dscale.size)), free)
     return {"op": op, "segments": n, "frac_bits": frac_bits, "scales": int(problem.dscale.size),
-            "per_scale_bound": lower_bound(problem), "no_sharing_allocation": allocation_value(optima, free)}
+            "per_scale_bound": lower_bound(problem), "no_sharing_allocation": scale_block_sizes(optima, free, least=0)[0]}
 
 
 def main(argv: list[str] | None = None) -> int:

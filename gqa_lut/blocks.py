@@ -148,21 +148,34 @@ def wide_starts(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _stack(chosen, source, D, N)
 
 
-def scale_block_sizes(optima: np.ndarray, lines: int) -> tuple[float, list[int]] | None:
+def scale_optima(problem: Problem, rows: list[int], most: int) -> np.ndarray | None:
+    """optima[i, n]: scale rows[i] alone with n = 0..most free lines (its exact optimum, never
+    worse with more lines); None when a scale's exact optimum is not available."""
+    out = np.zeros((len(rows), most + 1))
+    for i, r in enumerate(rows):
+        for n in range(most + 1):
+            found = scale_lines(problem, r, n)
+            if found is None:
+                return None
+            out[i, n] = found[0]
+    return out
+
+
+def scale_block_sizes(optima: np.ndarray, lines: int, least: int = 1) -> tuple[float, list[int]] | None:
     """The split of `lines` free lines over the scales that minimises the summed optima, each
-    scale at least one line (optima[s, n]: scale s alone with n free lines; a knapsack): its
-    cost and each scale's share; None when there are fewer lines than scales."""
+    scale at least `least` lines (optima[s, n]: scale s alone with n free lines, non-increasing in
+    n, so using every line is never worse than leaving some; a knapsack): its cost and each
+    scale's share; None when the lines do not give every scale its least."""
     S = optima.shape[0]
-    if lines < S:
+    if lines < least * S:
         return None
-    inf = np.inf
-    best = np.full(lines + 1, inf)
-    best[1:] = optima[0, 1:lines + 1]
+    best = np.full(lines + 1, np.inf)
+    best[least:] = optima[0, least:lines + 1]
     choice = [np.arange(lines + 1)]
     for s in range(1, S):
-        nxt, pick = np.full(lines + 1, inf), np.zeros(lines + 1, np.int64)
-        for m in range(s + 1, lines + 1):
-            n = np.arange(1, m - s + 1)  # this scale's lines; the earlier ones keep at least one each
+        nxt, pick = np.full(lines + 1, np.inf), np.zeros(lines + 1, np.int64)
+        for m in range((s + 1) * least, lines + 1):
+            n = np.arange(least, m - s * least + 1)  # this scale's lines; the earlier ones keep their least
             total = best[m - n] + optima[s, n]
             j = int(np.argmin(total))
             nxt[m], pick[m] = total[j], n[j]
@@ -189,16 +202,8 @@ def scale_blocks(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lines = N - D * tails
     if D < 2 or lines < D:
         return _stack([], {}, D, N)
-    optima = []
-    for r in rows:
-        row = [np.inf]
-        for n in range(1, lines - D + 2):
-            found = scale_lines(problem, r, n)
-            if found is None:
-                return _stack([], {}, D, N)
-            row.append(found[0])
-        optima.append(row + [row[-1]] * (lines + 1 - len(row)))
-    split = scale_block_sizes(np.array(optima), lines)
+    optima = scale_optima(problem, rows, lines)
+    split = None if optima is None else scale_block_sizes(optima, lines)
     if split is None:
         return _stack([], {}, D, N)
     groups, sizes = [[r] for r in rows], tuple(n + tails for n in split[1])

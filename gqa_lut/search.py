@@ -271,7 +271,8 @@ def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
     # the same request with half the segments (its own automatic frac_bits, if asked for)
     fewer = _best_of_fits(replace(spec, segments=spec.segments // 2), map_fn, _Progress(None, 0))
     at_fewer = replace(resolved, frac_bits=fewer.problem.frac_bits)
-    candidates = [own, _restart(fewer, at_fewer)]
+    # own ran the layouts at its own frac_bits; where the N/2 chain chose another, its restart tries them too
+    candidates = [own, _restart(fewer, at_fewer, layouts=at_fewer.frac_bits != resolved.frac_bits)]
     if spec.segments == 2 * fewer.problem.segments and spec.segments > RANDOM_STARTS_MAX_SEGMENTS:
         # past the random starts every segment cut in two is the start that buys error (exp 64,
         # frac_bits 6: 8.05e-6 as the embedded 32 fit, 7.79e-6 split); up to them, they do
@@ -281,9 +282,10 @@ def _best_of_fits(spec: FitSpec, map_fn: Callable, progress: _Progress) -> _Fit:
     return best
 
 
-def _restart(src: _Fit, spec: FitSpec) -> _Fit:
+def _restart(src: _Fit, spec: FitSpec, layouts: bool = False) -> _Fit:
     """src's table as a start for `spec` (more segments: copies of its first line, which change no
-    output), then exact alternation and polish on spec's problem."""
+    output), then exact alternation and polish on spec's problem; with `layouts`, past the block
+    layouts' sizes, the one-block-per-scale layout too."""
     problem = build_problem(spec)
     extra = spec.segments - src.problem.segments
     K = np.concatenate([np.repeat(src.best.K[:, :1], extra, axis=1), src.best.K], axis=1)
@@ -291,10 +293,10 @@ def _restart(src: _Fit, spec: FitSpec) -> _Fit:
     idx, fitness = resegment(problem, K, B)
     best = finish(problem, Population(K, B, idx, fitness))
     history = src.history + [{"phase": f"from {src.problem.segments} segments", "best": float(best.fitness[0])}]
-    if problem.segments > BLOCKS_MAX_SEGMENTS and problem.objective == "mse" and problem.output is None:
+    if layouts and problem.segments > BLOCKS_MAX_SEGMENTS and problem.objective == "mse" and problem.output is None:
         # past the layouts' sizes the one-block-per-scale layout is the start that buys error, and
-        # the own search may have run at another automatic frac_bits (gelu 256: 5, where the
-        # N/2 fits chose 6): try it at the N/2 fit's frac_bits too (gelu 256: 2.51e-6 -> 2.14e-6)
+        # the own search ran at another automatic frac_bits (gelu 256: 5, where the N/2 fits
+        # chose 6): try it at the N/2 fit's frac_bits too (gelu 256: 2.51e-6 -> 2.14e-6)
         best = finish_best(problem, best, best_layouts(problem))
         history.append({"phase": "one block per scale", "best": float(best.fitness[0])})
     return _Fit(spec, problem, best, history, src.generations)

@@ -133,7 +133,7 @@ def split_documents(documents: list[bytes]) -> tuple[dict[str, list[bytes]], int
     """(documents per split, exact repeats dropped, near-duplicate evaluation documents dropped)."""
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
     seen: set[bytes] = set()
-    kept: list[tuple[str, bytes]] = []
+    kept: list[tuple[str, bytes, set[bytes]]] = []
     exact = 0
     for i, d in enumerate(documents):
         key = normalised(d)
@@ -141,16 +141,14 @@ def split_documents(documents: list[bytes]) -> tuple[dict[str, list[bytes]], int
             exact += 1
             continue
         seen.add(key)
-        kept.append((split_of(i), d))
-    train_shingles: set[bytes] = set()
-    for split, d in kept:
+        kept.append((split_of(i), d, shingles(key)))
+    seen_shingles: set[bytes] = set()  # train's first, then each evaluation document kept
+    for split, _, s in kept:
         if split == "train":
-            train_shingles |= shingles(normalised(d))
-    seen_shingles = train_shingles
+            seen_shingles |= s
     near = 0
-    for split, d in kept:
+    for split, d, s in kept:
         if split != "train":
-            s = shingles(normalised(d))
             if len(s & seen_shingles) >= NEAR * len(s):
                 near += 1
                 continue

@@ -197,10 +197,10 @@ def test_128_segments_fit_in_bounded_memory():
 
 
 def test_no_sharing_allocation_is_the_best_split_and_never_below_the_per_scale_bound():
-    """bench.sharing_bound's knapsack: the best split of the lines over the scales (brute force
-    on small random non-increasing optima), and with every scale given all the lines it would be
-    the per-scale bound, so the split is never below it."""
-    from bench.sharing_bound import allocation_value
+    """bench.sharing_bound's knapsack (blocks.scale_block_sizes, no least share): the best split
+    of the lines over the scales (brute force on small random non-increasing optima), and with
+    every scale given all the lines it would be the per-scale bound, so the split is never below it."""
+    from gqa_lut.blocks import scale_block_sizes
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -208,6 +208,6 @@ def test_no_sharing_allocation_is_the_best_split_and_never_below_the_per_scale_b
         optima = -np.sort(-rng.random((scales, lines + 1)), axis=1)  # non-increasing in the line count
         brute = min(sum(optima[s, n] for s, n in enumerate(split))
                     for split in itertools.product(range(lines + 1), repeat=scales) if sum(split) <= lines)
-        got = allocation_value(optima, lines)
+        got = scale_block_sizes(optima, lines, least=0)[0]
         assert got == pytest.approx(brute, rel=1e-12)
         assert got >= optima[:, lines].sum() - 1e-12

@@ -179,11 +179,8 @@ def summarise(doc: dict) -> list[dict]:
                  "mean_bpc": mean, "spread": spread, "std": std, "per_model_bpc": [ms[m] for m in models]}
         for key, ref in (("vs_float_finetuned", FT), ("vs_float", "float")):
             paired = [ms[m] / model_mean[ref][m] - 1 for m in models if m in model_mean.get(ref, {})]
-            if paired:
-                entry[key], entry[key + "_spread"], _ = _range(paired)
-                entry[key + "_range"] = [min(paired), max(paired)]
-            else:
-                entry[key], entry[key + "_spread"], entry[key + "_range"] = math.nan, math.nan, None
+            entry[key] = statistics.mean(paired) if paired else math.nan
+            entry[key + "_range"] = [min(paired), max(paired)] if paired else None
         out.append(entry)
     return out
 
@@ -248,8 +245,7 @@ def markdown(summary: list[dict], doc: dict) -> str:
     for s in summary:
         lines.append(f"| {s['row']} | {s['models']} x {s['seeds']} | {s['mean_bpc']:.4f} | {s['spread']:.4f} | "
                      f"{_pct_range(s, 'vs_float_finetuned')} | {_pct_range(s, 'vs_float')} |")
-    for group in ("quantizer", "bits"):
-        statement = ranking(summary, group)
+    for statement in doc.get("rankings", {}).values():
         if statement:
             lines += ["", statement]
     return "\n".join(lines) + "\n"
