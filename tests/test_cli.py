@@ -237,6 +237,8 @@ def test_readme_activation_recipe_writes_weights_the_fit_accepts(tmp_path):
     (("bench.ops_speed", "--sizes", "20,99"), "'20,99' is not allowed"),
     (("bench.ops_speed", "--sizes", "x"), "'x' is not allowed"),
     (("bench.model_zoo", "--models", "nope"), "nope is not allowed"),
+    (("bench.sharing_bound", "--ops", "gelu", "--segments", "12"), "no fitted gelu table at 12 segments"),
+    (("bench.sharing_bound", "--ops", "relu"), "invalid choice: 'relu'"),
     pytest.param(("bench.llm_speed", "--sizes", "8y512"), "size '8y512' is not BATCHxTOKENS", marks=pytest.mark.slow),
     pytest.param(("bench.llm_speed", "--sizes", "0x512"), "batch must be >= 1", marks=pytest.mark.slow),
     pytest.param(("bench.llm_speed", "--reps", "0"), "--reps 0: must be >= 1", marks=pytest.mark.slow),

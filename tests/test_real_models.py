@@ -60,6 +60,8 @@ def test_bad_arguments_exit_2(capsys):
     assert "--windows 0" in capsys.readouterr().err
     assert real_models.main(["--qat-lr", "0", "--qat-steps", "2"]) == 2
     assert "--qat-lr 0: above 0" in capsys.readouterr().err
+    assert real_models.main(["--qat-seeds", "0", "--qat-steps", "2"]) == 2
+    assert "--qat-seeds 0: 1 to 20" in capsys.readouterr().err
     assert real_models.main(["--qat-only"]) == 2
     assert "--qat-only needs --qat-steps" in capsys.readouterr().err
     assert real_models.main(["--device", "tpu"]) == 2

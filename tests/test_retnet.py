@@ -196,6 +196,10 @@ def test_retnet_cli_subprocess(tmp_path):
     assert extra["train"]["seed"] == 1 and extra["train"]["corpus"] == "fortunes"
     bad = run("train", "--preset", "tiny", "--out", "t2.pt", "--seed", "-1")
     assert bad.returncode == 2 and "seed -1 is not allowed" in bad.stderr and not (tmp_path / "t2.pt").exists()
+    bad = run("train", "--preset", "tiny", "--out", "t2.pt", "--max-seconds", "0")
+    assert bad.returncode == 2 and "max seconds 0 is not allowed" in bad.stderr and not (tmp_path / "t2.pt").exists()
+    bad = run("train", "--preset", "tiny", "--out", "t2.pt", "--corpus", "wiki")
+    assert bad.returncode == 2 and "invalid choice: 'wiki'" in bad.stderr
     bad = run("train", "--preset", "huge")
     assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr
     bad = run("eval", "--checkpoint", "missing.pt", "--out", "x.json")
