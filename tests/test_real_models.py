@@ -67,3 +67,44 @@ def test_bad_arguments_exit_2(capsys):
     assert real_models.main(["--device", "tpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'tpu' is not allowed: use auto, cpu or cuda" in err[0]
+
+
+def test_bad_schedule_exit_2(capsys):
+    assert real_models.main(["--qat-schedule", "linear", "--qat-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "linear" in err[0] and "constant" in err[0] and "cosine" in err[0]
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero():
+    steps = 200
+    f = [real_models.lr_factor(s, steps, "cosine") for s in range(1, steps + 1)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)  # linear over the first tenth
+    assert all(a < b for a, b in zip(f[:19], f[1:20]))
+    assert all(a > b for a, b in zip(f[19:], f[20:]))
+    assert f[-1] == pytest.approx(0.0, abs=1e-12)
+    assert f[109] == pytest.approx(0.5, abs=0.01)  # halfway down the cosine
+    assert {real_models.lr_factor(s, steps, "constant") for s in (1, 100, 200)} == {1.0}
+    assert real_models.lr_factor(1, 5, "cosine") == pytest.approx(1.0)  # a warm-up of one step at least
+
+
+def test_fine_tune_steps_every_model_on_the_same_batches():
+    """Two copies of one model fine-tuned in lockstep end with the same weights (the same
+    batches at the same rates), checkpoints come where asked, and training moved the weights."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    a = LlamaForCausalLM(cfg)
+    b, start = copy.deepcopy(a), copy.deepcopy(a)
+    windows = torch.randint(0, 64, (16, 17))
+    marks = [step for step, seconds in real_models.fine_tune([a, b], windows, 6, seed=3, lr=1e-3,
+                                                               schedule="cosine", checkpoints=(2, 4))]
+    assert marks == [2, 4, 6]
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), start.parameters()))
+    assert not a.training and not b.training
