@@ -16,7 +16,7 @@ Run: python -m bench.llm_speed (CUDA only)
    F.scaled_dot_product_attention (flash) on the same shapes: forward, and forward+backward,
    back-to-back calls between CUDA events.
 
-JSON to bench/results/llm_speed.json.
+JSON to bench/results/llm_speed.json (--attention-only: llm_speed_attention.json).
 
     python -m bench.llm_speed [--sizes 8x512,4x2048,1x8192] [--reps 10] [--compile] [--written-out]
 """
@@ -195,7 +195,8 @@ def main(argv=None) -> None:
                       f"{r.get('infer_ratio', 1.0):.2f}", f"{r.get('train_s', float('nan')) * 1e3:.1f}",
                       f"{r.get('train_ratio', 1.0):.2f}", f"{r.get('train_gib', float('nan')):.2f}",
                       f"{r.get('train_mem_ratio', 1.0):.2f}"] for r in doc["model"]])
-    print(f"wrote {write_results('llm_speed.json', doc)}")
+    # the attention alone goes to its own file, leaving the model rows of a full run in place
+    print(f"wrote {write_results('llm_speed_attention.json' if args.attention_only else 'llm_speed.json', doc)}")
 
 
 if __name__ == "__main__":

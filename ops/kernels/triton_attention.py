@@ -21,6 +21,11 @@ written-out path's wherever the two matmuls round the scores alike; the sums (l,
 another order and P is rounded to the dtype before the matmul there and after it here, so the
 outputs differ from the written-out path by float rounding (tests/test_gpu.py states the
 tolerance, and checks bit-equality where the scores and sums are exact).
+Without a mask tensor each loop of the forward and of dQ runs first over the tiles that need
+no mask (keys inside S, before the causal diagonal), then over the edge tiles that do, so that
+most tiles skip the selects (python -m bench.kernel_sass counts what that saves); without a
+mask tensor the row-max pass also keeps the float32 dot products and rounds (and scales) only
+the row's max, which is the max of the rounded scores since both steps are monotone.
 
 Backward: the straight-through gradient autograd takes through the written-out ops: with
 dP = dO V^T, p = e R and l = sum e, de = R dP + R'(l) sum_k dP_k e_k, and sum_k dP_k e_k =
@@ -64,26 +69,48 @@ if triton_lut.AVAILABLE:
 
     @triton.jit
     def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, L, S, scale, POW2: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, ROUND: tl.constexpr, MROUND: tl.constexpr, IEEE: tl.constexpr):
-        """One (BLOCK_M, BLOCK_N) tile of the masked scores, as the written-out path has them."""
+                MASK: tl.constexpr, ROUND: tl.constexpr, MROUND: tl.constexpr, IEEE: tl.constexpr,
+                EDGE: tl.constexpr, RAW: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of the masked scores, as the written-out path has them.
+        EDGE: the tile may hold keys past S, rows past L or keys after a causal row, which then
+        get -inf; a tile inside all three skips those selects (its rows past L, if any, are never
+        stored). RAW: the float32 dot product before the dtype's rounding and the scale (the row
+        max takes them once per row: both are monotone)."""
         k = tl.load(k_ptrs, mask=offs_n[None, :] < S, other=0.0)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = _round(s, ROUND)
-        if not POW2:
-            s = _round(s * scale, ROUND)
-        if CAUSAL:
+        if not RAW:
+            s = _round(s, ROUND)
+            if not POW2:
+                s = _round(s * scale, ROUND)
+        if EDGE and CAUSAL:
             s = tl.where(offs_n[None, :] > offs_m[:, None], float("-inf"), s)
-        inside = (offs_n[None, :] < S) & (offs_m[:, None] < L)  # rows past L read no mask and weigh 0
-        if MASK == 1:  # bool: keep where True
-            keep = tl.load(mask_ptrs, mask=inside, other=0)
-            s = tl.where(keep != 0, s, float("-inf"))
-        elif MASK == 2:  # float: added
-            add = tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32)
-            s = _round(s + add, MROUND)
-        return tl.where(inside, s, float("-inf"))
+        if EDGE or MASK != 0:
+            inside = (offs_n[None, :] < S) & (offs_m[:, None] < L)  # rows past L read no mask and weigh 0
+            if MASK == 1:  # bool: keep where True
+                keep = tl.load(mask_ptrs, mask=inside, other=0)
+                s = tl.where(keep != 0, s, float("-inf"))
+            elif MASK == 2:  # float: added
+                add = tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32)
+                s = _round(s + add, MROUND)
+            if EDGE:
+                s = tl.where(inside, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _full_tiles(first_row, S, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+        """Where the tiles of keys that need no mask end for a block of queries from first_row:
+        keys inside S and, causal, before every row of the block. With a mask tensor every
+        tile loads it anyway, and the split saved nothing in the compiled code (bench.kernel_sass):
+        all tiles are edge tiles then."""
+        full = S * 0
+        if MASK == 0:
+            full = S // BLOCK_N * BLOCK_N
+            if CAUSAL:
+                full = tl.minimum(full, first_row // BLOCK_N * BLOCK_N)
+        return full
 
     @triton.jit
     def _numerators(s, top, table_ptr, exp_row, exp_scale, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -130,14 +157,31 @@ if triton_lut.AVAILABLE:
         return q
 
     @triton.jit
+    def _fwd_tile(q, k_base, v_base, m_base, offs_n, offs_m, l, acc, top, exp_table, exp_row, exp_scale, skn, svn, smn,
+                  L, S, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, ZMIN: tl.constexpr, NMAX: tl.constexpr,
+                  POW2: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, ROUND: tl.constexpr,
+                  MROUND: tl.constexpr, IEEE: tl.constexpr, EDGE: tl.constexpr):
+        """The forward's second pass on one tile of keys: the numerators, their row sums and P V."""
+        s = _scores(q, k_base + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn, offs_m, offs_n, L, S, scale,
+                    POW2, CAUSAL, MASK, ROUND, MROUND, IEEE, EDGE, False)
+        e, g = _numerators(s, top, exp_table, exp_row, exp_scale, QMIN, QMAX, ZMIN, NMAX, False)
+        l += tl.sum(e, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * svn, mask=offs_n[:, None] < S, other=0.0)
+        if IEEE:
+            acc += tl.dot(e.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(e.to(v.dtype), v)
+        return l, acc
+
+    @triton.jit
     def _attn_fwd(Q, K, V, Mask, O, Stats, exp_table, exp_index, exp_d, rec_table, rec_index, rec_d,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                   sob, soh, som, sod, H, GROUP, L, S, scale,
                   QMIN: tl.constexpr, QMAX: tl.constexpr, RQMIN: tl.constexpr, RQMAX: tl.constexpr,
                   ZMIN: tl.constexpr, NMAX: tl.constexpr, POW2: tl.constexpr, CAUSAL: tl.constexpr,
                   MASK: tl.constexpr, ROUND: tl.constexpr, MROUND: tl.constexpr, IEEE: tl.constexpr,
-                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_STAGES: tl.constexpr,
-                  LOOP_STAGES: tl.constexpr):
+                  DEFER: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MAX_STAGES: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh, b, h, hk = _heads(H, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,25 +195,32 @@ if triton_lut.AVAILABLE:
         hi = S
         if CAUSAL:
             hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+        full = _full_tiles(pid_m * BLOCK_M, S, BLOCK_N, CAUSAL, MASK)
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for start in tl.range(0, hi, BLOCK_N, num_stages=MAX_STAGES):
+        for start in tl.range(0, full, BLOCK_N, num_stages=MAX_STAGES):
             offs_n = start + offs_n0
             s = _scores(q, k_base + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn, offs_m, offs_n, L, S, scale,
-                        POW2, CAUSAL, MASK, ROUND, MROUND, IEEE)
+                        POW2, CAUSAL, MASK, ROUND, MROUND, IEEE, False, DEFER)
             top = tl.maximum(top, tl.max(s, axis=1))
+        for start in tl.range(full, hi, BLOCK_N, num_stages=MAX_STAGES):
+            offs_n = start + offs_n0
+            s = _scores(q, k_base + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn, offs_m, offs_n, L, S, scale,
+                        POW2, CAUSAL, MASK, ROUND, MROUND, IEEE, True, DEFER)
+            top = tl.maximum(top, tl.max(s, axis=1))
+        if DEFER:  # the max of the rounded scores is the rounded max
+            top = _round(top, ROUND)
+            if not POW2:
+                top = _round(top * scale, ROUND)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start in tl.range(0, hi, BLOCK_N, num_stages=LOOP_STAGES):
-            offs_n = start + offs_n0
-            s = _scores(q, k_base + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn, offs_m, offs_n, L, S, scale,
-                        POW2, CAUSAL, MASK, ROUND, MROUND, IEEE)
-            e, g = _numerators(s, top, exp_table, exp_row, exp_scale, QMIN, QMAX, ZMIN, NMAX, False)
-            l += tl.sum(e, axis=1)
-            v = tl.load(v_base + offs_n[:, None] * svn, mask=offs_n[:, None] < S, other=0.0)
-            if IEEE:
-                acc += tl.dot(e.to(V.dtype.element_ty), v, input_precision="ieee")
-            else:
-                acc += tl.dot(e.to(V.dtype.element_ty), v)
+        for start in tl.range(0, full, BLOCK_N, num_stages=LOOP_STAGES):
+            l, acc = _fwd_tile(q, k_base, v_base, m_base, start + offs_n0, offs_m, l, acc, top, exp_table, exp_row,
+                               exp_scale, skn, svn, smn, L, S, scale, QMIN, QMAX, ZMIN, NMAX, POW2, CAUSAL, MASK,
+                               ROUND, MROUND, IEEE, False)
+        for start in tl.range(full, hi, BLOCK_N, num_stages=LOOP_STAGES):
+            l, acc = _fwd_tile(q, k_base, v_base, m_base, start + offs_n0, offs_m, l, acc, top, exp_table, exp_row,
+                               exp_scale, skn, svn, smn, L, S, scale, QMIN, QMAX, ZMIN, NMAX, POW2, CAUSAL, MASK,
+                               ROUND, MROUND, IEEE, True)
         R = _reduced_lookup(l, rec_table, rec_index, rec_d, RQMIN, RQMAX, False)  # RangeReducedLUT('reciprocal')
         out = acc * R[:, None]
         rows = offs_m < L
@@ -205,6 +256,8 @@ if triton_lut.AVAILABLE:
         if CAUSAL:
             lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
         stat = Stats + bh.to(tl.int64) * 3 * L
+        # one loop with every mask: split like the forward's, the three loops' live values spill
+        # registers (checked in the SASS for sm_90)
         for start in tl.range(lo, L, BLOCK_M, num_stages=LOOP_STAGES):
             offs_m = start + offs_m0
             rows = offs_m < L
@@ -215,7 +268,7 @@ if triton_lut.AVAILABLE:
             R = tl.load(stat + 2 * L + offs_m, mask=rows, other=0.0)
             delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=rows, other=0.0)
             s = _scores(q, kT_ptrs, Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                        offs_m, offs_n, L, S, scale, POW2, CAUSAL, MASK, ROUND, MROUND, IEEE)
+                        offs_m, offs_n, L, S, scale, POW2, CAUSAL, MASK, ROUND, MROUND, IEEE, True, False)
             e, g = _numerators(s, top, exp_table, exp_row, exp_scale, QMIN, QMAX, ZMIN, NMAX, True)
             p = (e * R[:, None]).to(dO.dtype.element_ty)
             if IEEE:
@@ -237,6 +290,29 @@ if triton_lut.AVAILABLE:
         out = bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(dK + out, dk, mask=keys[:, None])
         tl.store(dV + out, dv, mask=keys[:, None])
+
+    @triton.jit
+    def _dq_tile(q, do, top, R, delta, k_base, v_base, m_base, offs_n, offs_m, offs_d, dq, exp_table, exp_row, exp_scale,
+                 skn, skd, svn, svd, smn, L, S, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, ZMIN: tl.constexpr,
+                 NMAX: tl.constexpr, POW2: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                 ROUND: tl.constexpr, MROUND: tl.constexpr, IEEE: tl.constexpr, EDGE: tl.constexpr):
+        """One tile of keys' share of a block of queries' dQ."""
+        s = _scores(q, k_base + offs_d[:, None] * skd + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn,
+                    offs_m, offs_n, L, S, scale, POW2, CAUSAL, MASK, ROUND, MROUND, IEEE, EDGE, False)
+        e, g = _numerators(s, top, exp_table, exp_row, exp_scale, QMIN, QMAX, ZMIN, NMAX, True)
+        vT = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svn, mask=offs_n[None, :] < S, other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=offs_n[:, None] < S, other=0.0)
+        if IEEE:
+            dp = tl.dot(do, vT, input_precision="ieee")
+        else:
+            dp = tl.dot(do, vT)
+        dp = _round(dp, ROUND)
+        ds = tl.where(g != 0.0, g * (R[:, None] * dp + delta[:, None]), 0.0).to(q.dtype)
+        if IEEE:
+            dq += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds, k)
+        return dq
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, Mask, dO, Stats, Delta, dQ, exp_table, exp_index, exp_d,
@@ -268,23 +344,15 @@ if triton_lut.AVAILABLE:
         hi = S
         if CAUSAL:
             hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-        for start in tl.range(0, hi, BLOCK_N, num_stages=LOOP_STAGES):
-            offs_n = start + offs_n0
-            s = _scores(q, k_base + offs_d[:, None] * skd + offs_n[None, :] * skn, m_base + offs_n[None, :] * smn,
-                        offs_m, offs_n, L, S, scale, POW2, CAUSAL, MASK, ROUND, MROUND, IEEE)
-            e, g = _numerators(s, top, exp_table, exp_row, exp_scale, QMIN, QMAX, ZMIN, NMAX, True)
-            vT = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svn, mask=offs_n[None, :] < S, other=0.0)
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=offs_n[:, None] < S, other=0.0)
-            if IEEE:
-                dp = tl.dot(do, vT, input_precision="ieee")
-            else:
-                dp = tl.dot(do, vT)
-            dp = _round(dp, ROUND)
-            ds = tl.where(g != 0.0, g * (R[:, None] * dp + delta[:, None]), 0.0).to(Q.dtype.element_ty)
-            if IEEE:
-                dq += tl.dot(ds, k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds, k)
+        full = _full_tiles(pid_m * BLOCK_M, S, BLOCK_N, CAUSAL, MASK)
+        for start in tl.range(0, full, BLOCK_N, num_stages=LOOP_STAGES):
+            dq = _dq_tile(q, do, top, R, delta, k_base, v_base, m_base, start + offs_n0, offs_m, offs_d, dq, exp_table,
+                          exp_row, exp_scale, skn, skd, svn, svd, smn, L, S, scale, QMIN, QMAX, ZMIN, NMAX, POW2,
+                          CAUSAL, MASK, ROUND, MROUND, IEEE, False)
+        for start in tl.range(full, hi, BLOCK_N, num_stages=LOOP_STAGES):
+            dq = _dq_tile(q, do, top, R, delta, k_base, v_base, m_base, start + offs_n0, offs_m, offs_d, dq, exp_table,
+                          exp_row, exp_scale, skn, skd, svn, svd, smn, L, S, scale, QMIN, QMAX, ZMIN, NMAX, POW2,
+                          CAUSAL, MASK, ROUND, MROUND, IEEE, True)
         dq = dq * scale
         tl.store(dQ + bh.to(tl.int64) * L * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=rows[:, None])
 
@@ -377,7 +445,7 @@ def forward(q, k, v, mask, tables: Tables, scale: float, causal: bool) -> tuple[
     _run(_attn_fwd, grid, (q, k, v, m if m is not None else q, o, stats, *tables.exp, *tables.rec, *strides,
                            *o.stride(), *shape.values()),
          dict(QMIN=tables.qmin, QMAX=tables.qmax, RQMIN=tables.rqmin, RQMAX=tables.rqmax, ZMIN=tables.zmin,
-              NMAX=tables.nmax, **meta, **blocks))
+              NMAX=tables.nmax, DEFER=mask is None and scale > 0, **meta, **blocks))
     return o, stats
 
 
