@@ -279,7 +279,9 @@ SECTIONS = (
             "python -m bench.real_models",
             "SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their packages, `replace_ops` + `calibrate` "
             "(the README's default path, no fine-tuning) against the float model on fortunes text held out "
-            "from calibration. Figure: `bench/results/real_models.png`.",
+            "from calibration. The floor rows replace every table's outputs by its exact function at each 8-bit "
+            "input code (the scales calibration chose): what the 8-bit input grid costs whatever the table. "
+            "Calibration times are with an empty fit cache. Figure: `bench/results/real_models.png`.",
             (Table("smollm2.rows", ("row", "sites", "perplexity", ("vs float", lambda r: _pct(r.get("perplexity_rel"))),
                                     "bits_per_byte", ("bits/byte vs float", lambda r: _pct(r.get("bits_per_byte_rel"))),
                                     "greedy_token_agreement", "greedy_tokens_before_divergence", "calibration_s",

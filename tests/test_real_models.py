@@ -108,3 +108,29 @@ def test_fine_tune_steps_every_model_on_the_same_batches():
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), start.parameters()))
     assert not a.training and not b.training
+
+
+def test_floor_rows_run_the_exact_function_on_the_8_bit_codes():
+    """exact_on_codes: each table's outputs become its function at every code, so a SiLU site
+    returns silu of its input rounded to the site's (per-feature) 8-bit grid."""
+    import torch
+    import torch.nn as nn
+
+    from ops import calibrate, replace_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4), nn.Softmax(-1))
+    x = torch.randn(64, 8) * 3
+    replace_ops(model)
+    calibrate(model, [x])
+    site = model[1]
+    with torch.no_grad():
+        h = model[0](x)
+        before = site(h)
+        real_models.exact_on_codes(model)
+        after = site(h)
+        d = torch.tensor(site.channel_scales() or [site.scale], dtype=torch.float32)
+        grid = torch.clamp(torch.round(h * 2.0 ** d), -128, 127) * 2.0 ** -d
+        assert torch.allclose(after, torch.nn.functional.silu(grid), atol=1e-6, rtol=0)  # float32 rounding
+        assert not torch.allclose(before, after, atol=1e-4, rtol=0)  # the 16-segment table is not exact
+        assert torch.isfinite(model(x)).all()  # the softmax's reciprocal keeps finite entries

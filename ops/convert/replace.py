@@ -277,15 +277,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Optional[Callab
     linear layer's outputs) gets a power-of-two scale per feature, each the finest that holds
     that feature's largest |input|, as an INT8 pipeline's per-output-channel requantization
     gives it for free. A few outlier features no longer coarsen every other feature's grid: on
-    SmolLM2-135M all tables cost +1.01% perplexity instead of +2.25% (python -m bench.real_models). scales="tensor": one
+    SmolLM2-135M all tables cost +0.95% perplexity instead of +2.39% (python -m bench.real_models). scales="tensor": one
     scale per activation. Returns {module name: scale d} of the calibrated activations (the
     tensor's scale; `LUTActivation.channel_scales()` has the features').
 
     fit=True: each activation's table is then fitted again, weighted by a sample of the inputs
     that site saw and over the scales it uses (ops/convert/site_tables.py: parallel, cached on
     disk). For a pretrained LLM this is the accurate path: SmolLM2-135M's SiLU tables cost
-    +0.43% perplexity instead of +0.87%, all tables +0.51%, for 117 s on 2 cores that a test run
-    shared (python -m bench.real_models)."""
+    +0.41% perplexity instead of +0.76%, all tables +0.52%, for 85 s on 2 cores with an empty
+    fit cache (python -m bench.real_models)."""
     if scales not in SCALE_GRAINS:
         raise ValueError(f"scales={scales!r} is not allowed: use {' or '.join(map(repr, SCALE_GRAINS))}")
     if not isinstance(fit, bool):
