@@ -157,6 +157,18 @@ STUDY_FACTS = ("preset", "corpus", "windows_rule", "qat_steps", "data.near_dupli
                "data.duplicates_dropped", "rankings.quantizer", "rankings.bits")
 CHECK_INT = ("positions", "bpc_float", "bpc_fakequant", "bpc_int", "int_vs_fakequant_argmax_agree",
              "c_vs_int_logits_equal", "c_tokens_per_s", "int_tokens_per_s", "weights_bytes", "state_bytes")
+# the fine-tuning over seeds: each seed's end point, and the mean curve with its range
+SEEDS_CURVE = Table("smollm2.qat.curve", ("step", "perplexity_float", "perplexity_tables",
+                                          ("tables vs fine-tuned float (mean)",
+                                           lambda r: _pct(r.get("perplexity_vs_fine_tuned_float"))),
+                                          ("lowest seed", lambda r: _pct(r["range"][0])),
+                                          ("highest seed", lambda r: _pct(r["range"][1]))),
+                    caption="Mean over the seeds after each 100 steps")
+
+
+def seeds_runs(steps: int) -> Table:
+    return Table("smollm2.qat.runs", ("seed", "perplexity_float_fine_tuned", "perplexity_tables", VS_FT),
+                 caption=f"Per seed, after {steps} steps")
 
 def _pct(v: Optional[float]) -> Optional[str]:
     return None if v is None else f"{100 * v:+.2f}%"
@@ -323,15 +335,8 @@ SECTIONS = (
             "The fine-tuning of the section above (200 steps at lr 3e-4) with seeds 1, 2, 3, each its own batches "
             "(the same for the float and the all-tables model), on the test split after the near-duplicate rule "
             "(136 windows). The gap to the fine-tuned float model moves with the seed as much as with the steps.",
-            (Table("smollm2.qat.runs", ("seed", "perplexity_float_fine_tuned", "perplexity_tables",
-                                        VS_FT),
-                   caption="Per seed, after 200 steps"),
-             Table("smollm2.qat.curve", ("step", "perplexity_float", "perplexity_tables",
-                                         ("tables vs fine-tuned float (mean)",
-                                          lambda r: _pct(r.get("perplexity_vs_fine_tuned_float"))),
-                                         ("lowest seed", lambda r: _pct(r["range"][0])),
-                                         ("highest seed", lambda r: _pct(r["range"][1]))),
-                   caption="Mean over the seeds after each 100 steps")),
+            (seeds_runs(200),
+             SEEDS_CURVE),
             facts=("device", "smollm2.windows", "smollm2.qat.seeds", "smollm2.qat.perplexity_vs_fine_tuned_float",
                    "smollm2.qat.perplexity_vs_fine_tuned_float_range",
                    "smollm2.qat.calibrated_again_vs_fine_tuned_float")),
@@ -340,17 +345,11 @@ SECTIONS = (
             "cosine --qat-seeds 3 --device cuda --out real_models_h200_cosine.json",
             "The three seeds of the section above with the rate warmed up linearly over the first 20 steps, then "
             "down to 0 on a cosine (`--qat-schedule cosine`), for both models. The float model fine-tunes further "
-            "(25.8-26.1 against 28.2-28.5) and the tables model no longer spikes (at most +0.73% at step 100, was +8.27%): +0.30% against the fine-tuned "
-            "float model on average (+0.256 / +0.277 / +0.374%), 0.002 points over the 0.3% target. 300 steps on "
+            "(25.8-26.1 against 28.2-28.5) and the tables model no longer spikes (at most +0.73% at step 100, "
+            "was +8.27%): +0.30% against the fine-tuned float model on average (+0.256 / +0.277 / +0.374%), 0.002 points over the 0.3% target. 300 steps on "
             "the same schedule (next section) give +0.32%.",
-            (Table("smollm2.qat.runs", ("seed", "perplexity_float_fine_tuned", "perplexity_tables", VS_FT),
-                   caption="Per seed, after 200 steps"),
-             Table("smollm2.qat.curve", ("step", "perplexity_float", "perplexity_tables",
-                                         ("tables vs fine-tuned float (mean)",
-                                          lambda r: _pct(r.get("perplexity_vs_fine_tuned_float"))),
-                                         ("lowest seed", lambda r: _pct(r["range"][0])),
-                                         ("highest seed", lambda r: _pct(r["range"][1]))),
-                   caption="Mean over the seeds after each 100 steps")),
+            (seeds_runs(200),
+             SEEDS_CURVE),
             facts=("device", "smollm2.windows", "smollm2.qat.seeds", "smollm2.qat.schedule",
                    "smollm2.qat.perplexity_vs_fine_tuned_float", "smollm2.qat.perplexity_vs_fine_tuned_float_range",
                    "smollm2.qat.calibrated_again_vs_fine_tuned_float")),
@@ -359,14 +358,8 @@ SECTIONS = (
             "cosine --qat-seeds 3 --device cuda --out real_models_h200_cosine300.json",
             "The section above at 300 steps (warm-up over 30). Both models improve (float 25.3-25.8); the gap does "
             "not shrink with the steps (+0.355 / +0.357 / +0.237%, mean +0.32%).",
-            (Table("smollm2.qat.runs", ("seed", "perplexity_float_fine_tuned", "perplexity_tables", VS_FT),
-                   caption="Per seed, after 300 steps"),
-             Table("smollm2.qat.curve", ("step", "perplexity_float", "perplexity_tables",
-                                         ("tables vs fine-tuned float (mean)",
-                                          lambda r: _pct(r.get("perplexity_vs_fine_tuned_float"))),
-                                         ("lowest seed", lambda r: _pct(r["range"][0])),
-                                         ("highest seed", lambda r: _pct(r["range"][1]))),
-                   caption="Mean over the seeds after each 100 steps")),
+            (seeds_runs(300),
+             SEEDS_CURVE),
             facts=("device", "smollm2.qat.seeds", "smollm2.qat.schedule",
                    "smollm2.qat.perplexity_vs_fine_tuned_float", "smollm2.qat.perplexity_vs_fine_tuned_float_range",
                    "smollm2.qat.calibrated_again_vs_fine_tuned_float")),
