@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from bench._common import RESULTS, machine, print_table, write_results  # noqa: F401  (RESULTS: the tests)
+from bench._common import machine, print_table, write_results
 
 KERNELS = {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}
 # (dtype, mask kind 0 none / 1 bool / 2 float, causal, power-of-two scale)
@@ -159,11 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.pop("TRITON_INTERPRET", None)
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         print("bench.kernel_sass: error: needs triton (pip install triton==3.6.0); no GPU is needed", file=sys.stderr)
         return 2
-    import triton as _triton
     versions = {"this tree": load_kernels(None)}
     if args.baseline is not None:
         versions = {"baseline": load_kernels(args.baseline), **versions}
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "mask": ("none", "bool", "float")[case[1]], "causal": case[2], "pow2_scale": case[3],
                                  "max_stages": stages[0], "loop_stages": stages[1], **got})
                     print(rows[-1], flush=True)
-    doc = {"benchmark": "kernel_sass", "machine": machine(), "triton": _triton.__version__, "target": "cuda sm_90",
+    doc = {"benchmark": "kernel_sass", "machine": machine(), "triton": triton.__version__, "target": "cuda sm_90",
            "tiles": "64 x 64, 4 warps, head dim 128", "baseline": str(args.baseline) if args.baseline else None,
            "rows": rows}
     print_table(["kernel", "version", "case", "stages", "compiles", "instructions", "per iteration (spills)"],

@@ -221,9 +221,10 @@ def fine_tune(models: list[torch.nn.Module], windows: torch.Tensor, steps: int, 
     seconds = [0.0] * len(models)
     for step in range(1, steps + 1):
         w = windows[torch.randint(0, len(windows), (QAT_BATCH,), generator=g)].to(DEVICE)
+        rate = lr * lr_factor(step, steps, schedule)
         for k, (model, opt) in enumerate(zip(models, opts)):
             for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(step, steps, schedule)
+                group["lr"] = rate
             start = time.perf_counter()
             train_step(model, opt, w)
             if DEVICE.type == "cuda":

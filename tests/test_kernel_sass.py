@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from bench import kernel_sass
+from bench._common import RESULTS
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -37,7 +38,7 @@ def test_bad_baseline_and_missing_triton_exit_2(tmp_path, capsys, monkeypatch):
     assert kernel_sass.main(["--out", "kernel_sass_never_written.json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs triton" in err[0]
-    assert not (kernel_sass.RESULTS / "kernel_sass_never_written.json").exists()
+    assert not (RESULTS / "kernel_sass_never_written.json").exists()
 
 
 @pytest.mark.slow
